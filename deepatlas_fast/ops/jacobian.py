@@ -1,0 +1,135 @@
+"""``jacobian_det`` and ``jacobian_var``: determinant of d field / d voxel index and its statistics."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._common import backend
+from .validation import FULL_DTYPES, check_finite, check_scale, check_tensor
+
+
+def _check(field) -> None:
+    check_tensor("field", field, ndim=5, channels=3, dtypes=FULL_DTYPES, min_spatial=2)
+
+
+@torch.library.custom_op("deepatlas_fast::jacobian_det", mutates_args=())
+def _det_op(field: Tensor, scale: Optional[list[float]]) -> Tensor:
+    _check(field)
+    return backend("jacobian_det", field).jacobian_det(field.contiguous(), scale)
+
+
+@_det_op.register_fake
+def _(field, scale):
+    _check(field)
+    return field.new_empty((field.shape[0], 1, *field.shape[2:]))
+
+
+@torch.library.custom_op("deepatlas_fast::jacobian_det_backward", mutates_args=())
+def _det_backward_op(grad: Tensor, field: Tensor, scale: Optional[list[float]]) -> Tensor:
+    return backend("jacobian_det", field).jacobian_det_backward(grad.contiguous(), field.contiguous(), scale)
+
+
+@_det_backward_op.register_fake
+def _(grad, field, scale):
+    return field.new_empty(field.shape)
+
+
+@torch.library.custom_op("deepatlas_fast::jacobian_var", mutates_args=())
+def _var_op(field: Tensor, scale: Optional[list[float]], normalized: bool) -> tuple[Tensor, Tensor]:
+    _check(field)
+    return backend("jacobian_var", field).jacobian_var(field.contiguous(), scale, normalized)
+
+
+@_var_op.register_fake
+def _(field, scale, normalized):
+    _check(field)
+    return field.new_empty(()), field.new_empty(())
+
+
+@torch.library.custom_op("deepatlas_fast::jacobian_var_backward", mutates_args=())
+def _var_backward_op(grad_var: Tensor, field: Tensor, scale: Optional[list[float]], normalized: bool) -> Tensor:
+    impl = backend("jacobian_var", field)
+    return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), scale, normalized)
+
+
+@_var_backward_op.register_fake
+def _(grad_var, field, scale, normalized):
+    return field.new_empty(field.shape)
+
+
+def _det_setup(ctx, inputs, output):
+    field, ctx.scale = inputs
+    ctx.save_for_backward(field)
+
+
+def _det_grad(ctx, grad):
+    (field,) = ctx.saved_tensors
+    return torch.ops.deepatlas_fast.jacobian_det_backward(grad, field, ctx.scale), None
+
+
+def _var_setup(ctx, inputs, output):
+    field, ctx.scale, ctx.normalized = inputs
+    ctx.save_for_backward(field)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _var_grad(ctx, grad_var, _grad_folding):
+    (field,) = ctx.saved_tensors
+    return torch.ops.deepatlas_fast.jacobian_var_backward(grad_var, field, ctx.scale, ctx.normalized), None, None
+
+
+_det_op.register_autograd(_det_grad, setup_context=_det_setup)
+_var_op.register_autograd(_var_grad, setup_context=_var_setup)
+
+
+def jacobian_det(field: Tensor, scale: Optional[Union[Sequence[float], Tensor]] = None) -> Tensor:
+    """Determinant of the Jacobian of ``field`` with respect to voxel index.
+
+    ``J[k][j] = d field_k / d index_j`` (D, H, W order), with ``torch.gradient`` finite differences
+    (edge_order=1): central inside, one-sided at the borders.
+
+    Args:
+        field: ``[N, 3, d, h, w]`` float32/float64, every spatial size >= 2. For a normalised
+            coordinate field, ``scale=[(D-1)/2, (H-1)/2, (W-1)/2]`` of the sampled volume gives
+            the determinant in voxel units (1 for the identity).
+        scale: 3 numbers multiplying the channels first, or None.
+
+    Returns:
+        ``[N, 1, d, h, w]``, differentiable w.r.t. ``field``.
+    """
+    _check(field)
+    scale = check_scale("scale", scale)
+    check_finite("field", field)
+    return torch.ops.deepatlas_fast.jacobian_det(field, scale)
+
+
+def jacobian_var(
+    field: Tensor,
+    scale: Optional[Union[Sequence[float], Tensor]] = None,
+    normalized: bool = False,
+    return_folding: bool = False,
+):
+    """Variance over voxels of :func:`jacobian_det`, averaged over the batch (a regulariser).
+
+    The population variance (divides by the voxel count); with ``normalized`` it is divided by
+    ``max(mean(det)^2, 1e-12)`` per batch element, which makes it scale-free.
+
+    Args:
+        field, scale: as :func:`jacobian_det`.
+        normalized: divide by the squared mean determinant.
+        return_folding: also return the folding fraction (share of voxels with det <= 0, averaged
+            over the batch; not differentiable), computed in the same pass.
+
+    Returns:
+        A scalar tensor, or ``(variance, folding_fraction)`` when ``return_folding``.
+    """
+    _check(field)
+    scale = check_scale("scale", scale)
+    if not isinstance(normalized, bool):
+        raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
+    check_finite("field", field)
+    var, folding = torch.ops.deepatlas_fast.jacobian_var(field, scale, normalized)
+    return (var, folding) if return_folding else var

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Triton kernels must see this before they are imported: without a GPU they run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile(
+    "default", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "20")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("default")
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_state():
+    """Each test starts and ends with the default backend choice and finiteness checks on."""
+    import deepatlas_fast as da
+
+    yield
+    da.set_backend(None)
+    da.set_check_finite(True)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
