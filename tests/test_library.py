@@ -37,18 +37,18 @@ def cases():
         "jacobian_var": (ops.jacobian_var.default, (field, None, True)),
         "invert": (ops.invert.default, (cover, [5, 4, 6], 8, 0.05)),
         "invert_displacement": (ops.invert_displacement.default, (disp, 8, 0.05)),
+        "warp_backward": (ops.warp_backward.default, (grad_vol_out, vol.detach(), 0.3 * coords.detach(), "border", True, True)),
+        "lncc_backward": (ops.lncc_backward.default, (torch.tensor(1.0), a.detach(), b.detach(), 3, "box", 1e-5, "mean", True, True)),
+        "jacobian_det_backward": (ops.jacobian_det_backward.default, (torch.randn(2, 1, 4, 5, 3, generator=g(8)), field.detach(), None)),
+        "jacobian_var_backward": (ops.jacobian_var_backward.default, (torch.tensor(1.0), field.detach(), [1.0, 2.0, 3.0], False)),
+        "invert_backward": (ops.invert_backward.default, (torch.randn(1, 3, 5, 4, 6, generator=g(9)), cover.detach(), *ops.invert(cover.detach(), [5, 4, 6], 8, 0.05))),
     }
 
 
 @pytest.mark.parametrize("name", list(cases()))
 def test_opcheck(name):
     op, args = cases()[name]
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if name.startswith("sample_backward"):
-        # The reference backward runs torch.func.vjp inside the op; SchemaCheckMode cannot read the
-        # storage of functorch's wrapper tensors. The schema itself is exercised by every other check.
-        utils = utils[1:]
-    torch.library.opcheck(op, args, test_utils=utils)
+    torch.library.opcheck(op, args)
 
 
 def all_ops_loss(vol, coords, disp, features):
@@ -84,6 +84,19 @@ def test_torch_compile_fullgraph_calls_every_op():
     torch.testing.assert_close(got, expected)
     for x, y in zip(compiled_inputs[1:], eager_inputs[1:]):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_torch_export_captures_the_ops():
+    class Register(torch.nn.Module):
+        def forward(self, vol, coords):
+            return da.lncc(vol, da.sample(vol, coords), 3) + da.jacobian_var(coords)
+
+    vol = torch.randn(1, 1, 6, 6, 6, generator=g(16))
+    coords = rand_coords(1, (6, 6, 6), g(17), dtype=torch.float32, spread=0.9)
+    exported = torch.export.export(Register(), (vol, coords))
+    called = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert ops.sample.default in called and ops.lncc.default in called
+    torch.testing.assert_close(exported.module()(vol, coords), Register()(vol, coords))
 
 
 def test_torchscript_can_call_the_ops():

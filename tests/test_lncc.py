@@ -10,7 +10,7 @@ import deepatlas_fast as da
 monai_losses = pytest.importorskip("monai.losses", reason="MONAI is a test dependency (pip install -e '.[test]')")
 
 MONAI_KERNEL = {"box": "rectangular", "gaussian": "gaussian"}
-size = st.integers(1, 24)
+size = st.integers(1, 33)
 
 
 def monai_loss(kernel_size, kernel, eps=1e-5, reduction="mean"):
