@@ -14,14 +14,7 @@ settings.register_profile(
 )
 settings.load_profile("default")
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +25,3 @@ def _restore_backend_state():
     yield
     da.set_backend(None)
     da.set_check_finite(True)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

@@ -59,6 +59,25 @@ def test_affine_maps_far_from_identity(src, dst, seed, dtype):
     assert error[inside].max().item() <= 0.05
 
 
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_affine_plus_smooth_maps_with_partial_coverage(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    src, dst = (18, 16, 20), (17, 19, 15)
+    angles = ((torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * 1.0).tolist()
+    offset = (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * 0.6
+    coords = affine_coords(rotation(angles) * 0.95, offset, src) + smooth_displacement(src, g, 0.05)
+    det = voxel_det(coords, dst)
+    assume(0.5 <= det.min().item() and det.max().item() <= 2.0)
+    inverse, valid = da.invert(coords.to(dtype), dst)
+    assert residual_voxels(coords.to(dtype), inverse, dst)[valid].max().item() <= 0.05
+    # Every target voxel nearest to the image of a source point 2+ voxels inside must be found.
+    inner = coords[:, :, 2:-2, 2:-2, 2:-2].reshape(3, -1)
+    nearest = torch.round((inner + 1) * voxel_scale(dst).view(3, 1)).long()
+    inside = ((nearest >= 0) & (nearest < torch.tensor(dst).view(3, 1))).all(dim=0)
+    d, h, w = nearest[:, inside]
+    assert valid[0, 0, d, h, w].all(), f"{(~valid[0, 0, d, h, w]).sum()} covered target voxels marked invalid"
+
+
 def test_partial_coverage_is_reported():
     coords = affine_coords(rotation([0.3, -0.2, 0.25]) * 0.9, [0.35, -0.3, 0.0], (16, 14, 18))
     inverse, valid = da.invert(coords, (20, 18, 15))
