@@ -36,7 +36,8 @@ ENV_VAR = "DEEPATLAS_FAST_BACKEND"
 PROVIDERS: dict[str, str] = {"reference": "deepatlas_fast.ops.backend_reference"}
 
 # Preference per device type; the first available backend implementing the op wins. Backends not
-# provided by this build are skipped silently. Order = fastest measured (benchmarks/results).
+# provided by this build are skipped silently. When kernel backends land, each op's order is set from
+# the measured tables in benchmarks/results (fastest first); today only "reference" is provided.
 DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
