@@ -5,7 +5,7 @@ Forwards are differentiable by autograd (any order); each op also has an explici
 argument checking: call the public ops in :mod:`deepatlas_fast` instead.
 """
 
-from .inversion import invert, invert_backward, invert_displacement
+from .inversion import invert, invert_backward, invert_displacement, invert_displacement_backward
 from .jacobian import jacobian_det, jacobian_det_backward, jacobian_var, jacobian_var_backward
 from .similarity import lncc, lncc_backward, lncc_map, window_weights
 from .sampling import sample, sample_backward, warp, warp_backward
@@ -26,4 +26,5 @@ __all__ = [
     "invert",
     "invert_backward",
     "invert_displacement",
+    "invert_displacement_backward",
 ]

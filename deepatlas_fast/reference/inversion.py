@@ -157,12 +157,36 @@ def _solve_inverse(coords, out_shape, initial, iters, tol):
     return p.reshape(n, 3, *out_shape), valid.reshape(n, 1, *out_shape)
 
 
+def invert_forward(coords: torch.Tensor, out_shape: Sequence[int], iters: int, tol: float):
+    """The solve of :func:`invert` without autograd (float32/float64 ``coords``)."""
+    initial = splat_initial_guess(coords, out_shape)
+    return _solve_inverse(coords, tuple(out_shape), initial, iters, tol)
+
+
+def _displacement_as_map(disp: torch.Tensor):
+    identity = identity_coords(disp.shape[2:], dtype=disp.dtype, device=disp.device)
+    return identity, identity + disp
+
+
+def invert_displacement_forward(disp: torch.Tensor, iters: int, tol: float):
+    """The solve of :func:`invert_displacement` without autograd: ``(v, valid)``, started at ``-disp``."""
+    identity, coords = _displacement_as_map(disp)
+    initial = (identity - disp).clamp(-1, 1).reshape(disp.shape[0], 3, -1)
+    inverse, valid = _solve_inverse(coords, tuple(disp.shape[2:]), initial, iters, tol)
+    return inverse - identity, valid
+
+
+def invert_displacement_backward(grad, disp, inverse_disp, valid):
+    """Implicit gradient of ``v`` w.r.t. ``disp``: that of the map ``id + disp`` at ``p = id + v``."""
+    identity, coords = _displacement_as_map(disp)
+    return invert_backward(grad, coords, identity + inverse_disp, valid)
+
+
 class _Invert(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coords, out_shape, iters, tol):
         work = coords.detach().to(compute_dtype(coords))
-        initial = splat_initial_guess(work, out_shape)
-        inverse, valid = _solve_inverse(work, out_shape, initial, iters, tol)
+        inverse, valid = invert_forward(work, out_shape, iters, tol)
         ctx.save_for_backward(work, inverse, valid)
         ctx.mark_non_differentiable(valid)
         return inverse.to(coords.dtype), valid
@@ -178,20 +202,16 @@ class _InvertDisplacement(torch.autograd.Function):
     @staticmethod
     def forward(ctx, disp, iters, tol):
         work = disp.detach().to(compute_dtype(disp))
-        shape = tuple(disp.shape[2:])
-        identity = identity_coords(shape, dtype=work.dtype, device=work.device)
-        coords = identity + work
-        initial = (identity - work).clamp(-1, 1).reshape(disp.shape[0], 3, -1)
-        inverse, valid = _solve_inverse(coords, shape, initial, iters, tol)
-        ctx.save_for_backward(coords, inverse, valid)
+        inverse_disp, valid = invert_displacement_forward(work, iters, tol)
+        ctx.save_for_backward(work, inverse_disp, valid)
         ctx.mark_non_differentiable(valid)
-        return (inverse - identity).to(disp.dtype), valid
+        return inverse_disp.to(disp.dtype), valid
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_inverse, _grad_valid):
-        coords, inverse, valid = ctx.saved_tensors
-        return invert_backward(grad_inverse, coords, inverse, valid), None, None
+        disp, inverse_disp, valid = ctx.saved_tensors
+        return invert_displacement_backward(grad_inverse, disp, inverse_disp, valid), None, None
 
 
 def invert(coords: torch.Tensor, out_shape: Sequence[int], iters: int = 8, tol: float = 0.05):
