@@ -9,6 +9,11 @@ import torch
 from deepatlas_fast.coords import identity_coords
 
 
+def g(seed: int) -> torch.Generator:
+    """A seeded CPU generator (tests draw on the CPU and move tensors afterwards)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def rand_coords(n, shape, generator, *, spread=1.3, dtype=torch.float64, device="cpu", borders=True):
     """Coordinates uniform in [-spread, spread] (out of range included), with some exact borders."""
     coords = (torch.rand(n, 3, *shape, generator=generator, dtype=dtype) * 2 - 1) * spread

@@ -7,11 +7,7 @@ from torch.autograd import gradcheck
 
 import deepatlas_fast as da
 from deepatlas_fast import reference
-from helpers import covering_map, rand_coords, smooth_displacement
-
-
-def g(seed):
-    return torch.Generator().manual_seed(seed)
+from helpers import covering_map, g, rand_coords, smooth_displacement
 
 
 @pytest.mark.parametrize("impl", [da.sample, reference.sample], ids=["op", "reference"])

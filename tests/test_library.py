@@ -4,13 +4,9 @@ import pytest
 import torch
 
 import deepatlas_fast as da
-from helpers import covering_map, rand_coords, smooth_displacement
+from helpers import covering_map, g, rand_coords, smooth_displacement
 
 ops = torch.ops.deepatlas_fast
-
-
-def g(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def cases():
