@@ -63,13 +63,13 @@ def test_requested_backend_really_runs(fresh_registry):
 
 def test_missing_backend_falls_back_with_one_warning(fresh_registry):
     vol, coords = inputs()
-    with pytest.warns(da.BackendFallbackWarning, match="'triton' is not part of this build"):
-        with da.use_backend("triton"):
+    with pytest.warns(da.BackendFallbackWarning, match="'cuda' is not part of this build"):
+        with da.use_backend("cuda"):
             out = da.sample(vol, coords)
     torch.testing.assert_close(out, da.reference.sample(vol, coords))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with da.use_backend("triton"):
+        with da.use_backend("cuda"):
             da.sample(vol, coords)  # same op, backend, device and reason: no second warning
 
 
@@ -109,12 +109,26 @@ def test_parse_env():
 
 def test_environment_variable_is_read_at_import():
     code = "import deepatlas_fast as da; print(da.get_backend('lncc'), da.get_backend('sample'))"
-    env = {"DEEPATLAS_FAST_BACKEND": "lncc=triton", "PATH": ""}
+    env = {"DEEPATLAS_FAST_BACKEND": "lncc=cuda", "PATH": ""}
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    # triton is not part of this build, so lncc falls back (the request itself was read)
+    # the cuda backend is not part of this build, so lncc falls back (the request itself was read)
     assert result.stdout.split() == ["reference", "reference"]
     assert "not part of this build" in subprocess.run(
         [sys.executable, "-c", code.replace("print(", "import torch; da.lncc(torch.ones(1,1,3,3,3), torch.ones(1,1,3,3,3), 3); print(")],
         capture_output=True, text=True, env=env,
     ).stderr
+
+
+def test_triton_runs_on_the_cpu_only_under_the_interpreter():
+    code = "import deepatlas_fast as da; print(da.available_backends('cpu')['triton'])"
+    for interpret, expected in [("0", "[]"), ("1", str(list(registry.OPS)))]:
+        env = {"TRITON_INTERPRET": interpret, "PATH": ""}
+        result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+
+
+def test_triton_is_opt_in_until_measured_on_a_gpu():
+    assert "triton" not in registry.DEFAULT_ORDER["cuda"]
+    assert da.get_backend("sample", "cpu") == "reference"
