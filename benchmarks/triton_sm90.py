@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     table = "\n".join([
         f"Triton {triton.__version__} ahead-of-time compile for sm_90, {len(rows)} kernel variants, {failures} failed.",
         "",
-        "| kernel | pointer dtypes | constexprs | warps | registers | local (spill) bytes | stack | shared bytes |",
+        "| kernel | pointer dtypes | constexprs | warps | registers | local bytes | stack frame bytes (spills) | shared bytes |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         *("", *errors),
