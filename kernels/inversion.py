@@ -38,6 +38,7 @@ import torch
 
 from ..reference.inversion import MAX_NEWTON_STEP_VOXELS, SPLAT_WEIGHT_TRUSTED
 from ._common import block, compute_dtype, new_empty, tl_dtype
+from ._math import cofactors3
 
 MAX_STEP = tl.constexpr(MAX_NEWTON_STEP_VOXELS)
 TRUSTED = tl.constexpr(SPLAT_WEIGHT_TRUSTED)
@@ -162,16 +163,7 @@ def _solve3(m00, m01, m02, m10, m11, m12, m20, m21, m22, r0, r1, r2, TRANSPOSE: 
         m01, m10 = m10, m01
         m02, m20 = m20, m02
         m12, m21 = m21, m12
-    c00 = m11 * m22 - m12 * m21
-    c01 = m12 * m20 - m10 * m22
-    c02 = m10 * m21 - m11 * m20
-    c10 = m02 * m21 - m01 * m22
-    c11 = m00 * m22 - m02 * m20
-    c12 = m01 * m20 - m00 * m21
-    c20 = m01 * m12 - m02 * m11
-    c21 = m02 * m10 - m00 * m12
-    c22 = m00 * m11 - m01 * m10
-    det = m00 * c00 + m01 * c01 + m02 * c02
+    c00, c01, c02, c10, c11, c12, c20, c21, c22, det = cofactors3(m00, m01, m02, m10, m11, m12, m20, m21, m22)
     norm2 = m00 * m00 + m01 * m01 + m02 * m02 + m10 * m10 + m11 * m11 + m12 * m12 + m20 * m20 + m21 * m21 + m22 * m22
     norm2 = tl.maximum(norm2, 1e-30)
     singular = tl.abs(det) <= 1e-10 * (norm2 * tl.sqrt(norm2))

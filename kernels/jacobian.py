@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..reference.jacobian import NORMALIZE_FLOOR
 from ._common import block, compute_dtype, new_empty
+from ._math import cofactors3
 
 # Voxels per program, read at call time (the tests shrink them to exercise many programs). On sm_90
 # (ptxas, fp32) these use 48 registers (forward) and 56-72 (backward) per thread, no spills.
@@ -86,16 +87,7 @@ def _cofactors_at(base, M, d, h, w, D, H, W, mask):
     j00, j01, j02 = _row(base, o_dl, o_dh, o_hl, o_hh, o_wl, o_wh, sd, sh, sw, mask)
     j10, j11, j12 = _row(base + M, o_dl, o_dh, o_hl, o_hh, o_wl, o_wh, sd, sh, sw, mask)
     j20, j21, j22 = _row(base + 2 * M, o_dl, o_dh, o_hl, o_hh, o_wl, o_wh, sd, sh, sw, mask)
-    c00 = j11 * j22 - j12 * j21
-    c01 = j12 * j20 - j10 * j22
-    c02 = j10 * j21 - j11 * j20
-    c10 = j02 * j21 - j01 * j22
-    c11 = j00 * j22 - j02 * j20
-    c12 = j01 * j20 - j00 * j21
-    c20 = j01 * j12 - j02 * j11
-    c21 = j02 * j10 - j00 * j12
-    c22 = j00 * j11 - j01 * j10
-    det = j00 * c00 + j01 * c01 + j02 * c02
+    c00, c01, c02, c10, c11, c12, c20, c21, c22, det = cofactors3(j00, j01, j02, j10, j11, j12, j20, j21, j22)
     return c00, c01, c02, c10, c11, c12, c20, c21, c22, det
 
 
