@@ -36,12 +36,14 @@ import triton
 import triton.language as tl
 import torch
 
-from ..reference.inversion import MAX_NEWTON_STEP_VOXELS, SPLAT_WEIGHT_TRUSTED
+from ..reference.inversion import MAX_NEWTON_STEP_VOXELS, SINGULAR_BACKWARD, SINGULAR_FORWARD, SPLAT_WEIGHT_TRUSTED
 from ._common import block, compute_dtype, new_empty, tl_dtype
 from ._math import cofactors3
 
 MAX_STEP = tl.constexpr(MAX_NEWTON_STEP_VOXELS)
 TRUSTED = tl.constexpr(SPLAT_WEIGHT_TRUSTED)
+_SINGULAR_FORWARD = tl.constexpr(SINGULAR_FORWARD)
+_SINGULAR_BACKWARD = tl.constexpr(SINGULAR_BACKWARD)
 ATOMICS_PER_ADDRESS = 1024  # same-address atomics per replica of a pyramid level's accumulators
 
 
@@ -156,7 +158,7 @@ def _trilinear_vj(ptr, p0, p1, p2, S0, S1, S2, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _solve3(m00, m01, m02, m10, m11, m12, m20, m21, m22, r0, r1, r2, TRANSPOSE: tl.constexpr):
+def _solve3(m00, m01, m02, m10, m11, m12, m20, m21, m22, r0, r1, r2, TRANSPOSE: tl.constexpr, THRESHOLD: tl.constexpr):
     """Solve ``m x = r`` (``m^T x = r`` when TRANSPOSE) by cofactors. Returns ``(x, singular)``;
     where ``m`` is numerically singular, ``x`` is the finite step ``m^T r / |m|_F^2``."""
     if TRANSPOSE:
@@ -166,7 +168,7 @@ def _solve3(m00, m01, m02, m10, m11, m12, m20, m21, m22, r0, r1, r2, TRANSPOSE: 
     c00, c01, c02, c10, c11, c12, c20, c21, c22, det = cofactors3(m00, m01, m02, m10, m11, m12, m20, m21, m22)
     norm2 = m00 * m00 + m01 * m01 + m02 * m02 + m10 * m10 + m11 * m11 + m12 * m12 + m20 * m20 + m21 * m21 + m22 * m22
     norm2 = tl.maximum(norm2, 1e-30)
-    singular = tl.abs(det) <= 1e-10 * (norm2 * tl.sqrt(norm2))
+    singular = tl.abs(det) <= THRESHOLD * (norm2 * tl.sqrt(norm2))
     det = tl.where(singular, 1.0, det)
     x0 = tl.where(singular, (m00 * r0 + m10 * r1 + m20 * r2) / norm2, (c00 * r0 + c10 * r1 + c20 * r2) / det)
     x1 = tl.where(singular, (m01 * r0 + m11 * r1 + m21 * r2) / norm2, (c01 * r0 + c11 * r1 + c21 * r2) / det)
@@ -306,7 +308,7 @@ def _newton_kernel(field_ptr, acc_ptr, coarse_ptr, out_ptr, valid_ptr, tol: tl.f
         if DISP:
             v0, v1, v2 = v0 + p0, v1 + p1, v2 + p2
             j00, j11, j22 = j00 + 1, j11 + 1, j22 + 1
-        s0, s1, s2, _singular = _solve3(j00, j01, j02, j10, j11, j12, j20, j21, j22, v0 - u0, v1 - u1, v2 - u2, False)
+        s0, s1, s2, _singular = _solve3(j00, j01, j02, j10, j11, j12, j20, j21, j22, v0 - u0, v1 - u1, v2 - u2, False, _SINGULAR_FORWARD)
         p0 = tl.minimum(tl.maximum(p0 - tl.minimum(tl.maximum(s0, -m0), m0), -1.0), 1.0)
         p1 = tl.minimum(tl.maximum(p1 - tl.minimum(tl.maximum(s1, -m1), m1), -1.0), 1.0)
         p2 = tl.minimum(tl.maximum(p2 - tl.minimum(tl.maximum(s2, -m2), m2), -1.0), 1.0)
@@ -357,7 +359,7 @@ def _backward_kernel(grad_ptr, field_ptr, inverse_ptr, valid_ptr, out_ptr, S0, S
         field, p0, p1, p2, S0, S1, S2, mask, DTYPE)
     if DISP:
         j00, j11, j22 = j00 + 1, j11 + 1, j22 + 1
-    lam0, lam1, lam2, singular = _solve3(j00, j01, j02, j10, j11, j12, j20, j21, j22, g0, g1, g2, True)
+    lam0, lam1, lam2, singular = _solve3(j00, j01, j02, j10, j11, j12, j20, j21, j22, g0, g1, g2, True, _SINGULAR_BACKWARD)
     live = mask & valid & (singular == 0)
     l0, f0 = _cell(p0, S0, DTYPE)
     l1, f1 = _cell(p1, S1, DTYPE)

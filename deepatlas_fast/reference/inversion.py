@@ -14,7 +14,9 @@ point ``u`` of a target grid, ``inverse(u)`` is the normalised source position `
    Target points outside the region the source covers keep a large residual and are invalid.
 
 The backward is the exact implicit-function gradient at the solution: with ``g = dL/dp``,
-``lambda = J^-T g`` and ``dL/dcoords = -splat(lambda at p)``. Invalid points pass no gradient.
+``lambda = J^-T g`` and ``dL/dcoords = -splat(lambda at p)``. Invalid points pass no gradient, nor do
+points where ``J`` is degenerate (``|det J| <= SINGULAR_BACKWARD |J|_F^3``), whose ``lambda`` would be
+huge and meaningless.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from .sampling import compute_dtype, trilinear_corners
 
 MAX_NEWTON_STEP_VOXELS = 4.0  # per axis and iteration, in source voxels: damps steps from a bad linearisation
 SPLAT_WEIGHT_TRUSTED = 0.5  # below this splatted weight, the coarser level's guess is used instead
+SINGULAR_FORWARD = 1e-10  # |det J| <= this * |J|_F^3: a Newton step falls back to least squares
+# |det J| <= this * |J|_F^3 at the solution: the point passes no gradient. Such a J is degenerate
+# (e.g. ~3500:1 anisotropy), so J^-T g is enormous and meaningless; a trained map clamped at the
+# template border produced gradient norms ~1e6 through a handful of such points.
+SINGULAR_BACKWARD = 1e-4
 
 
 def _cell_corners(p: torch.Tensor, sizes: Sequence[int]):
@@ -56,7 +63,7 @@ def trilinear_value_and_jacobian(field: torch.Tensor, p: torch.Tensor):
     return value, torch.stack(jac, dim=2)
 
 
-def _solve3(m: torch.Tensor, r: torch.Tensor, transpose: bool = False):
+def _solve3(m: torch.Tensor, r: torch.Tensor, transpose: bool = False, threshold: float = SINGULAR_FORWARD):
     """Solve ``m x = r`` (or ``m^T x = r``) per point; m ``[N, 3, 3, P]``, r ``[N, 3, P]``.
 
     Returns ``(x, singular)``; where ``m`` is numerically singular ``x`` is the least-squares-like
@@ -68,7 +75,7 @@ def _solve3(m: torch.Tensor, r: torch.Tensor, transpose: bool = False):
     cof = cofactors3(a)
     det = a[0][0] * cof[0][0] + a[0][1] * cof[0][1] + a[0][2] * cof[0][2]
     norm2 = (m * m).sum(dim=(1, 2))
-    singular = det.abs() <= 1e-10 * norm2.clamp_min(1e-30) ** 1.5
+    singular = det.abs() <= threshold * norm2.clamp_min(1e-30) ** 1.5
     safe_det = torch.where(singular, torch.ones_like(det), det)
     # inverse = adjugate / det, adjugate[i][j] = cof[j][i]
     newton = torch.stack([sum(cof[j][i] * r[:, j] for j in range(3)) / safe_det for i in range(3)], dim=1)
@@ -141,7 +148,7 @@ def invert_backward(grad: torch.Tensor, coords: torch.Tensor, inverse: torch.Ten
     p = inverse.reshape(n, 3, -1).to(coords.dtype)
     g = grad.reshape(n, 3, -1).to(coords.dtype) * valid.reshape(n, 1, -1)
     _, jac = trilinear_value_and_jacobian(coords, p)
-    lam, singular = _solve3(jac, g, transpose=True)
+    lam, singular = _solve3(jac, g, transpose=True, threshold=SINGULAR_BACKWARD)
     lam = torch.where(singular.unsqueeze(1), torch.zeros_like(lam), lam)
     grad_coords = torch.zeros_like(coords).reshape(n, 3, -1)
     for flat, weight, _ in _cell_corners(p, src):
