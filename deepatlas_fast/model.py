@@ -1,0 +1,358 @@
+"""The DeepATLAS networks: CoordNet (voxel -> template coordinate), the feature autoencoder and the
+learnable atlas (DESIGN §5).
+
+* :class:`CoordNet`: a 3-D U-Net whose decoder emits, at every level ``s`` (coarsest first), a
+  coordinate map refined as ``c_s = up(c_{s+1}) + Δ_s``. It is implemented on displacements from
+  the identity of each level's grid (``up`` is trilinear with ``align_corners=True``, which maps an
+  identity grid exactly onto the finer identity grid), and every residual head is zero-initialised,
+  so a fresh network returns **exactly** ``identity_coords`` of its input grid. Each decoder level
+  also sees the current coordinate estimate as 3 extra input channels (it has to place voxels in an
+  absolute frame). The output is bounded to the template cube ``[-1, 1]^3`` by
+  :func:`bound_coords`: a clamp whose backward is the identity (straight-through), so gradients never
+  die at the cube's faces; the objective penalises the raw map's excursion beyond the cube instead.
+* :class:`FeatureNet`: a small convolutional autoencoder, ``encode(x) -> [N, F, D, H, W]`` at the
+  input resolution, trained first by :func:`deepatlas_fast.objective.reconstruction_loss`, then
+  frozen (:meth:`DeepAtlas.freeze_features`).
+* :class:`DeepAtlas`: both networks plus the atlas, a learnable feature volume ``[1, F + 1, *template]``
+  (F autoencoder channels + the normalised intensity), and ``config`` (its constructor arguments),
+  so ``DeepAtlas(**config)`` plus ``load_state_dict`` rebuilds a saved model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coords import identity_coords
+
+__all__ = ["bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
+
+
+class _StraightThroughClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def bound_coords(raw: Tensor) -> Tensor:
+    """Clamp coordinates to ``[-1, 1]`` in the forward pass; pass the gradient unchanged (straight-through).
+
+    A plain clamp would give zero gradient to any voxel once it leaves the cube (the identity's own
+    border voxels sit exactly on it), so those voxels could never be pulled back by the similarity;
+    the objective's ``bound`` term penalises ``relu(|raw| - 1)^2`` instead.
+    """
+    return _StraightThroughClamp.apply(raw)
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2):
+        if channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+class _ConvBlock(nn.Sequential):
+    """Two (conv 3x3x3 -> GroupNorm -> LeakyReLU) layers; ``stride`` on the first conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
+            nn.GroupNorm(_groups(cout), cout),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1),
+            nn.GroupNorm(_groups(cout), cout),
+            nn.LeakyReLU(0.2, inplace=True),
+        )
+
+
+def _check_images(name: str, x, in_channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [N, {in_channels}, D, H, W], got {type(x).__name__}")
+    if x.dim() != 5 or x.shape[1] != in_channels:
+        raise ValueError(f"{name} must have shape [N, {in_channels}, D, H, W], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if min(x.shape[2:]) < 2:
+        raise ValueError(f"{name} must have every spatial size >= 2, got {tuple(x.shape[2:])}")
+
+
+def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=True)
+
+
+class CoordNet(nn.Module):
+    """3-D U-Net mapping an exam to template coordinates, refined coarse to fine.
+
+    Args:
+        in_channels: image channels (default 1).
+        base: channels of the finest level (doubled per level, capped at ``8 * base``); default 16.
+        levels: resolution levels (>= 1); level ``l`` has the grid ``ceil(size / 2^l)``. Default 4.
+        residual_scale: factor on every head's output (default 0.01, normalised units). The heads start
+            at zero, and with Adam-type optimisers the first steps move each weight by about ``lr``
+            whatever the gradient, so an unscaled head moves coordinates by several voxels per step
+            and folds the map; the factor sets the size of those steps.
+
+    ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
+    ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
+    are active, counted from the coarsest (``None`` = all); the finer, inactive levels are skipped
+    (no compute, zero refinement) and the active finest map is upsampled to the input grid, so the
+    output always has the input's shape. A staged schedule trains ``levels=1, 2, ...`` while raising
+    the input resolution. ``bound=False`` returns the raw map (can leave the cube; what the objective
+    regularises). Any input size >= 2 works (odd sizes included). A fresh network returns exactly
+    the identity.
+
+    Staged training leaves the inactive levels' parameters unused: under DDP pass
+    ``find_unused_parameters=True`` (or train all levels).
+    """
+
+    def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01):
+        super().__init__()
+        for name, value, minimum in (("in_channels", in_channels, 1), ("base", base, 1), ("levels", levels, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if isinstance(residual_scale, bool) or not isinstance(residual_scale, (int, float)) or not residual_scale > 0:
+            raise ValueError(f"residual_scale must be a number > 0, got {residual_scale!r}")
+        self.in_channels = in_channels
+        self.residual_scale = float(residual_scale)
+        self.num_levels = levels
+        widths = [min(base * 2**l, 8 * base) for l in range(levels)]
+        self.encoders = nn.ModuleList(
+            [_ConvBlock(in_channels, widths[0])]
+            + [_ConvBlock(widths[l - 1], widths[l], stride=2) for l in range(1, levels)]
+        )
+        # decoder level l (l < levels-1) fuses up(decoder l+1), skip l and the coarser coordinates
+        self.decoders = nn.ModuleList(
+            [_ConvBlock(widths[l + 1] + widths[l] + 3, widths[l]) for l in range(levels - 1)]
+        )
+        self.bottleneck = _ConvBlock(widths[-1] + 3, widths[-1])
+        self.heads = nn.ModuleList([nn.Conv3d(w, 3, 3, padding=1) for w in widths])
+        for head in self.heads:  # exact identity at initialisation
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(
+        self, x: Tensor, levels: Optional[int] = None, bound: bool = True, return_levels: bool = False
+    ):
+        """``x [N, in_channels, D, H, W]`` -> coordinates ``[N, 3, D, H, W]`` (float32).
+
+        With ``return_levels`` returns ``(coords, [c_coarsest, ..., c_finest_active])`` (raw maps on
+        each active level's grid).
+        """
+        _check_images("x", x, self.in_channels)
+        if levels is None:
+            levels = self.num_levels
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= self.num_levels:
+            raise ValueError(f"levels must be an int in [1, {self.num_levels}] or None, got {levels!r}")
+        skips = []
+        h = x
+        for encoder in self.encoders:
+            h = encoder(h)
+            skips.append(h)
+        top = self.num_levels - 1
+        shape = skips[top].shape[2:]
+        ident = identity_coords(shape, batch=x.shape[0], device=x.device)
+        h = self.bottleneck(torch.cat([h, ident.to(h.dtype)], dim=1))
+        disp = self.residual_scale * self.heads[top](h).float()
+        maps = [ident + disp]
+        for level in range(top - 1, top - levels, -1):
+            shape = skips[level].shape[2:]
+            disp = _upsample(disp, shape)
+            ident = identity_coords(shape, batch=x.shape[0], device=x.device)
+            coarse = (ident + disp).to(h.dtype)
+            h = self.decoders[level](torch.cat([_upsample(h, shape), skips[level], coarse], dim=1))
+            disp = disp + self.residual_scale * self.heads[level](h).float()
+            maps.append(ident + disp)
+        disp = _upsample(disp, x.shape[2:])
+        coords = identity_coords(x.shape[2:], batch=x.shape[0], device=x.device) + disp
+        if bound:
+            coords = bound_coords(coords)
+        return (coords, maps) if return_levels else coords
+
+
+class FeatureNet(nn.Module):
+    """Small 3-D convolutional autoencoder whose code is a dense feature map at the input resolution.
+
+    ``encode(x [N, C, D, H, W]) -> [N, features, D, H, W]`` combines a full-resolution path with a
+    half-resolution path (context); ``decode`` maps features back to ``[N, C, D, H, W]``;
+    ``forward(x) = decode(encode(x))`` (the reconstruction). Train it with
+    :func:`deepatlas_fast.objective.reconstruction_loss` (denoising), then freeze it.
+
+    Args:
+        in_channels: image channels (default 1). features: code channels F (default 8).
+        width: hidden channels (default 16).
+    """
+
+    def __init__(self, in_channels: int = 1, features: int = 8, width: int = 16):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("features", features), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.in_channels = in_channels
+        self.num_features = features
+        act = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
+        self.fine = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), act(), nn.Conv3d(width, width, 3, padding=1), act())
+        self.coarse = nn.Sequential(
+            nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), act(), nn.Conv3d(2 * width, 2 * width, 3, padding=1), act()
+        )
+        self.code = nn.Sequential(nn.Conv3d(3 * width, width, 3, padding=1), act(), nn.Conv3d(width, features, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv3d(features, width, 3, padding=1), act(), nn.Conv3d(width, width, 3, padding=1), act(),
+            nn.Conv3d(width, in_channels, 1),
+        )
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``[N, C, D, H, W]`` -> features ``[N, F, D, H, W]``."""
+        _check_images("x", x, self.in_channels)
+        fine = self.fine(x)
+        coarse = F.interpolate(self.coarse(fine), size=x.shape[2:], mode="trilinear", align_corners=False)
+        return self.code(torch.cat([fine, coarse], dim=1))
+
+    def decode(self, features: Tensor) -> Tensor:
+        """``[N, F, D, H, W]`` -> reconstruction ``[N, C, D, H, W]``."""
+        return self.decoder(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+def _sync_frozen_flag(module, incompatible_keys) -> None:
+    """After ``load_state_dict``: a saved frozen autoencoder is frozen again."""
+    if bool(module.features_frozen):
+        module.freeze_features()
+
+
+class DeepAtlas(nn.Module):
+    """CoordNet + frozen feature autoencoder + learnable atlas.
+
+    Args:
+        in_channels: image channels (default 1).
+        base, levels: :class:`CoordNet` width and depth (defaults 16, 4).
+        features: autoencoder code channels F (default 8); 0 uses the normalised intensity alone
+            (``self.features`` is then None; the DESIGN's CPU prototype found raw intensity better
+            than a briefly trained autoencoder at 4 mm).
+        feature_width: autoencoder hidden channels (default 16).
+        template_shape: atlas / template grid (D, H, W), default (32, 32, 32); the implicit term
+            inverts coordinate maps onto this grid.
+        preprocessing: free-form dict saved with the model (spacing, intensity normalisation ...),
+            for inference.
+        residual_scale: :class:`CoordNet` head output factor (default 0.01).
+
+    Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
+    ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
+    constructor arguments, plain Python types), buffers ``atlas_initialized`` and
+    ``features_frozen`` (bool scalars, saved in the state dict).
+
+    ``forward(images, levels=None)`` returns a dict (the one call a DDP wrapper needs):
+    ``coords_raw`` ``[N, 3, D, H, W]`` float32 unbounded, ``coords`` (bounded, straight-through),
+    ``features`` ``[N, F + 1, D, H, W]`` float32 (E(x) ++ x, no gradient once frozen) and ``atlas``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base: int = 16,
+        levels: int = 4,
+        features: int = 8,
+        feature_width: int = 16,
+        template_shape: Sequence[int] = (32, 32, 32),
+        preprocessing: Optional[dict] = None,
+        residual_scale: float = 0.01,
+    ):
+        super().__init__()
+        if isinstance(features, bool) or not isinstance(features, int) or features < 0:
+            raise ValueError(f"features must be an int >= 0, got {features!r}")
+        try:
+            template_shape = tuple(int(s) for s in template_shape)
+        except TypeError:
+            raise TypeError(f"template_shape must be 3 ints (D, H, W), got {template_shape!r}") from None
+        if len(template_shape) != 3 or min(template_shape) < 2:
+            raise ValueError(f"template_shape must be 3 sizes >= 2 (D, H, W), got {template_shape}")
+        self.config = {
+            "in_channels": in_channels,
+            "base": base,
+            "levels": levels,
+            "features": features,
+            "feature_width": feature_width,
+            "template_shape": list(template_shape),
+            "preprocessing": dict(preprocessing or {}),
+            "residual_scale": float(residual_scale),
+        }
+        self.in_channels = in_channels
+        self.template_shape = template_shape
+        self.coordnet = CoordNet(in_channels, base, levels, residual_scale)
+        self.features = FeatureNet(in_channels, features, feature_width) if features > 0 else None
+        channels = features + in_channels
+        # a smooth random pattern: never constant (a constant atlas gives LNCC no gradient at all)
+        gen = torch.Generator().manual_seed(0)
+        pattern = torch.rand(1, channels, *(max(2, s // 4) for s in template_shape), generator=gen)
+        self.atlas = nn.Parameter(F.interpolate(pattern, size=template_shape, mode="trilinear", align_corners=True))
+        self.register_buffer("atlas_initialized", torch.tensor(False))
+        self.register_buffer("features_frozen", torch.tensor(features == 0))
+        self._frozen = features == 0  # Python mirror of the buffer: no device sync per forward
+        self.register_load_state_dict_post_hook(_sync_frozen_flag)
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the similarity features and the atlas: F + in_channels."""
+        return self.atlas.shape[1]
+
+    def freeze_features(self) -> None:
+        """Freeze the autoencoder (no gradients, eval mode) for coordinate training. The state is
+        saved in the ``features_frozen`` buffer and restored by ``load_state_dict``."""
+        if self.features is not None:
+            self.features.requires_grad_(False)
+            self.features.eval()
+        self.features_frozen.fill_(True)
+        self._frozen = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.features is not None and self._frozen:
+            self.features.eval()
+        return self
+
+    def feature_stack(self, images: Tensor) -> Tensor:
+        """``images [N, C, D, H, W]`` -> ``[N, F + C, D, H, W]`` float32: autoencoder features then intensity.
+        Computed without gradient once the autoencoder is frozen."""
+        _check_images("images", images, self.in_channels)
+        if self.features is None:
+            return images.float()
+        if self._frozen:
+            with torch.no_grad():
+                feats = self.features.encode(images)
+        else:
+            feats = self.features.encode(images)
+        return torch.cat([feats.float(), images.float()], dim=1)
+
+    @torch.no_grad()
+    def init_atlas(self, images: Tensor) -> None:
+        """Set the atlas to the batch mean of :meth:`feature_stack` resampled onto the template grid
+        (the identity map a fresh CoordNet starts from). Call once before coordinate training, and
+        before wrapping in DDP (which then broadcasts rank 0's atlas)."""
+        feats = self.feature_stack(images).mean(dim=0, keepdim=True)
+        self.atlas.copy_(F.interpolate(feats, size=self.template_shape, mode="trilinear", align_corners=True))
+        self.atlas_initialized.fill_(True)
+
+    def coordinates(self, images: Tensor, levels: Optional[int] = None) -> Tensor:
+        """Bounded template coordinates ``[N, 3, D, H, W]`` of ``images`` (inference helper)."""
+        return self.coordnet(images, levels=levels)
+
+    def forward(self, images: Tensor, levels: Optional[int] = None) -> dict:
+        raw = self.coordnet(images, levels=levels, bound=False)
+        return {
+            "coords_raw": raw,
+            "coords": bound_coords(raw),
+            "features": self.feature_stack(images),
+            # a view, not the parameter itself: DDP (find_unused_parameters) must find the atlas
+            # through the graph, or it marks it ready twice
+            "atlas": self.atlas.view_as(self.atlas),
+        }

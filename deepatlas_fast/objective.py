@@ -1,0 +1,331 @@
+"""The DeepATLAS objective (DESIGN §5) and the autoencoder's reconstruction loss.
+
+For a batch of exams ``x [N >= 2, 1, D, H, W]`` with coordinate maps ``c = CoordNet(x)`` and
+similarity features ``f = E(x) ++ x`` (frozen autoencoder features plus the normalised intensity):
+
+* ``explicit``:  ``lncc(f, sample(A, c))`` (the loss ``-mean NCC``, channel-wise) with ``A`` the
+  learnable atlas feature volume: atlas-to-exam registration.
+* ``implicit``: for each pair ``(a, b) = (i, (i + 1) mod N)``: ``psi_b, valid_b = invert(c_b,
+  template_shape)``, ``T = sample(psi_b, c_a)`` (where in exam b lies the anatomy voxel p of exam a
+  is mapped to), ``-masked mean NCC(f_a, sample(f_b, T))`` with the mask
+  ``sample(valid_b, c_a, "zeros") >= 0.5``; no gradient flows through masked points.
+* ``jacobian``: ``var(det J)`` over voxels (``jacobian_var``), J = d c / d voxel index scaled by
+  ``(size - 1) / 2`` per axis of the exam grid so that the identity has det 1.
+* ``logdet``: ``(mean log max(det J, 1e-3))^2`` keeps the mean volume ratio near 1 (the exam fills
+  the template); with ``jacobian`` and ``folding`` it is the prototype's
+  ``var(det J) + (mean log det J)^2 + mean relu(-det J)``.
+* ``folding``: ``mean relu(-det J)``.
+* ``collapse``: ``mean_k relu(ratio - var_k(c) / var_k(identity))^2``: fires when a coordinate's
+  spatial spread falls below ``collapse_ratio`` of the identity's (a collapse towards a point or a
+  plane; 0 otherwise).
+* ``bound``: ``mean relu(|c_raw| - 1)^2``: the raw map's excursion beyond the template cube (the
+  output itself is clamped with a straight-through gradient, see :func:`deepatlas_fast.model.bound_coords`).
+
+Trivial solutions and their guards: collapse to a point -> ``collapse`` and ``logdet``; intensity
+look-up (each voxel sent to an atlas location of like intensity, spatially incoherent) -> it needs
+folds and wildly varying det J, which ``jacobian`` and ``folding`` price; leaving the cube -> ``bound``.
+
+``ops="fused"`` runs every op through :mod:`deepatlas_fast` (fused kernels / registry backend),
+``ops="stock"`` through :mod:`deepatlas_fast.stock` (``grid_sample``, conv3d LNCC, ``torch.gradient``
++ ``det``, grid-sample Newton inversion) on the same model: sample, lncc and the Jacobian terms
+agree to float rounding, the implicit term to the inversion tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .coords import identity_coords
+from .stock import get_ops
+
+__all__ = [
+    "LossWeights",
+    "TERMS",
+    "deepatlas_loss",
+    "explicit_term",
+    "implicit_term",
+    "jacobian_terms",
+    "collapse_term",
+    "bound_term",
+    "reconstruction_loss",
+]
+
+TERMS = ("explicit", "implicit", "jacobian", "logdet", "folding", "collapse", "bound")
+STATISTICS = ("folding_fraction", "valid_fraction", "det_mean")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the objective's terms and the options of its ops (all plain numbers, YAML-friendly).
+
+    A term whose weight is 0 is not computed (reported as 0).
+
+    Attributes:
+        explicit, implicit, jacobian, logdet, folding, collapse, bound: term weights
+            (defaults 1, 1, 1, 1, 1, 10, 10).
+        kernel_size: LNCC window side in voxels (odd, default 9). kernel: ``"box"`` | ``"gaussian"``.
+        eps: LNCC variance floor (default 1e-5).
+        invert_iters: Newton steps of the inversion (default 6). invert_tol: validity threshold of
+            the inversion in template voxels (default 0.25; the op's contract is 0.05 on smooth
+            maps, a looser threshold keeps more points while the maps are rough).
+        collapse_ratio: minimal coordinate spread relative to the identity before ``collapse``
+            fires (default 0.25).
+        det_floor: floor of det J inside the log of ``logdet`` (default 1e-3).
+    """
+
+    explicit: float = 1.0
+    implicit: float = 1.0
+    jacobian: float = 1.0
+    logdet: float = 1.0
+    folding: float = 1.0
+    collapse: float = 10.0
+    bound: float = 10.0
+    kernel_size: int = 9
+    kernel: str = "box"
+    eps: float = 1e-5
+    invert_iters: int = 6
+    invert_tol: float = 0.25
+    collapse_ratio: float = 0.25
+    det_floor: float = 1e-3
+
+    def __post_init__(self):
+        for name in TERMS + ("eps", "invert_tol", "collapse_ratio", "det_floor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise ValueError(f"LossWeights.{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("eps", "invert_tol", "det_floor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LossWeights.{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.kernel_size, bool) or not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"LossWeights.kernel_size must be an odd int >= 1, got {self.kernel_size!r}")
+        if self.kernel not in ("box", "gaussian"):
+            raise ValueError(f"LossWeights.kernel must be 'box' or 'gaussian', got {self.kernel!r}")
+        if isinstance(self.invert_iters, bool) or not isinstance(self.invert_iters, int) or self.invert_iters < 0:
+            raise ValueError(f"LossWeights.invert_iters must be an int >= 0, got {self.invert_iters!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Optional[dict]) -> "LossWeights":
+        """Build from a dict; unknown keys raise a ValueError naming them."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown loss weight key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _voxel_scale(shape: Sequence[int]) -> list[float]:
+    """(size - 1) / 2 per axis: with it det(d coords / d index) is 1 for the identity."""
+    return [(s - 1) / 2.0 for s in shape]
+
+
+def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: LossWeights, ops="fused") -> Tensor:
+    """Atlas-to-exam LNCC loss ``-mean NCC(features, sample(atlas, coords))``.
+
+    Args:
+        coords: ``[N, 3, D, H, W]`` template coordinates. features: ``[N, C, D, H, W]``.
+        atlas: ``[1, C, *template]`` (or ``[N, C, *template]``).
+    """
+    ops = get_ops(ops)
+    n = coords.shape[0]
+    atlas = atlas.float()
+    if atlas.shape[0] != n:
+        atlas = atlas.expand(n, *atlas.shape[1:])
+    warped = ops.sample(atlas, coords.float())
+    return ops.lncc(features.float(), warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+
+
+def implicit_term(
+    coords: Tensor,
+    features: Tensor,
+    template_shape: Sequence[int],
+    weights: LossWeights,
+    ops="fused",
+    pairs: Optional[Tensor] = None,
+    return_valid_fraction: bool = False,
+):
+    """Exam-to-exam LNCC loss through the inverse coordinate maps (masked by validity).
+
+    Args:
+        coords: ``[N >= 2, 3, D, H, W]`` template coordinates. features: ``[N, C, D, H, W]``.
+        template_shape: grid (D, H, W) the maps are inverted onto.
+        pairs: ``[N]`` long, partner b of each exam a (default ``(i + 1) mod N``).
+
+    Returns:
+        ``-sum(mask * NCC) / (C * max(sum(mask), 1))`` (0 with no gradient if nothing is valid);
+        with ``return_valid_fraction`` also the mask's mean.
+    """
+    ops = get_ops(ops)
+    n = coords.shape[0]
+    if n < 2:
+        raise ValueError(f"coords must hold at least 2 exams for the implicit term, got batch {n}")
+    if pairs is None:
+        pairs = torch.roll(torch.arange(n, device=coords.device), -1)
+    coords = coords.float()
+    features = features.float()
+    psi, valid = ops.invert(coords, tuple(template_shape), weights.invert_iters, weights.invert_tol)
+    psi_b, valid_b = psi[pairs], valid[pairs].to(coords.dtype)
+    mask = ops.sample(valid_b, coords.detach(), "zeros") >= 0.5  # [N, 1, D, H, W]
+    target = ops.sample(psi_b, coords)  # position in exam b of each voxel of exam a
+    target = torch.where(mask, target, target.detach())
+    warped = ops.sample(features[pairs].detach(), target)
+    ncc = ops.lncc(features, warped, weights.kernel_size, weights.kernel, weights.eps, "none")
+    maskf = mask.to(ncc.dtype)
+    count = maskf.sum() * ncc.shape[1]
+    loss = -(ncc * maskf).sum() / count.clamp_min(1.0)
+    if return_valid_fraction:
+        return loss, maskf.mean().detach()
+    return loss
+
+
+def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dict:
+    """``{"jacobian", "logdet", "folding"}`` of the raw map plus statistics ``folding_fraction``
+    (share of det J <= 0) and ``det_mean``. det J is in voxel-consistent units (identity -> 1)."""
+    ops = get_ops(ops)
+    coords_raw = coords_raw.float()
+    scale = _voxel_scale(coords_raw.shape[2:])
+    out = {}
+    var, fraction = ops.jacobian_var(coords_raw, scale, False, True)
+    out["jacobian"] = var
+    det = ops.jacobian_det(coords_raw, scale)
+    out["logdet"] = torch.log(det.clamp_min(weights.det_floor)).flatten(1).mean(dim=1).pow(2).mean()
+    out["folding"] = F.relu(-det).mean()
+    out["folding_fraction"] = fraction.detach()
+    out["det_mean"] = det.detach().mean()
+    return out
+
+
+def _identity_variance(size: int) -> float:
+    """Population variance of ``linspace(-1, 1, size)``: (size + 1) / (3 (size - 1))."""
+    return (size + 1) / (3.0 * (size - 1)) if size > 1 else 0.0
+
+
+def collapse_term(coords: Tensor, ratio: float = 0.25) -> Tensor:
+    """``mean_{n,k} relu(ratio - var_k(c_n) / var_k(identity))^2`` over the spatial grid; 0 for the identity."""
+    n = coords.shape[0]
+    var = coords.float().flatten(2).var(dim=2, unbiased=False)  # [N, 3]
+    ref = torch.tensor([_identity_variance(s) for s in coords.shape[2:]], device=coords.device).clamp_min(1e-12)
+    return F.relu(ratio - var / ref).pow(2).mean()
+
+
+def bound_term(coords_raw: Tensor) -> Tensor:
+    """``mean relu(|c| - 1)^2``: excursion of the raw map beyond the template cube."""
+    return F.relu(coords_raw.float().abs() - 1.0).pow(2).mean()
+
+
+def _autocast_off(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def deepatlas_loss(
+    model,
+    images: Tensor,
+    weights: Optional[LossWeights] = None,
+    ops: Union[str, object] = "fused",
+    levels: Optional[int] = None,
+    outputs: Optional[dict] = None,
+):
+    """The DeepATLAS training objective on one batch.
+
+    Args:
+        model: a :class:`~deepatlas_fast.model.DeepAtlas` or a wrapper whose ``forward(images,
+            levels=...)`` returns its output dict (e.g. ``DistributedDataParallel``); the model's
+            forward runs under any autocast the caller set, the loss itself in float32.
+        images: ``[N >= 2, C, D, H, W]`` normalised exams (N >= 2 when ``implicit`` > 0).
+        weights: :class:`LossWeights` (default: defaults) or a dict of its fields.
+        ops: ``"fused"`` | ``"stock"``.
+        levels: active CoordNet decoder levels (staged training), None = all.
+        outputs: a precomputed ``model(images, levels)`` dict (then ``model`` is only used for the
+            template shape).
+
+    Returns:
+        ``(total, terms)``: ``total`` a scalar with gradient, ``terms`` a dict of detached scalars:
+        the unweighted terms :data:`TERMS` (0 where the weight is 0) and the statistics
+        ``folding_fraction``, ``valid_fraction`` (share of exam voxels the implicit term used) and
+        ``det_mean``, which are logged but not part of ``total``.
+    """
+    if weights is None:
+        weights = LossWeights()
+    elif isinstance(weights, dict):
+        weights = LossWeights.from_dict(weights)
+    elif not isinstance(weights, LossWeights):
+        raise TypeError(f"weights must be a LossWeights or dict, got {type(weights).__name__}")
+    ops = get_ops(ops)
+    if not isinstance(images, torch.Tensor) or images.dim() != 5:
+        raise ValueError(f"images must be a tensor [N, C, D, H, W], got {getattr(images, 'shape', type(images))}")
+    if weights.implicit > 0 and images.shape[0] < 2:
+        raise ValueError(f"images must hold at least 2 exams (the implicit term pairs them), got batch {images.shape[0]}")
+    core = getattr(model, "module", model)
+    template_shape = tuple(core.atlas.shape[2:])
+    if outputs is None:
+        outputs = model(images, levels=levels)
+    device = images.device
+    zero = torch.zeros((), device=device)
+    terms: dict = {}
+    with _autocast_off(device):
+        coords, raw, feats = outputs["coords"].float(), outputs["coords_raw"].float(), outputs["features"].float()
+        terms["explicit"] = (
+            explicit_term(coords, feats, outputs["atlas"], weights, ops) if weights.explicit > 0 else zero
+        )
+        if weights.implicit > 0:
+            terms["implicit"], valid_fraction = implicit_term(
+                coords, feats, template_shape, weights, ops, return_valid_fraction=True
+            )
+        else:
+            terms["implicit"], valid_fraction = zero, zero
+        jac = jacobian_terms(raw, weights, ops) if (weights.jacobian or weights.logdet or weights.folding) else None
+        for name in ("jacobian", "logdet", "folding"):
+            terms[name] = jac[name] if jac is not None and getattr(weights, name) > 0 else zero
+        terms["collapse"] = collapse_term(raw, weights.collapse_ratio) if weights.collapse > 0 else zero
+        terms["bound"] = bound_term(raw) if weights.bound > 0 else zero
+        total = sum(getattr(weights, name) * terms[name] for name in TERMS)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            total = total + 0.0 * raw.sum()  # keep a graph (e.g. every weight 0)
+    report = {name: terms[name].detach() for name in TERMS}
+    report["folding_fraction"] = jac["folding_fraction"] if jac is not None else zero
+    report["valid_fraction"] = valid_fraction
+    report["det_mean"] = jac["det_mean"] if jac is not None else zero
+    return total, report
+
+
+def reconstruction_loss(
+    features,
+    images: Tensor,
+    noise_std: float = 0.05,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Denoising reconstruction loss of the feature autoencoder: ``mse(features(x + noise), x)``.
+
+    Args:
+        features: a :class:`~deepatlas_fast.model.FeatureNet` (or a DeepAtlas, whose ``.features`` is
+            used; a DDP-wrapped FeatureNet works too).
+        images: ``[N, C, D, H, W]`` normalised exams.
+        noise_std: std of the Gaussian noise added to the input (intensity units; 0 = plain
+            autoencoder). generator: for the noise (CPU generator; default the global RNG).
+    """
+    net = features
+    core = getattr(net, "module", net)
+    if hasattr(core, "coordnet"):
+        if core.features is None:
+            raise ValueError("features must be a FeatureNet; this DeepAtlas has features=0 (intensity only)")
+        net = core.features
+    if not isinstance(images, torch.Tensor) or images.dim() != 5:
+        raise ValueError(f"images must be a tensor [N, C, D, H, W], got {getattr(images, 'shape', type(images))}")
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    noisy = images
+    if noise_std > 0:
+        noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
+        noisy = images + noise_std * noise.to(device=images.device, dtype=images.dtype)
+    recon = net(noisy)
+    return F.mse_loss(recon.float(), images.float())

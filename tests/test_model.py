@@ -1,0 +1,145 @@
+"""CoordNet, FeatureNet and DeepAtlas (deepatlas_fast.model)."""
+
+import io
+
+import pytest
+import torch
+
+import deepatlas_fast as da
+from deepatlas_fast.model import CoordNet, DeepAtlas, FeatureNet, bound_coords
+from helpers import g
+
+
+def _perturb(module, std, seed=0):
+    gen = g(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (13, 17, 11), (5, 9, 7)])
+def test_coordnet_starts_exactly_at_identity(shape):
+    torch.manual_seed(0)
+    net = CoordNet(base=4, levels=3)
+    x = torch.rand(2, 1, *shape, generator=g(1))
+    out = net(x)
+    assert out.shape == (2, 3, *shape) and out.dtype == torch.float32
+    assert torch.equal(out, da.identity_coords(shape, batch=2))
+    for levels in (1, 2):
+        assert torch.equal(net(x, levels=levels), out)
+
+
+def test_coordnet_levels_and_return_levels():
+    torch.manual_seed(0)
+    net = CoordNet(base=4, levels=3)
+    _perturb(net.heads, 0.05)
+    x = torch.rand(1, 1, 13, 10, 9, generator=g(2))
+    out, maps = net(x, return_levels=True)
+    assert [tuple(m.shape[2:]) for m in maps] == [(4, 3, 3), (7, 5, 5), (13, 10, 9)]
+    _, maps1 = net(x, levels=1, return_levels=True)
+    assert len(maps1) == 1
+    # levels=k ignores the finer heads: changing them leaves the output unchanged, and they get no gradient
+    coarse = net(x, levels=2)
+    with torch.no_grad():
+        net.heads[0].weight.add_(1.0)
+    torch.testing.assert_close(net(x, levels=2), coarse)
+    assert not torch.equal(net(x, levels=3), out)
+    net.zero_grad()
+    net(x, levels=2, bound=False).sum().backward()
+    assert net.heads[0].weight.grad is None and net.decoders[0][0].weight.grad is None
+    assert net.heads[1].weight.grad is not None and net.heads[1].weight.grad.abs().sum() > 0
+    for bad in (0, 4, 1.5):
+        with pytest.raises(ValueError, match="levels"):
+            net(x, levels=bad)
+
+
+def test_coordnet_output_bounded_with_straight_through_gradient():
+    torch.manual_seed(0)
+    net = CoordNet(base=4, levels=2)
+    _perturb(net.heads, 2.0, seed=3)
+    x = torch.rand(1, 1, 8, 8, 8, generator=g(3))
+    raw = net(x, bound=False)
+    out = net(x)
+    assert raw.abs().max() > 1.0  # the raw map leaves the cube ...
+    assert out.abs().max() <= 1.0  # ... the output does not
+    torch.testing.assert_close(out, raw.clamp(-1, 1))
+    r = torch.tensor([-3.0, -1.0, 0.5, 2.0], requires_grad=True)
+    bound_coords(r).sum().backward()
+    assert torch.equal(r.grad, torch.ones(4))  # gradient passes even outside the cube
+
+
+def test_coordnet_rejects_bad_input():
+    net = CoordNet(base=4, levels=2)
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.rand(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="spatial size"):
+        net(torch.rand(1, 1, 8, 1, 8))
+    with pytest.raises(ValueError, match="levels"):
+        CoordNet(levels=0)
+    with pytest.raises(ValueError, match="residual_scale"):
+        CoordNet(residual_scale=0)
+
+
+def test_featurenet_shapes():
+    net = FeatureNet(features=5, width=4)
+    x = torch.rand(2, 1, 9, 7, 11, generator=g(4))
+    assert net.encode(x).shape == (2, 5, 9, 7, 11)
+    assert net(x).shape == x.shape
+
+
+def test_deepatlas_forward_config_and_round_trip():
+    torch.manual_seed(0)
+    model = DeepAtlas(base=4, levels=2, features=3, feature_width=4, template_shape=(8, 9, 10),
+                      preprocessing={"spacing": 2.0})
+    assert model.atlas.shape == (1, 4, 8, 9, 10) and model.feature_channels == 4
+    assert model.atlas.std() > 0  # never a constant atlas
+    x = torch.rand(2, 1, 10, 10, 10, generator=g(5))
+    out = model(x)
+    assert set(out) == {"coords_raw", "coords", "features", "atlas"}
+    assert out["features"].shape == (2, 4, 10, 10, 10)
+    torch.testing.assert_close(out["features"][:, 3:], x)  # last channel: the intensity
+    _perturb(model.coordnet.heads, 0.05)
+    model.init_atlas(x)
+    assert bool(model.atlas_initialized)
+    model.freeze_features()
+    buffer = io.BytesIO()
+    torch.save({"config": model.config, "state": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    rebuilt = DeepAtlas(**saved["config"])
+    rebuilt.load_state_dict(saved["state"])
+    assert bool(rebuilt.features_frozen) and not any(p.requires_grad for p in rebuilt.features.parameters())
+    torch.testing.assert_close(rebuilt.coordinates(x), model.coordinates(x))
+    torch.testing.assert_close(rebuilt.atlas, model.atlas)
+    assert rebuilt.config["preprocessing"] == {"spacing": 2.0}
+
+
+def test_frozen_features_get_no_gradient():
+    torch.manual_seed(0)
+    model = DeepAtlas(base=4, levels=2, features=3, feature_width=4, template_shape=(6, 6, 6))
+    model.freeze_features()
+    model.train()
+    assert not model.features.training  # stays in eval mode
+    x = torch.rand(2, 1, 8, 8, 8, generator=g(6))
+    out = model(x)
+    assert not out["features"].requires_grad
+    (out["coords"].sum() + (out["features"].sum() * 0) + model.atlas.sum()).backward()
+    assert all(p.grad is None for p in model.features.parameters())
+
+
+def test_intensity_only_model():
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(6, 6, 6))
+    assert model.features is None and model.atlas.shape[1] == 1
+    x = torch.rand(2, 1, 8, 8, 8, generator=g(7))
+    assert torch.equal(model(x)["features"], x)
+
+
+def test_deepatlas_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="template_shape"):
+        DeepAtlas(template_shape=(8, 8))
+    with pytest.raises(ValueError, match="features"):
+        DeepAtlas(features=-1)
+    with pytest.raises(ValueError, match="images must have shape"):
+        DeepAtlas(base=4, levels=2, features=2, template_shape=(4, 4, 4)).feature_stack(torch.rand(1, 8, 8, 8))
