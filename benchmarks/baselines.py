@@ -3,14 +3,13 @@ baselines every benchmark compares against, on the same inputs."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 
-from deepatlas_fast.coords import identity_coords, to_grid
+from deepatlas_fast import stock
+from deepatlas_fast.coords import identity_coords
 
 
-def sample(vol, coords, padding="border"):
-    return F.grid_sample(vol, to_grid(coords), mode="bilinear", padding_mode=padding, align_corners=True)
+# grid_sample and torch.gradient + linalg.det: the stock ops the training objective's --ops stock uses
+sample = stock.sample
 
 
 def lncc(a, b, kernel_size=9):
@@ -22,9 +21,7 @@ def lncc(a, b, kernel_size=9):
 
 def jacobian_var(field):
     """det via torch.gradient + torch.linalg.det, then the variance (VoxelMorph/FireANTs style)."""
-    rows = [torch.stack(torch.gradient(field[:, k], dim=(1, 2, 3)), dim=-1) for k in range(3)]
-    det = torch.linalg.det(torch.stack(rows, dim=-2))
-    return det.flatten(1).var(dim=1, unbiased=False).mean()
+    return stock.jacobian_var(field)
 
 
 def invert_displacement(disp, iters=8):

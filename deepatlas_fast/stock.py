@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .coords import identity_coords, to_grid
+from .reference.jacobian import NORMALIZE_FLOOR
+from .reference.sampling import compute_dtype
 
 __all__ = [
     "sample",
@@ -58,10 +60,6 @@ def _check5(name: str, x, channels: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be a 5-D tensor [N, C, D, H, W], got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels in dim 1, got shape {tuple(x.shape)}")
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def lncc(
         raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'none'), got {reduction!r}")
-    dtype = _compute_dtype(a, b)
+    dtype = compute_dtype(a, b)
     pred, target = a.to(dtype), b.to(dtype)
     weights = _window(kernel_size, kernel, dtype, a.device)
     kernel_vol = weights.sum() ** 3
@@ -190,7 +188,7 @@ def jacobian_var(field: Tensor, scale=None, normalized: bool = False, return_fol
     mean = det.mean(dim=1, keepdim=True)
     var = ((det - mean) ** 2).mean(dim=1)
     if normalized:
-        var = var / (mean.squeeze(1) ** 2).clamp_min(1e-12)
+        var = var / (mean.squeeze(1) ** 2).clamp_min(NORMALIZE_FLOOR)
     var = var.mean()
     if not return_folding:
         return var

@@ -16,6 +16,8 @@ import os
 import torch
 import triton.language as tl
 
+from ..reference.sampling import compute_dtype  # noqa: F401 - the one dtype rule, re-exported for the kernels
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -39,11 +41,6 @@ def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
 def block(gpu: int, interpret: int) -> int:
     """Block size: ``gpu`` when compiled, ``interpret`` (larger) under the interpreter."""
     return interpret if INTERPRET else gpu
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
