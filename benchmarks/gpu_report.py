@@ -306,7 +306,15 @@ def main(argv=None):
     parser.add_argument("--backends", default=None, help="comma list of our backends (default: those available)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
+    parser.add_argument("--impls", default=None,
+                        help="comma list of substrings: run only implementations whose name contains one")
+    parser.add_argument("--skip-impls", default=None,
+                        help="comma list of substrings: skip implementations whose name contains one")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="REPORT_JSON",
+                        help="only merge earlier report.json files (same device) into one report.md")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
 
     device = torch.device(args.device)
     da.set_check_finite(False)  # time the kernels, not the validation's host syncs
@@ -321,20 +329,47 @@ def main(argv=None):
     if args.ops:
         wanted = set(args.ops.split(","))
         cases = [c for c in cases if c.op in wanted]
+    only = args.impls.split(",") if args.impls else None
+    skip = args.skip_impls.split(",") if args.skip_impls else []
     rows = []
     for case in cases:
         for name, fn in case.impls.items():
+            if (only and not any(s in name for s in only)) or any(s in name for s in skip):
+                continue
             row = measure(case, name, fn, device, bandwidth)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args.out, info, rows)  # after every row: a run cut short still leaves its table
+    print(write(args.out, info, rows))
+
+
+def write(out, info, rows) -> str:
     add_ratios(rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"environment": info, "rows": rows}, f, indent=1)
     table = markdown(info, rows)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write(table)
-    print(table)
+    return table
+
+
+def merge(paths, out):
+    """Rows of several runs, in case order of the first run, later runs' implementations after."""
+    reports = [json.load(open(p)) for p in paths]
+    devices = {r["environment"]["device"] for r in reports}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge: reports come from different devices {sorted(devices)}; not comparable")
+    rows = []
+    for report in reports:
+        for row in report["rows"]:
+            row.pop("speedup_vs_stock", None)
+            rows.append(row)
+    order = {}
+    for row in rows:
+        order.setdefault((row["op"], row["case"]), len(order))
+    rows.sort(key=lambda r: order[(r["op"], r["case"])])  # stable: implementations keep their run order
+    print(write(out, reports[0]["environment"], rows))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deepatlas_fast  # noqa: E402
-from deepatlas_fast.model import DeepAtlas  # noqa: E402
+from deepatlas_fast.model import DeepAtlas, bound_coords  # noqa: E402
 from deepatlas_fast.objective import LossWeights, deepatlas_loss  # noqa: E402
 from deepatlas_fast.tour import blob_volume  # noqa: E402
 from deepatlas_fast.train import enable_activation_checkpointing  # noqa: E402
@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--features", type=int, default=8, help="autoencoder channels (default 8)")
     p.add_argument("--template", type=int, default=64, help="template cube side (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case, after one warm-up (default 3)")
+    p.add_argument("--loss-side", dest="loss_side", action="store_true", default=True,
+                   help="also time the loss side alone (objective fwd+bwd from fixed network outputs; default on)")
+    p.add_argument("--no-loss-side", dest="loss_side", action="store_false")
     p.add_argument("--find-max", dest="find_max", action="store_true", default=True,
                    help="search the largest cube and batch that fit (default on)")
     p.add_argument("--no-find-max", dest="find_max", action="store_false")
@@ -153,6 +156,39 @@ def measure(case: Case, images, ops, bf16, repeats):
     return statistics.median(times), peak, loss
 
 
+def measure_loss_side(case: Case, images, ops, repeats):
+    """The objective alone, as the anchor's "loss side": forward + backward of ``deepatlas_loss`` from
+    network outputs held as leaves (fp32). Median ms and peak MiB beyond what was allocated before
+    (images, outputs, model) - the loss's own working memory."""
+    device = case.device
+    with torch.no_grad():
+        fixed = case.model(images)
+    raw = fixed["coords_raw"].detach().float()
+    feats = fixed["features"].detach().float()
+
+    def once():
+        leaf_raw = raw.clone().requires_grad_()
+        leaf_feats = feats.clone().requires_grad_()
+        outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": leaf_feats,
+                   "atlas": case.model.atlas.view_as(case.model.atlas)}
+        loss, _ = deepatlas_loss(case.model, images, case.weights, ops=ops, outputs=outputs)
+        loss.backward()
+
+    once()  # warm-up
+    _sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
 def fits(args, device, ops, bf16, ckpt, side, batch) -> bool:
     case = images = None
     try:
@@ -229,6 +265,36 @@ def main(argv=None) -> int:
                     lines.append(row)
         del images
         _free(device)
+
+    if args.loss_side:
+        extra = [
+            "",
+            "loss side alone (objective forward + backward from fixed network outputs, fp32; +MiB beyond "
+            "images, outputs and model)",
+            "",
+            "| cube | ops | loss ms | +MiB |",
+            "|---:|---|---:|---:|",
+        ]
+        print("\n".join(extra), flush=True)
+        lines += extra
+        for side in args.sizes:
+            images = make_pair(side, args.batch, device)
+            for ops in args.ops:
+                case = None
+                try:
+                    case = Case(args, device, False)
+                    ms, peak = measure_loss_side(case, images, ops, args.repeats)
+                    row = f"| {side}^3 | {ops} | {ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} |"
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    if not _oom(exc):
+                        raise
+                    row = f"| {side}^3 | {ops} | OOM | OOM |"
+                del case
+                _free(device)
+                print(row, flush=True)
+                lines.append(row)
+            del images
+            _free(device)
 
     if args.find_max:
         sides = list(range(args.side_step, args.max_side + 1, args.side_step))
