@@ -3,14 +3,15 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# STEPS picks what runs (default "tests report train"); each step has its own time limit and a failing
-# step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
+# STEPS picks what runs, in this order (default: all of "gputests report train cudatests train4"); each
+# step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
+# options to the two benchmark scripts.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-tests report train}
+STEPS=${STEPS:-gputests report train cudatests train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -27,28 +28,38 @@ DEEPATLAS_FAST_NO_EXTENSION=${DEEPATLAS_FAST_NO_EXTENSION:-1} $PY -m pip install
 # Peers, in the background while the tests run: MONAI (wheel) and fused-lncc (JIT-built for this GPU only).
 PEERS=/tmp/peers
 PEERS_PID=
-if has report && ls benchmarks/peers/*.whl >/dev/null 2>&1; then
-  log "peers: installing in the background"
-  ( $PY -m pip install -q --no-deps --no-index --target "$PEERS" benchmarks/peers/monai-*.whl \
-    && tar xzf benchmarks/peers/fused_lncc-*.tar.gz -C /tmp \
-    && cp -r /tmp/fused_lncc-*/fused_lncc "$PEERS"/ \
-    && TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH="$PEERS" $PY -c "import fused_lncc" ) > /tmp/peers.txt 2>&1 &
-  PEERS_PID=$!
-elif has report; then
-  log "peers: benchmarks/peers not carried (pip download --no-deps fused-lncc==0.1.0 monai==1.6.1 -d benchmarks/peers)"
+if has report; then
+  if ls benchmarks/peers/*.whl >/dev/null 2>&1; then
+    log "peers: installing in the background"
+    ( $PY -m pip install -q --no-deps --no-index --target "$PEERS" benchmarks/peers/monai-*.whl \
+      && tar xzf benchmarks/peers/fused_lncc-*.tar.gz -C /tmp \
+      && cp -r /tmp/fused_lncc-*/fused_lncc "$PEERS"/ \
+      && TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH="$PEERS" $PY -c "import fused_lncc" ) > /tmp/peers.txt 2>&1 &
+    PEERS_PID=$!
+  else
+    log "peers: benchmarks/peers not carried (pip download --no-deps fused-lncc==0.1.0 monai==1.6.1 -d benchmarks/peers)"
+  fi
 fi
 
-if has tests; then
-  log "GPU tests"
-  HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-10} timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -rf --durations=8 -n ${WORKERS:-8} -k "not cpu" \
-    -p no:cacheprovider ${TESTS:-tests/test_triton_gpu.py tests/test_triton_sample.py tests/test_triton_lncc.py \
-    tests/test_triton_jacobian.py tests/test_triton_invert.py} > "$OUT/tests.txt" 2>&1
-  echo "tests exit code: $?" >> "$OUT/tests.txt"
-  tail -n 30 "$OUT/tests.txt"
+# pytest gets SIGINT at its limit, so it still prints the failures it has seen.
+run_tests() {  # name, limit, files...
+  local name=$1 limit=$2; shift 2
+  log "tests: $name"
+  HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-5} timeout -s INT -k 15 "$limit" $PY -m pytest -v --tb=short -rfE \
+    -n "${WORKERS:-16}" -k "not cpu" -p no:cacheprovider "$@" 2>&1 \
+    | grep -v "PytestBenchmarkWarning\|warner(" >> "$OUT/tests.txt"
+  echo "tests ($name) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.txt"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.txt" | tail -n 12
+}
+
+if has gputests; then
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" tests/test_triton_gpu.py
 fi
 
 if has report; then
-  if [ -n "$PEERS_PID" ]; then log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"; fi
+  if [ -n "$PEERS_PID" ]; then
+    log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
+  fi
   log "kernel report"
   PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-240}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:-} > "$OUT/report.log" 2>&1
@@ -56,11 +67,24 @@ if has report; then
   tail -n 3 "$OUT/report.log"
 fi
 
-if has train; then
+if has train; then  # "fused" = the triton backend until the defaults name it (DEFAULT_ORDER)
   log "training step"
-  timeout "${TRAIN_TIMEOUT:-240}" $PY benchmarks/train_step_gpu.py --out "$OUT/train_step.md" ${TRAIN_ARGS:-} \
-    > "$OUT/train_step.log" 2>&1
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-triton} timeout "${TRAIN_TIMEOUT:-240}" $PY benchmarks/train_step_gpu.py \
+    --out "$OUT/train_step.md" ${TRAIN_ARGS:-} > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
+fi
+
+if has cudatests; then
+  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_triton_sample.py tests/test_triton_lncc.py \
+    tests/test_triton_jacobian.py tests/test_triton_invert.py
+fi
+
+if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing)
+  log "training step: two pairs at 256^3"
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-triton} timeout "${TRAIN4_TIMEOUT:-40}" $PY benchmarks/train_step_gpu.py \
+    --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max \
+    >> "$OUT/train_step.log" 2>&1
+  echo "train step (batch 4) exit code: $?"
 fi
 log "done"
 cat "$OUT/report.md" 2>/dev/null

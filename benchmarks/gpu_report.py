@@ -310,6 +310,7 @@ def main(argv=None):
                         help="comma list of substrings: run only implementations whose name contains one")
     parser.add_argument("--skip-impls", default=None,
                         help="comma list of substrings: skip implementations whose name contains one")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 20; 5 for the largest)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="REPORT_JSON",
                         help="only merge earlier report.json files (same device) into one report.md")
     args = parser.parse_args(argv)
@@ -326,6 +327,9 @@ def main(argv=None):
     info = environment(device, bandwidth)
     print(json.dumps(info), flush=True)
     cases = build_cases(device, args.quick, backends, with_compile=not args.no_compile and device.type == "cuda")
+    if args.reps:
+        for case in cases:
+            case.reps = min(case.reps, args.reps)
     if args.ops:
         wanted = set(args.ops.split(","))
         cases = [c for c in cases if c.op in wanted]

@@ -21,9 +21,9 @@ def cases():
     return {
         "sample": (ops.sample.default, (vol, coords, "border")),
         "sample_zeros": (ops.sample.default, (vol, coords, "zeros")),
-        "sample_backward": (ops.sample_backward.default, (grad_vol_out, vol.detach(), coords.detach(), "zeros", True, True)),
+        "sample_backward": (ops.sample_backward.default, (grad_vol_out, vol.detach(), coords.detach(), "zeros", True, True, "reference")),
         "sample_backward_coords_only": (
-            ops.sample_backward.default, (grad_vol_out, vol.detach(), coords.detach(), "border", False, True)
+            ops.sample_backward.default, (grad_vol_out, vol.detach(), coords.detach(), "border", False, True, "reference")
         ),
         "warp": (ops.warp.default, (vol, coords * 0.3, "zeros")),
         "lncc_mean": (ops.lncc.default, (a, b, 3, "box", 1e-5, "mean")),
@@ -33,11 +33,11 @@ def cases():
         "jacobian_var": (ops.jacobian_var.default, (field, None, True)),
         "invert": (ops.invert.default, (cover, [5, 4, 6], 8, 0.05)),
         "invert_displacement": (ops.invert_displacement.default, (disp, 8, 0.05)),
-        "warp_backward": (ops.warp_backward.default, (grad_vol_out, vol.detach(), 0.3 * coords.detach(), "border", True, True)),
-        "lncc_backward": (ops.lncc_backward.default, (torch.tensor(1.0), a.detach(), b.detach(), 3, "box", 1e-5, "mean", True, True)),
-        "jacobian_det_backward": (ops.jacobian_det_backward.default, (torch.randn(2, 1, 4, 5, 3, generator=g(8)), field.detach(), None)),
-        "jacobian_var_backward": (ops.jacobian_var_backward.default, (torch.tensor(1.0), field.detach(), [1.0, 2.0, 3.0], False)),
-        "invert_backward": (ops.invert_backward.default, (torch.randn(1, 3, 5, 4, 6, generator=g(9)), cover.detach(), *ops.invert(cover.detach(), [5, 4, 6], 8, 0.05))),
+        "warp_backward": (ops.warp_backward.default, (grad_vol_out, vol.detach(), 0.3 * coords.detach(), "border", True, True, "reference")),
+        "lncc_backward": (ops.lncc_backward.default, (torch.tensor(1.0), a.detach(), b.detach(), 3, "box", 1e-5, "mean", True, True, "reference")),
+        "jacobian_det_backward": (ops.jacobian_det_backward.default, (torch.randn(2, 1, 4, 5, 3, generator=g(8)), field.detach(), None, "reference")),
+        "jacobian_var_backward": (ops.jacobian_var_backward.default, (torch.tensor(1.0), field.detach(), [1.0, 2.0, 3.0], False, "reference")),
+        "invert_backward": (ops.invert_backward.default, (torch.randn(1, 3, 5, 4, 6, generator=g(9)), cover.detach(), *ops.invert(cover.detach(), [5, 4, 6], 8, 0.05), "reference")),
     }
 
 

@@ -61,6 +61,27 @@ def test_requested_backend_really_runs(fresh_registry):
     torch.testing.assert_close(out, expected)
 
 
+def test_backward_runs_on_the_forward_backend_after_the_context_closes(fresh_registry):
+    """Users write ``with use_backend(...): loss = f(x)`` then ``loss.backward()`` outside the block:
+    the backward must still run on the backend that ran the forward (and vice versa)."""
+    import spy_backend
+
+    fresh_registry.PROVIDERS["cpu"] = "spy_backend"
+    spy_backend.calls.clear()
+    vol, coords = inputs()
+    with da.use_backend("cpu"):
+        out = da.sample(vol, coords)
+    with da.use_backend("reference"):
+        out.sum().backward()
+    assert spy_backend.calls == ["sample", ("sample_backward", False, True)]
+    spy_backend.calls.clear()
+    with da.use_backend("reference"):
+        out = da.sample(vol, coords.detach().requires_grad_())
+    with da.use_backend("cpu"):
+        out.sum().backward()
+    assert spy_backend.calls == []
+
+
 def test_missing_backend_falls_back_with_one_warning(fresh_registry):
     vol, coords = inputs()
     with pytest.warns(da.BackendFallbackWarning, match="'cuda' is not part of this build"):

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import backend
+from ._common import backend, backward_backend, forward_backend
 from .validation import FULL_DTYPES, check_finite, check_int, check_positive_float, check_shape3, check_tensor
 
 
@@ -34,13 +34,13 @@ def _(coords, out_shape, iters, tol):
 
 
 @torch.library.custom_op("deepatlas_fast::invert_backward", mutates_args=())
-def _invert_backward_op(grad: Tensor, coords: Tensor, inverse: Tensor, valid: Tensor) -> Tensor:
-    impl = backend("invert", coords)
+def _invert_backward_op(grad: Tensor, coords: Tensor, inverse: Tensor, valid: Tensor, backend_name: str) -> Tensor:
+    impl = backward_backend(backend_name, "invert")
     return impl.invert_backward(grad.contiguous(), coords.contiguous(), inverse.contiguous(), valid.contiguous())
 
 
 @_invert_backward_op.register_fake
-def _(grad, coords, inverse, valid):
+def _(grad, coords, inverse, valid, backend_name):
     return coords.new_empty(coords.shape)
 
 
@@ -57,35 +57,41 @@ def _(disp, iters, tol):
 
 
 @torch.library.custom_op("deepatlas_fast::invert_displacement_backward", mutates_args=())
-def _invert_disp_backward_op(grad: Tensor, disp: Tensor, inverse_disp: Tensor, valid: Tensor) -> Tensor:
-    impl = backend("invert_displacement", disp)
+def _invert_disp_backward_op(
+    grad: Tensor, disp: Tensor, inverse_disp: Tensor, valid: Tensor, backend_name: str
+) -> Tensor:
+    impl = backward_backend(backend_name, "invert_displacement")
     return impl.invert_displacement_backward(
         grad.contiguous(), disp.contiguous(), inverse_disp.contiguous(), valid.contiguous()
     )
 
 
 @_invert_disp_backward_op.register_fake
-def _(grad, disp, inverse_disp, valid):
+def _(grad, disp, inverse_disp, valid, backend_name):
     return disp.new_empty(disp.shape)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], *output)
-    ctx.mark_non_differentiable(output[1])
+def _setup(op):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], *output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.backend = forward_backend(op, inputs[0])
+
+    return setup_context
 
 
 def _invert_grad(ctx, grad, _grad_valid):
     coords, inverse, valid = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.invert_backward(grad, coords, inverse, valid), None, None, None
+    return torch.ops.deepatlas_fast.invert_backward(grad, coords, inverse, valid, ctx.backend), None, None, None
 
 
 def _invert_disp_grad(ctx, grad, _grad_valid):
     disp, inverse_disp, valid = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.invert_displacement_backward(grad, disp, inverse_disp, valid), None, None
+    return torch.ops.deepatlas_fast.invert_displacement_backward(grad, disp, inverse_disp, valid, ctx.backend), None, None
 
 
-_invert_op.register_autograd(_invert_grad, setup_context=_setup)
-_invert_disp_op.register_autograd(_invert_disp_grad, setup_context=_setup)
+_invert_op.register_autograd(_invert_grad, setup_context=_setup("invert"))
+_invert_disp_op.register_autograd(_invert_disp_grad, setup_context=_setup("invert_displacement"))
 
 
 def invert(

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import backend
+from ._common import backend, backward_backend, forward_backend
 from .validation import FULL_DTYPES, check_finite, check_scale, check_tensor
 
 
@@ -28,12 +28,12 @@ def _(field, scale):
 
 
 @torch.library.custom_op("deepatlas_fast::jacobian_det_backward", mutates_args=())
-def _det_backward_op(grad: Tensor, field: Tensor, scale: Optional[list[float]]) -> Tensor:
-    return backend("jacobian_det", field).jacobian_det_backward(grad.contiguous(), field.contiguous(), scale)
+def _det_backward_op(grad: Tensor, field: Tensor, scale: Optional[list[float]], backend_name: str) -> Tensor:
+    return backward_backend(backend_name, "jacobian_det").jacobian_det_backward(grad.contiguous(), field.contiguous(), scale)
 
 
 @_det_backward_op.register_fake
-def _(grad, field, scale):
+def _(grad, field, scale, backend_name):
     return field.new_empty(field.shape)
 
 
@@ -50,35 +50,39 @@ def _(field, scale, normalized):
 
 
 @torch.library.custom_op("deepatlas_fast::jacobian_var_backward", mutates_args=())
-def _var_backward_op(grad_var: Tensor, field: Tensor, scale: Optional[list[float]], normalized: bool) -> Tensor:
-    impl = backend("jacobian_var", field)
+def _var_backward_op(
+    grad_var: Tensor, field: Tensor, scale: Optional[list[float]], normalized: bool, backend_name: str
+) -> Tensor:
+    impl = backward_backend(backend_name, "jacobian_var")
     return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), scale, normalized)
 
 
 @_var_backward_op.register_fake
-def _(grad_var, field, scale, normalized):
+def _(grad_var, field, scale, normalized, backend_name):
     return field.new_empty(field.shape)
 
 
 def _det_setup(ctx, inputs, output):
     field, ctx.scale = inputs
     ctx.save_for_backward(field)
+    ctx.backend = forward_backend("jacobian_det", field)
 
 
 def _det_grad(ctx, grad):
     (field,) = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.jacobian_det_backward(grad, field, ctx.scale), None
+    return torch.ops.deepatlas_fast.jacobian_det_backward(grad, field, ctx.scale, ctx.backend), None
 
 
 def _var_setup(ctx, inputs, output):
     field, ctx.scale, ctx.normalized = inputs
     ctx.save_for_backward(field)
+    ctx.backend = forward_backend("jacobian_var", field)
     ctx.mark_non_differentiable(output[1])
 
 
 def _var_grad(ctx, grad_var, _grad_folding):
     (field,) = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.jacobian_var_backward(grad_var, field, ctx.scale, ctx.normalized), None, None
+    return torch.ops.deepatlas_fast.jacobian_var_backward(grad_var, field, ctx.scale, ctx.normalized, ctx.backend), None, None
 
 
 _det_op.register_autograd(_det_grad, setup_context=_det_setup)

@@ -212,6 +212,14 @@ def backend_for(op: str, device_type: str) -> ModuleType:
     return module
 
 
+def backend_module(name: str, op: str) -> ModuleType:
+    """The module of backend ``name`` (a name :func:`backend_name` returned earlier), for ``op``."""
+    module = _load(_check_name(name, "backend"))
+    if isinstance(module, Exception):
+        raise RuntimeError(f"deepatlas_fast: backend {name!r} cannot run {op}: {module}") from module
+    return module
+
+
 def get_backend(op: str, device: Union[str, "object"] = "cpu") -> str:
     """Name of the backend that would run ``op`` on ``device`` now."""
     if op not in OPS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import backend, empty_grads, spread_grads
+from ._common import backend, backward_backend, empty_grads, forward_backend, spread_grads
 from .validation import FULL_DTYPES, check_batch, check_choice, check_finite, check_same_device, check_tensor
 
 PADDINGS = ("border", "zeros")
@@ -33,14 +33,14 @@ def _(vol, coords, padding):
 
 @torch.library.custom_op("deepatlas_fast::sample_backward", mutates_args=())
 def _sample_backward_op(
-    grad: Tensor, vol: Tensor, coords: Tensor, padding: str, need_vol: bool, need_coords: bool
+    grad: Tensor, vol: Tensor, coords: Tensor, padding: str, need_vol: bool, need_coords: bool, backend_name: str
 ) -> list[Tensor]:
-    impl = backend("sample", vol)
+    impl = backward_backend(backend_name, "sample")
     return impl.sample_backward(grad.contiguous(), vol.contiguous(), coords.contiguous(), padding, need_vol, need_coords)
 
 
 @_sample_backward_op.register_fake
-def _(grad, vol, coords, padding, need_vol, need_coords):
+def _(grad, vol, coords, padding, need_vol, need_coords, backend_name):
     return empty_grads([(need_vol, vol), (need_coords, coords)])
 
 
@@ -58,39 +58,43 @@ def _(vol, disp, padding):
 
 @torch.library.custom_op("deepatlas_fast::warp_backward", mutates_args=())
 def _warp_backward_op(
-    grad: Tensor, vol: Tensor, disp: Tensor, padding: str, need_vol: bool, need_disp: bool
+    grad: Tensor, vol: Tensor, disp: Tensor, padding: str, need_vol: bool, need_disp: bool, backend_name: str
 ) -> list[Tensor]:
-    impl = backend("warp", vol)
+    impl = backward_backend(backend_name, "warp")
     return impl.warp_backward(grad.contiguous(), vol.contiguous(), disp.contiguous(), padding, need_vol, need_disp)
 
 
 @_warp_backward_op.register_fake
-def _(grad, vol, disp, padding, need_vol, need_disp):
+def _(grad, vol, disp, padding, need_vol, need_disp, backend_name):
     return empty_grads([(need_vol, vol), (need_disp, disp)])
 
 
-def _save_inputs(ctx, inputs, output):
-    vol, field, padding = inputs
-    ctx.save_for_backward(vol, field)
-    ctx.padding = padding
+def _save_inputs(op):
+    def setup_context(ctx, inputs, output):
+        vol, field, padding = inputs
+        ctx.save_for_backward(vol, field)
+        ctx.padding = padding
+        ctx.backend = forward_backend(op, vol)
+
+    return setup_context
 
 
 def _sample_grad(ctx, grad):
     vol, coords = ctx.saved_tensors
     needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.sample_backward(grad, vol, coords, ctx.padding, *needs)
+    grads = torch.ops.deepatlas_fast.sample_backward(grad, vol, coords, ctx.padding, *needs, ctx.backend)
     return spread_grads(grads, needs, 1)
 
 
 def _warp_grad(ctx, grad):
     vol, disp = ctx.saved_tensors
     needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.warp_backward(grad, vol, disp, ctx.padding, *needs)
+    grads = torch.ops.deepatlas_fast.warp_backward(grad, vol, disp, ctx.padding, *needs, ctx.backend)
     return spread_grads(grads, needs, 1)
 
 
-_sample_op.register_autograd(_sample_grad, setup_context=_save_inputs)
-_warp_op.register_autograd(_warp_grad, setup_context=_save_inputs)
+_sample_op.register_autograd(_sample_grad, setup_context=_save_inputs("sample"))
+_warp_op.register_autograd(_warp_grad, setup_context=_save_inputs("warp"))
 
 
 def sample(vol: Tensor, coords: Tensor, padding: str = "border") -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..reference.similarity import KERNELS
 from ..reference.sampling import compute_dtype
-from ._common import backend, empty_grads, spread_grads
+from ._common import backend, backward_backend, empty_grads, forward_backend, spread_grads
 from .validation import check_choice, check_finite, check_int, check_positive_float, check_same_device, check_tensor
 
 REDUCTIONS = ("mean", "none")
@@ -44,28 +44,30 @@ def _(a, b, kernel_size, kernel, eps, reduction):
 
 @torch.library.custom_op("deepatlas_fast::lncc_backward", mutates_args=())
 def _lncc_backward_op(
-    grad: Tensor, a: Tensor, b: Tensor, kernel_size: int, kernel: str, eps: float, reduction: str, need_a: bool, need_b: bool
+    grad: Tensor, a: Tensor, b: Tensor, kernel_size: int, kernel: str, eps: float, reduction: str, need_a: bool, need_b: bool,
+    backend_name: str,
 ) -> list[Tensor]:
-    impl = backend("lncc", a)
+    impl = backward_backend(backend_name, "lncc")
     return impl.lncc_backward(
         grad.contiguous(), a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction, need_a, need_b
     )
 
 
 @_lncc_backward_op.register_fake
-def _(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b):
+def _(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b, backend_name):
     return empty_grads([(need_a, a), (need_b, b)])
 
 
 def _setup(ctx, inputs, output):
     a, b, *ctx.options = inputs
     ctx.save_for_backward(a, b)
+    ctx.backend = forward_backend("lncc", a)
 
 
 def _grad(ctx, grad):
     a, b = ctx.saved_tensors
     needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.lncc_backward(grad, a, b, *ctx.options, *needs)
+    grads = torch.ops.deepatlas_fast.lncc_backward(grad, a, b, *ctx.options, *needs, ctx.backend)
     return spread_grads(grads, needs, 4)
 
 
