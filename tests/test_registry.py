@@ -150,6 +150,10 @@ def test_triton_runs_on_the_cpu_only_under_the_interpreter():
         assert result.stdout.strip() == expected
 
 
-def test_triton_is_opt_in_until_measured_on_a_gpu():
-    assert "triton" not in registry.DEFAULT_ORDER["cuda"]
+def test_triton_is_the_cuda_default_and_never_the_cpu_default():
+    """Measured on the H200 (benchmarks/results/2026-11-26-h200-kernels.md): triton before the reference
+    on CUDA; on the CPU it only runs in the (slow) interpreter, so it is never chosen by default there."""
+    order = registry.DEFAULT_ORDER["cuda"]
+    assert order.index("triton") < order.index("reference")
+    assert "triton" not in registry.DEFAULT_ORDER["cpu"]
     assert da.get_backend("sample", "cpu") == "reference"

@@ -433,7 +433,7 @@ def test_train_step_benchmark_quick_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    for word in ("fused", "stock", "fp32", "bf16", "largest cube"):
+    for word in ("fused", "stock", "fp32", "bf16", "largest cube", "loss side"):
         assert word in text, word
     assert "nan" not in text.lower().replace("n/a", "")
 

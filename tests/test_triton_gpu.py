@@ -67,14 +67,20 @@ def _rel(x, y):
 
 @pytest.mark.parametrize("op", OPS)
 def test_float32_matches_float64_reference_at_realistic_size(op):
+    """float32 kernels against the float64 reference: within 1e-4 (values) / 1e-3 (gradients), or no
+    worse than the float32 reference where float32 itself cannot do better. The coordinate gradient of
+    trilinear sampling is piecewise constant per cell, so float32 rounding of a position near a cell
+    face flips the cell: on white noise at 96x80x112 that alone gives ~3e-3 (measured on the H200,
+    where the kernel's error equalled the float32 reference's to 7 digits)."""
     fn, tensors = _inputs(op, seed=OPS.index(op))
     ref_out, ref_grads = _run(fn, tensors, "reference", torch.float64, 99)
+    ref32_out, ref32_grads = _run(fn, tensors, "reference", torch.float32, 99)
     out, grads = _run(fn, tensors, "triton", torch.float32, 99)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref_out) < 1e-4, op
-    for gr, ref in zip(grads, ref_grads):
+    assert _rel(out, ref_out) < max(1e-4, 1.5 * _rel(ref32_out, ref_out)), op
+    for gr, ref, ref32 in zip(grads, ref_grads, ref32_grads):
         assert torch.isfinite(gr).all()
-        assert _rel(gr, ref) < 1e-3, op
+        assert _rel(gr, ref) < max(1e-3, 1.5 * _rel(ref32, ref)), op
 
 
 @pytest.mark.parametrize("op", OPS)

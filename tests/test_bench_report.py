@@ -1,0 +1,46 @@
+"""The GPU kernel report's plumbing, on the CPU at tiny sizes: implementation filters, the incremental
+report files and --merge (timings themselves are never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
+
+
+def report(tmp_path, name, *args):
+    out = tmp_path / name
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--ops", "jacobian_var", "--reps", "1",
+         "--out", str(out), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_filters_and_merge(tmp_path):
+    stock = report(tmp_path, "stock", "--impls", "stock")
+    ours = report(tmp_path, "ours", "--skip-impls", "stock")
+    rows = json.loads((stock / "report.json").read_text())["rows"]
+    assert rows and {r["impl"] for r in rows} == {"stock"}
+    assert "stock" not in {r["impl"] for r in json.loads((ours / "report.json").read_text())["rows"]}
+
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", str(stock / "report.json"), str(ours / "report.json"),
+         "--out", str(merged)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((merged / "report.json").read_text())["rows"]
+    ours_rows = json.loads((ours / "report.json").read_text())["rows"]
+    assert len(rows) == len(json.loads((stock / "report.json").read_text())["rows"]) + len(ours_rows)
+    # each case's rows are together, and ours carry the ratio to the stock row of the other run
+    cases = [r["case"] for r in rows]
+    blocks = [c for i, c in enumerate(cases) if i == 0 or cases[i - 1] != c]
+    assert len(blocks) == len(set(cases))
+    assert all("speedup_vs_stock" in r for r in rows if "error" not in r)
+    assert "| jacobian_var |" in (merged / "report.md").read_text()
