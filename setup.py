@@ -46,7 +46,7 @@ def _extension_and_builder():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-g0", "-std=c++17"]
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # at::parallel_for is OpenMP in torch builds
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
     if with_cuda:
         extension = cpp_extension.CUDAExtension(
@@ -54,13 +54,15 @@ def _extension_and_builder():
             sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("DEEPATLAS_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
         if cuda_sources:
             _say("torch has no CUDA (or CUDA_HOME is unset): building the CPU part only")
         extension = cpp_extension.CppExtension(
-            "deepatlas_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "deepatlas_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
 
     class OptionalBuildExt(cpp_extension.BuildExtension):

@@ -27,8 +27,28 @@ std::string build_info() {
 
 }  // namespace deepatlas_fast
 
+// The kernels' schemas, mirroring the Python backend signatures (deepatlas_fast/ops/backend_reference.py).
+// Inputs arrive validated, contiguous and float32/float64 (halves are widened by the Python shim);
+// cpu/*.cpp and cuda/*.cu register implementations for the CPU and CUDA dispatch keys. An op defined here
+// without an implementation for a key is reported unavailable for that device by the registry.
 TORCH_LIBRARY(deepatlas_fast_C, m) {
   m.def("build_info() -> str", &deepatlas_fast::build_info);
+  m.def("sample(Tensor vol, Tensor coords, str padding) -> Tensor");
+  m.def("sample_backward(Tensor grad, Tensor vol, Tensor coords, str padding, bool need_vol, bool need_coords)"
+        " -> Tensor[]");
+  m.def("warp(Tensor vol, Tensor disp, str padding) -> Tensor");
+  m.def("warp_backward(Tensor grad, Tensor vol, Tensor disp, str padding, bool need_vol, bool need_disp) -> Tensor[]");
+  m.def("lncc(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
+  m.def("lncc_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction,"
+        " bool need_a, bool need_b) -> Tensor[]");
+  m.def("jacobian_det(Tensor field, float[]? scale) -> Tensor");
+  m.def("jacobian_det_backward(Tensor grad, Tensor field, float[]? scale) -> Tensor");
+  m.def("jacobian_var(Tensor field, float[]? scale, bool normalized) -> (Tensor, Tensor)");
+  m.def("jacobian_var_backward(Tensor grad_var, Tensor field, float[]? scale, bool normalized) -> Tensor");
+  m.def("invert(Tensor coords, int[] out_shape, int iters, float tol) -> (Tensor, Tensor)");
+  m.def("invert_backward(Tensor grad, Tensor coords, Tensor inverse, Tensor valid) -> Tensor");
+  m.def("invert_displacement(Tensor disp, int iters, float tol) -> (Tensor, Tensor)");
+  m.def("invert_displacement_backward(Tensor grad, Tensor disp, Tensor inverse_disp, Tensor valid) -> Tensor");
 }
 
 // A plain module object so that `import deepatlas_fast._C` loads the library and runs the

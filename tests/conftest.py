@@ -12,7 +12,7 @@ os.environ.setdefault("DEEPATLAS_FAST_POISON", "1")
 
 settings.register_profile(
     "default", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "20")), deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("default")
 
@@ -27,3 +27,24 @@ def _restore_backend_state():
     yield
     da.set_backend(None)
     da.set_check_finite(True)
+
+
+KERNEL_BACKENDS = ("triton", "cpu", "cuda")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    """Each kernel backend in turn, for tests comparing a backend with the reference; skipped where that
+    backend cannot run here on the test's ``device`` (C++ kernels not built, Triton without a GPU or the
+    interpreter, cpu kernels on a CUDA device and vice versa). The module's ``OP`` names the op checked."""
+    from deepatlas_fast.ops import registry
+
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cpu") if callspec else "cpu"
+    op = getattr(request.module, "OP", None)
+    if op is None:
+        raise RuntimeError(f"{request.module.__name__} uses the backend fixture: define OP (the op it checks)")
+    reason = registry.unavailable_reason(request.param, op, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param

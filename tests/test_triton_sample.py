@@ -1,6 +1,7 @@
-"""The triton backend of sample / warp against the reference backend (the oracle), forward and backward.
+"""The kernel backends of sample / warp (triton, and the C++ cpu / cuda kernels where built) against the
+reference backend (the oracle), forward and backward; tests using ``kernels.*`` are Triton-specific.
 
-On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1 and poisons kernel
+On CPU the Triton kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1 and poisons kernel
 outputs with NaN); on CUDA the same tests run the compiled kernels.
 """
 
@@ -16,6 +17,7 @@ from deepatlas_fast.kernels import sampling as kernels
 from deepatlas_fast.reference import sampling as reference
 from helpers import g, rand_coords
 
+OP = "sample"  # which op the backend fixture checks availability for (warp comes with it)
 NEEDS = [(True, True), (True, False), (False, True)]
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
 paddings = st.sampled_from(["border", "zeros"])
@@ -39,9 +41,9 @@ def run(backend, op, vol, field, padding, needs, grad=None):
     return out.detach(), grads
 
 
-def check(op, vol, field, padding, needs=(True, True), seed=0, dtype=None, rel=None):
+def check(backend, op, vol, field, padding, needs=(True, True), seed=0, dtype=None, rel=None):
     grad = torch.randn(vol.shape[:2] + field.shape[2:], generator=g(seed), dtype=torch.float64).to(vol)
-    out, grads = run("triton", op, vol, field, padding, needs, grad)
+    out, grads = run(backend, op, vol, field, padding, needs, grad)
     expected, expected_grads = run("reference", op, vol, field, padding, needs, grad)
     assert_close(out, expected, dtype, rel)
     assert len(grads) == len(expected_grads) == sum(needs)
@@ -76,27 +78,27 @@ class LaunchSpy:
 @settings(max_examples=12)
 @given(src=shapes, dst=shapes, n=st.integers(1, 2), c=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
        padding=paddings, dtype=st.sampled_from([torch.float32, torch.float64]), needs=st.sampled_from(NEEDS))
-def test_sample_matches_reference(device, src, dst, n, c, seed, padding, dtype, needs):
+def test_sample_matches_reference(backend, device, src, dst, n, c, seed, padding, dtype, needs):
     gen = g(seed)
     vol = torch.randn(n, c, *src, generator=gen, dtype=dtype).to(device)
     coords = rand_coords(n, dst, gen, dtype=dtype, device=device)
-    check(da.sample, vol, coords, padding, needs, seed)
+    check(backend, da.sample, vol, coords, padding, needs, seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=6)
 @given(src=shapes, dst=shapes, seed=st.integers(0, 2**31 - 1), padding=paddings,
        dtype=st.sampled_from([torch.float32, torch.float64]), needs=st.sampled_from(NEEDS))
-def test_warp_matches_reference_and_sample(device, src, dst, seed, padding, dtype, needs):
+def test_warp_matches_reference_and_sample(backend, device, src, dst, seed, padding, dtype, needs):
     gen = g(seed)
     vol = torch.randn(2, 2, *src, generator=gen, dtype=dtype).to(device)
     disp = rand_coords(2, dst, gen, spread=0.6, dtype=dtype, device=device)
-    out, grads = check(da.warp, vol, disp, padding, needs, seed)
+    out, grads = check(backend, da.warp, vol, disp, padding, needs, seed)
     # the in-kernel identity equals identity_coords: warp == sample(identity + disp), gradients included
     coords = identity_coords(dst, dtype=dtype, device=device) + disp
     grad = torch.randn(out.shape, generator=g(seed), dtype=torch.float64).to(vol)
-    out_w, grads_w = run("triton", da.warp, vol, disp, padding, needs, grad)
-    out_s, grads_s = run("triton", da.sample, vol, coords, padding, needs, grad)
+    out_w, grads_w = run(backend, da.warp, vol, disp, padding, needs, grad)
+    out_s, grads_s = run(backend, da.sample, vol, coords, padding, needs, grad)
     assert_close(out_w, out_s)
     for ours, theirs in zip(grads_w, grads_s):
         assert_close(ours, theirs)
@@ -104,14 +106,14 @@ def test_warp_matches_reference_and_sample(device, src, dst, seed, padding, dtyp
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels,dtype", [(1, torch.float64), (16, torch.float32), (17, torch.float64)])
-def test_channels(device, channels, dtype):
+def test_channels(backend, device, channels, dtype):
     """C=16 fills a channel block; C=17 needs a second one."""
     gen = g(channels)
     vol = torch.randn(2, channels, 5, 4, 6, generator=gen, dtype=dtype).to(device)
     coords = rand_coords(2, (3, 5, 4), gen, dtype=dtype, device=device)
     for padding in ("border", "zeros"):
-        check(da.sample, vol, coords, padding)
-        check(da.warp, vol, 0.3 * coords, padding)
+        check(backend, da.sample, vol, coords, padding)
+        check(backend, da.warp, vol, 0.3 * coords, padding)
 
 
 def border_values(size):
@@ -124,7 +126,7 @@ def border_values(size):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", ["border", "zeros"])
-def test_borders_and_out_of_range(device, padding):
+def test_borders_and_out_of_range(backend, device, padding):
     sizes = (4, 1, 5)
     vol = torch.randn(1, 2, *sizes, generator=g(5), dtype=torch.float64).to(device)
     # every combination of the special values of the D and W axes, the H axis (size 1) cycling through its own
@@ -132,7 +134,7 @@ def test_borders_and_out_of_range(device, padding):
     zz, xx = torch.meshgrid(vz, vx, indexing="ij")
     yy = vy.repeat(len(vz) * len(vx) // len(vy) + 1)[: zz.numel()].view_as(zz)
     coords = torch.stack([zz, yy, xx]).unsqueeze(2).unsqueeze(0).to(device)  # [1, 3, 1, 15, 15]
-    out, (grad_vol, grad_coords) = check(da.sample, vol, coords, padding)
+    out, (grad_vol, grad_coords) = check(backend, da.sample, vol, coords, padding)
     if padding == "border":  # no coordinate gradient on or beyond the border
         on_or_beyond = coords.abs() >= 1
         assert (grad_coords[on_or_beyond] == 0).all() and (grad_coords[~on_or_beyond] != 0).any()
@@ -143,39 +145,39 @@ def test_borders_and_out_of_range(device, padding):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("src,dst", [((1, 1, 1), (2, 3, 1)), ((1, 5, 1), (3, 1, 4)), ((4, 1, 3), (1, 1, 1)), ((2, 3, 4), (1, 6, 1))])
-def test_size_one_axes(device, src, dst):
+def test_size_one_axes(backend, device, src, dst):
     gen = g(7)
     vol = torch.randn(2, 3, *src, generator=gen, dtype=torch.float64).to(device)
     coords = rand_coords(2, dst, gen, device=device)
     for padding in ("border", "zeros"):
-        check(da.sample, vol, coords, padding)
-        check(da.warp, vol, 0.4 * coords, padding)
+        check(backend, da.sample, vol, coords, padding)
+        check(backend, da.warp, vol, 0.4 * coords, padding)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(5, 6, 7), (1, 4, 3), (3, 1, 1)])
-def test_warp_zero_displacement_is_identity(device, shape):
+def test_warp_zero_displacement_is_identity(backend, device, shape):
     """The identity generated in the kernel hits voxel centres exactly (also along size-1 axes)."""
     vol = torch.randn(1, 2, *shape, generator=g(8), dtype=torch.float64).to(device)
-    with da.use_backend("triton"):
+    with da.use_backend(backend):
         for padding in ("border", "zeros"):
             torch.testing.assert_close(da.warp(vol, torch.zeros(1, 3, *shape, dtype=torch.float64, device=device), padding),
                                        vol, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_constant_volume(device):
+def test_constant_volume(backend, device):
     vol = torch.full((2, 2, 5, 4, 3), 2.5, dtype=torch.float64, device=device)
     coords = rand_coords(2, (4, 4, 4), g(9), device=device)
-    out, (grad_vol, grad_coords) = check(da.sample, vol, coords, "border")
+    out, (grad_vol, grad_coords) = check(backend, da.sample, vol, coords, "border")
     assert (out - 2.5).abs().max() < 1e-14 and grad_coords.abs().max() < 1e-14
-    check(da.sample, vol, coords, "zeros")  # not flat near the borders: the zeros outside are read
+    check(backend, da.sample, vol, coords, "zeros")  # not flat near the borders: the zeros outside are read
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,coords_dtype", [(torch.float16, "vol"), (torch.float16, torch.float32),
                                                 (torch.bfloat16, "vol"), (torch.bfloat16, torch.float64)])
-def test_half_volume(device, dtype, coords_dtype):
+def test_half_volume(backend, device, dtype, coords_dtype):
     """Half volumes accumulate in float32: compared with the reference on the same values in float32."""
     gen = g(10)
     coords_dtype = dtype if coords_dtype == "vol" else coords_dtype
@@ -185,7 +187,7 @@ def test_half_volume(device, dtype, coords_dtype):
     wide = torch.float64 if coords_dtype == torch.float64 else torch.float32
     for op, field in ((da.sample, coords), (da.warp, 0.3 * coords)):
         for padding in ("border", "zeros"):
-            out, (grad_vol, grad_field) = run("triton", op, vol, field, padding, (True, True), grad)
+            out, (grad_vol, grad_field) = run(backend, op, vol, field, padding, (True, True), grad)
             assert (out.dtype, grad_vol.dtype, grad_field.dtype) == (dtype, dtype, coords_dtype)
             expected, (ref_vol, ref_field) = run("reference", op, vol.to(wide), field.to(wide), padding, (True, True), grad.to(wide))
             assert_close(out.to(wide), expected, rel=2e-2)
@@ -257,16 +259,16 @@ def test_deterministic_volume_gradient(device, padding, deterministic, monkeypat
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_through_autograd(device, deterministic):
+def test_deterministic_through_autograd(backend, device, deterministic):
     vol = torch.randn(1, 2, 4, 5, 6, generator=g(13), dtype=torch.float64).to(device)
     coords = rand_coords(1, (5, 3, 4), g(14), device=device)
-    check(da.sample, vol, coords, "border")
-    check(da.warp, vol, 0.5 * coords, "zeros", needs=(True, False))
+    check(backend, da.sample, vol, coords, "border")
+    check(backend, da.warp, vol, 0.5 * coords, "zeros", needs=(True, False))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", ["border", "zeros"])
-def test_non_finite_coordinates_do_not_crash(device, padding):
+def test_non_finite_coordinates_do_not_crash(backend, device, padding):
     """With finiteness checks off: inf is clamped like any far coordinate (matches the reference);
     NaN gives NaN at that point only and never addresses memory out of bounds."""
     da.set_check_finite(False)
@@ -275,12 +277,12 @@ def test_non_finite_coordinates_do_not_crash(device, padding):
     coords = rand_coords(2, (3, 4, 5), gen, device=device)
     flat = coords.view(-1)
     flat[::7], flat[3::11] = float("inf"), float("-inf")
-    check(da.sample, vol, coords, padding)
+    check(backend, da.sample, vol, coords, padding)
     nan_at = torch.zeros(2, 1, 3, 4, 5, dtype=torch.bool, device=device)
     nan_at[0, 0, 1, 2, 3] = nan_at[1, 0, 2, 0, 0] = True
     coords = coords.masked_fill(nan_at & (torch.arange(3, device=device) == 1).view(1, 3, 1, 1, 1), float("nan"))
     grad = torch.randn(2, 2, 3, 4, 5, generator=gen, dtype=torch.float64).to(device)
-    out, (grad_vol, grad_coords) = run("triton", da.sample, vol, coords, padding, (True, True), grad)
+    out, (grad_vol, grad_coords) = run(backend, da.sample, vol, coords, padding, (True, True), grad)
     expected, (_, ref_coords) = run("reference", da.sample, vol, coords, padding, (True, True), grad)
     assert torch.isnan(out).eq(nan_at.expand_as(out)).all()
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, equal_nan=True)

@@ -36,6 +36,8 @@ ENV_VAR = "DEEPATLAS_FAST_BACKEND"
 PROVIDERS: dict[str, str] = {
     "reference": "deepatlas_fast.ops.backend_reference",
     "triton": "deepatlas_fast.ops.backend_triton",
+    "cpu": "deepatlas_fast.ops.backend_cpu",
+    "cuda": "deepatlas_fast.ops.backend_cuda",
 }
 
 # Preference per device type; the first available backend implementing the op wins. Backends not

@@ -1,0 +1,36 @@
+// Host+device basics shared by the CPU (cpu/) and CUDA (cuda/) kernels: one copy of each formula.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DA_HD __host__ __device__ __forceinline__
+#define DA_UNROLL _Pragma("unroll")
+#else
+#define DA_HD inline
+#define DA_UNROLL _Pragma("GCC unroll 8")
+#endif
+
+namespace deepatlas_fast {
+
+template <typename T>
+DA_HD T clamp_to(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+template <typename T>
+DA_HD bool is_nan(T x) {
+  return x != x;
+}
+
+// torch.linspace(-1, 1, s)[i] with linspace's two-sided formula (0 when s == 1): the identity
+// coordinate of voxel i along an axis of size s, generated in-kernel by `warp`.
+template <typename T>
+DA_HD T identity_coordinate(int64_t i, int64_t s) {
+  if (s <= 1) return T(0);
+  const T step = T(2) / T(s - 1);
+  return i < s / 2 ? T(-1) + step * T(i) : T(1) - step * T(s - 1 - i);
+}
+
+}  // namespace deepatlas_fast

@@ -1,0 +1,110 @@
+"""The C++ backends' shared shim: ``cpu`` and ``cuda`` call the kernels of the extension
+``deepatlas_fast._C`` (``torch.ops.deepatlas_fast_C.*``), registered per dispatch key by ``csrc/cpu`` and
+``csrc/cuda``. Signatures are those of :mod:`deepatlas_fast.ops.backend_reference`.
+
+The kernels take float32/float64 with matching dtypes; this layer widens half inputs and mixed
+dtypes to the compute dtype (the reference's rule) and narrows results back, as the other backends do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._extension import load_extension
+from ..reference.sampling import compute_dtype
+
+OPS = ("sample", "warp", "lncc", "jacobian_det", "jacobian_var", "invert", "invert_displacement")
+
+
+def load_kernels(dispatch_key: str) -> frozenset:
+    """The ops whose forward and backward kernels are registered for ``dispatch_key`` ("CPU" / "CUDA");
+    raises ImportError (the registry then reports the backend unavailable) without the extension."""
+    module, reason = load_extension()
+    if module is None:
+        raise ImportError(f"the C++ extension deepatlas_fast._C is not built: {reason}")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+
+    def registered(name: str) -> bool:
+        try:
+            return has(f"deepatlas_fast_C::{name}", dispatch_key)
+        except RuntimeError:  # op not defined in this build
+            return False
+
+    return frozenset(op for op in OPS if registered(op) and registered(f"{op}_backward"))
+
+
+def _kernels():
+    return torch.ops.deepatlas_fast_C
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def sample(vol, coords, padding):
+    dtype = compute_dtype(vol, coords)
+    return _kernels().sample(_as(vol, dtype), _as(coords, dtype), padding).to(vol.dtype)
+
+
+def sample_backward(grad, vol, coords, padding, need_vol, need_coords):
+    dtype = compute_dtype(vol, coords)
+    grads = _kernels().sample_backward(_as(grad, dtype), _as(vol, dtype), _as(coords, dtype), padding, need_vol, need_coords)
+    likes = [t for t, need in ((vol, need_vol), (coords, need_coords)) if need]
+    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+
+
+def warp(vol, disp, padding):
+    dtype = compute_dtype(vol, disp)
+    return _kernels().warp(_as(vol, dtype), _as(disp, dtype), padding).to(vol.dtype)
+
+
+def warp_backward(grad, vol, disp, padding, need_vol, need_disp):
+    dtype = compute_dtype(vol, disp)
+    grads = _kernels().warp_backward(_as(grad, dtype), _as(vol, dtype), _as(disp, dtype), padding, need_vol, need_disp)
+    likes = [t for t, need in ((vol, need_vol), (disp, need_disp)) if need]
+    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+
+
+def lncc(a, b, kernel_size, kernel, eps, reduction):
+    dtype = compute_dtype(a, b)
+    return _kernels().lncc(_as(a, dtype), _as(b, dtype), kernel_size, kernel, eps, reduction)
+
+
+def lncc_backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b):
+    dtype = compute_dtype(a, b)
+    grads = _kernels().lncc_backward(_as(grad, dtype), _as(a, dtype), _as(b, dtype), kernel_size, kernel, eps,
+                                     reduction, need_a, need_b)
+    likes = [t for t, need in ((a, need_a), (b, need_b)) if need]
+    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+
+
+def jacobian_det(field, scale):
+    return _kernels().jacobian_det(field, scale)
+
+
+def jacobian_det_backward(grad, field, scale):
+    return _kernels().jacobian_det_backward(_as(grad, field.dtype), field, scale)
+
+
+def jacobian_var(field, scale, normalized):
+    return _kernels().jacobian_var(field, scale, normalized)
+
+
+def jacobian_var_backward(grad_var, field, scale, normalized):
+    return _kernels().jacobian_var_backward(_as(grad_var, field.dtype), field, scale, normalized)
+
+
+def invert(coords, out_shape, iters, tol):
+    return _kernels().invert(coords, list(out_shape), iters, tol)
+
+
+def invert_backward(grad, coords, inverse, valid):
+    return _kernels().invert_backward(_as(grad, coords.dtype), coords, inverse, valid)
+
+
+def invert_displacement(disp, iters, tol):
+    return _kernels().invert_displacement(disp, iters, tol)
+
+
+def invert_displacement_backward(grad, disp, inverse_disp, valid):
+    return _kernels().invert_displacement_backward(_as(grad, disp.dtype), disp, inverse_disp, valid)
