@@ -21,9 +21,11 @@ log "environment"
   "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
   > "$OUT/setup.txt" 2>&1; cat "$OUT/setup.txt"
 
-log "install (the C++ extension has no CUDA kernels yet: skipped to save device time)"
-DEEPATLAS_FAST_NO_EXTENSION=${DEEPATLAS_FAST_NO_EXTENSION:-1} $PY -m pip install -q -e . --no-build-isolation --no-deps \
+log "install (builds the C++/CUDA extension: csrc/cuda for sm_90)"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  DEEPATLAS_FAST_NO_EXTENSION=${DEEPATLAS_FAST_NO_EXTENSION:-0} $PY -m pip install -q -e . --no-build-isolation --no-deps \
   >> "$OUT/setup.txt" 2>&1 || { cat "$OUT/setup.txt"; exit 1; }
+$PY -c "import deepatlas_fast as da; print('backends on cuda:', da.available_backends('cuda'))" | tee -a "$OUT/setup.txt"
 
 # Peers, in the background while the tests run: MONAI (wheel) and fused-lncc (JIT-built for this GPU only).
 PEERS=/tmp/peers

@@ -1,7 +1,10 @@
-"""pytest-benchmark cases: each op (forward + backward) on the backend the registry picks, against
-its stock-PyTorch baseline on the same inputs. CPU-sized by default; run with
+"""pytest-benchmark cases: each op (forward + backward) on each of our backends that runs here (the C++
+``cpu`` kernels, the ``reference``; on a GPU ``cuda``/``triton``) against its stock-PyTorch baseline on the
+same inputs. Finiteness checks are off (as in gpu_report.py): the kernels are timed, not the validation.
+CPU-sized by default; run with
 
-    .venv/bin/python -m pytest benchmarks/test_ops_cpu.py --benchmark-columns=median,iqr,rounds
+    .venv/bin/python -m pytest benchmarks/test_ops_cpu.py --benchmark-columns=median,iqr,rounds \
+        --benchmark-json=out.json && .venv/bin/python benchmarks/table.py out.json
 
 ``DEEPATLAS_BENCH_SIZE`` sets the cube side (default 32). Never run by CI (tests/ only).
 """
@@ -64,16 +67,24 @@ def cases():
     }
 
 
-@pytest.mark.parametrize("impl", ["deepatlas_fast", "stock"])
+@pytest.mark.parametrize("impl", ["cpu", "cuda", "triton", "reference", "stock"])
 @pytest.mark.parametrize("name", list(cases()))
 def test_op(benchmark, name, impl):
     op, ours, stock, tensors = cases()[name]
     if impl == "stock" and name.startswith("lncc"):
         pytest.importorskip("monai", reason="the LNCC baseline is MONAI's loss")
-    fn = ours if impl == "deepatlas_fast" else stock
+    if impl != "stock" and impl not in da.available_backends(DEVICE) or (impl != "stock" and op not in da.available_backends(DEVICE)[impl]):
+        pytest.skip(f"backend {impl} does not run {op} on {DEVICE} in this build")
+    if impl == "stock":
+        fn = stock
+    else:
+        def fn(*args, _ours=ours, _impl=impl):
+            with da.use_backend(_impl):
+                return _ours(*args)
     benchmark.group = f"{name} {SIZE}^3 {DEVICE}"
-    benchmark.extra_info.update(
-        backend=da.get_backend(op, DEVICE) if impl == "deepatlas_fast" else "stock",
-        torch=torch.__version__,
-    )
-    benchmark.pedantic(fwd_bwd(fn, *tensors), rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(backend=impl, torch=torch.__version__, threads=torch.get_num_threads())
+    da.set_check_finite(False)
+    try:
+        benchmark.pedantic(fwd_bwd(fn, *tensors), rounds=5, warmup_rounds=1)
+    finally:
+        da.set_check_finite(True)

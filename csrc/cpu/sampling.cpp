@@ -60,22 +60,34 @@ inline void point_coords(const T* field, const Geometry& g, int64_t b, int64_t p
   }
 }
 
+// Runs body(b, p) for every point of every batch, in parallel; no division per point.
+template <typename Body>
+void for_each_point(const Geometry& g, const Body& body) {
+  at::parallel_for(0, g.n * g.points, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t b = begin / g.points, p = begin % g.points;
+    for (int64_t i = begin; i < end; ++i) {
+      body(b, p);
+      if (++p == g.points) {
+        p = 0;
+        ++b;
+      }
+    }
+  });
+}
+
 template <typename T, bool WARP>
 void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g, bool zeros) {
-  at::parallel_for(0, g.n * g.points, kGrain, [&](int64_t begin, int64_t end) {
+  for_each_point(g, [&](int64_t b, int64_t p) {
     SamplePoint<T> point;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / g.points, p = i % g.points;
-      T coord[3];
-      point_coords<T, WARP>(field, g, b, p, coord);
-      sample_point(coord, g.size, zeros, point);
-      const Corners<T>& k = point.corners;
-      for (int64_t ch = 0; ch < g.c; ++ch) {
-        const T* plane = vol + (b * g.c + ch) * g.volume;
-        T acc = 0;
-        for (int j = 0; j < 8; ++j) acc += k.inside[j] ? plane[k.index[j]] * k.weight[j] : T(0);
-        out[(b * g.c + ch) * g.points + p] = acc;
-      }
+    T coord[3];
+    point_coords<T, WARP>(field, g, b, p, coord);
+    sample_point(coord, g.size, zeros, point);
+    const Corners<T>& k = point.corners;
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      const T* plane = vol + (b * g.c + ch) * g.volume;
+      T acc = 0;
+      for (int j = 0; j < 8; ++j) acc += k.inside[j] ? plane[k.index[j]] * k.weight[j] : T(0);
+      out[(b * g.c + ch) * g.points + p] = acc;
     }
   });
 }
@@ -93,39 +105,36 @@ inline void atomic_add(T* target, T value) {
 template <typename T, bool WARP, bool NEED_COORDS, bool SPLAT_ATOMIC>
 void point_pass(const T* grad, const T* vol, const T* field, T* grad_field, T* grad_vol, const Geometry& g,
                 bool zeros) {
-  at::parallel_for(0, g.n * g.points, kGrain, [&](int64_t begin, int64_t end) {
+  for_each_point(g, [&](int64_t b, int64_t p) {
     SamplePoint<T> point;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / g.points, p = i % g.points;
-      T coord[3];
-      point_coords<T, WARP>(field, g, b, p, coord);
-      sample_point(coord, g.size, zeros, point);
-      const Corners<T>& k = point.corners;
-      T d_pos[3] = {0, 0, 0};
-      for (int64_t ch = 0; ch < g.c; ++ch) {
-        const T up = grad[(b * g.c + ch) * g.points + p];
-        if (NEED_COORDS) {
-          const T* plane = vol + (b * g.c + ch) * g.volume;
-          T dot[3] = {0, 0, 0};
-          for (int j = 0; j < 8; ++j) {
-            if (!k.inside[j]) continue;
-            const T v = plane[k.index[j]];
-            dot[0] += v * k.d_weight[j][0];
-            dot[1] += v * k.d_weight[j][1];
-            dot[2] += v * k.d_weight[j][2];
-          }
-          for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
-        }
-        if (SPLAT_ATOMIC) {
-          T* plane = grad_vol + (b * g.c + ch) * g.volume;
-          for (int j = 0; j < 8; ++j)
-            if (k.inside[j]) atomic_add(plane + k.index[j], up * k.weight[j]);
-        }
-      }
+    T coord[3];
+    point_coords<T, WARP>(field, g, b, p, coord);
+    sample_point(coord, g.size, zeros, point);
+    const Corners<T>& k = point.corners;
+    T d_pos[3] = {0, 0, 0};
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      const T up = grad[(b * g.c + ch) * g.points + p];
       if (NEED_COORDS) {
-        T* out = grad_field + b * 3 * g.points + p;
-        for (int a = 0; a < 3; ++a) out[a * g.points] = d_pos[a] * point.slope[a];
+        const T* plane = vol + (b * g.c + ch) * g.volume;
+        T dot[3] = {0, 0, 0};
+        for (int j = 0; j < 8; ++j) {
+          if (!k.inside[j]) continue;
+          const T v = plane[k.index[j]];
+          dot[0] += v * k.d_weight[j][0];
+          dot[1] += v * k.d_weight[j][1];
+          dot[2] += v * k.d_weight[j][2];
+        }
+        for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
       }
+      if (SPLAT_ATOMIC) {
+        T* plane = grad_vol + (b * g.c + ch) * g.volume;
+        for (int j = 0; j < 8; ++j)
+          if (k.inside[j]) atomic_add(plane + k.index[j], up * k.weight[j]);
+      }
+    }
+    if (NEED_COORDS) {
+      T* out = grad_field + b * 3 * g.points + p;
+      for (int a = 0; a < 3; ++a) out[a * g.points] = d_pos[a] * point.slope[a];
     }
   });
 }

@@ -51,26 +51,31 @@ struct Corners {
 
 template <typename T>
 DA_HD void trilinear_corners(const int64_t low[3], const T frac[3], const int64_t size[3], Corners<T>& out) {
-DA_UNROLL
-  for (int k = 0; k < 8; ++k) {
-    const int step[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
-    T factor[3], slope[3];
-    int64_t flat = 0;
-    bool inside = true;
-DA_UNROLL
-    for (int a = 0; a < 3; ++a) {
-      factor[a] = step[a] ? frac[a] : T(1) - frac[a];
-      slope[a] = step[a] ? T(1) : T(-1);
-      const int64_t index = low[a] + step[a];
-      inside = inside && index >= 0 && index < size[a];
-      flat = flat * size[a] + clamp_to<int64_t>(index, 0, size[a] - 1);
+  // per axis first (2 indices, factors, in-bounds flags), then the 8 combinations
+  int64_t index[3][2];
+  T factor[3][2];
+  bool inside[3][2];
+  DA_UNROLL
+  for (int a = 0; a < 3; ++a) {
+    DA_UNROLL
+    for (int step = 0; step < 2; ++step) {
+      const int64_t i = low[a] + step;
+      inside[a][step] = i >= 0 && i < size[a];
+      index[a][step] = clamp_to<int64_t>(i, 0, size[a] - 1);
     }
-    out.index[k] = flat;
-    out.inside[k] = inside;
-    out.weight[k] = factor[0] * factor[1] * factor[2];
-    out.d_weight[k][0] = slope[0] * factor[1] * factor[2];
-    out.d_weight[k][1] = factor[0] * slope[1] * factor[2];
-    out.d_weight[k][2] = factor[0] * factor[1] * slope[2];
+    factor[a][0] = T(1) - frac[a];
+    factor[a][1] = frac[a];
+  }
+  DA_UNROLL
+  for (int k = 0; k < 8; ++k) {
+    const int z = (k >> 2) & 1, y = (k >> 1) & 1, x = k & 1;
+    out.index[k] = (index[0][z] * size[1] + index[1][y]) * size[2] + index[2][x];
+    out.inside[k] = inside[0][z] && inside[1][y] && inside[2][x];
+    const T fz = factor[0][z], fy = factor[1][y], fx = factor[2][x];
+    out.weight[k] = fz * fy * fx;
+    out.d_weight[k][0] = (z ? T(1) : T(-1)) * fy * fx;
+    out.d_weight[k][1] = fz * (y ? T(1) : T(-1)) * fx;
+    out.d_weight[k][2] = fz * fy * (x ? T(1) : T(-1));
   }
 }
 
