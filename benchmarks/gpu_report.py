@@ -114,9 +114,12 @@ def build_cases(device, quick: bool, backends: list[str], with_compile: bool):
     cube = (lambda s: (s // 10,) * 3) if quick else (lambda s: (s, s, s))
     cases = []
 
-    def ours(op_fn, side=None, n=None):
-        """Our backends; the reference joins them at the smallest single-batch size (it is slow)."""
-        names = list(backends)
+    available = da.available_backends(device)
+
+    def ours(op, op_fn, side=None, n=None):
+        """Our backends that implement ``op`` here (a backend that would fall back to another is left out);
+        the reference joins them at the smallest single-batch size (it is slow)."""
+        names = [name for name in backends if op in available.get(name, [])]
         if side == 160 and n == 1 and "reference" not in names:
             names.append("reference")
         return {name: _ours(name, op_fn) for name in names}
@@ -139,13 +142,13 @@ def build_cases(device, quick: bool, backends: list[str], with_compile: bool):
             return (vol, coords), ()
 
         cases.append(Case("sample", f"C=1 both grads {n}x{shape[0]}³", (n, 1, *shape), 56, make,
-                          {**ours(da.sample, side, n), **stock}))
+                          {**ours("sample", da.sample, side, n), **stock}))
 
         def make_coords(n=n, shape=shape):
             vol, coords = vol_coords(n, 1, shape)
             return (coords,), (vol,)
 
-        coords_only = {name: (lambda c, v, f=f: f(v, c)) for name, f in {**ours(da.sample, side, n), **stock}.items()}
+        coords_only = {name: (lambda c, v, f=f: f(v, c)) for name, f in {**ours("sample", da.sample, side, n), **stock}.items()}
         cases.append(Case("sample", f"C=1 coords grad {n}x{shape[0]}³", (n, 1, *shape), 52, make_coords, coords_only))
 
     shape = cube(160)
@@ -155,12 +158,12 @@ def build_cases(device, quick: bool, backends: list[str], with_compile: bool):
         return (vol, coords), ()
 
     cases.append(Case("sample", f"C=16 both grads 1x{shape[0]}³", (1, 16, *shape), 36 + 20 * 16, make16,
-                      {**ours(da.sample), "stock": baselines.sample}))
+                      {**ours("sample", da.sample), "stock": baselines.sample}))
 
     peers = lncc_peers()
     for side, n, c in [(160, 1, 1), (256, 1, 1), (160, 2, 1), (256, 2, 1), (128, 2, 16)]:
         shape = cube(side)
-        impls = ours(lambda a, b: da.lncc(a, b, 9), side, n if c == 1 else None)
+        impls = ours("lncc", lambda a, b: da.lncc(a, b, 9), side, n if c == 1 else None)
         impls["monai"] = lambda a, b: baselines.lncc(a, b, 9)
         if with_compile and side == 160 and n == 1:
             impls["monai+compile"] = _compiled(lambda a, b: baselines.lncc(a, b, 9))
@@ -185,7 +188,7 @@ def build_cases(device, quick: bool, backends: list[str], with_compile: bool):
             return (coords,), ()
 
         cases.append(Case("jacobian_var", f"{n}x{shape[0]}³", (n, 1, *shape), 36, make_field,
-                          {**ours(lambda f: da.jacobian_var(f), side, n), **stock}))
+                          {**ours("jacobian_var", lambda f: da.jacobian_var(f), side, n), **stock}))
 
         stock_inv = {"stock 8-step": baselines.invert_displacement}
         if with_compile and side == 160 and n == 1:
@@ -196,7 +199,7 @@ def build_cases(device, quick: bool, backends: list[str], with_compile: bool):
             return (coords - da.identity_coords(shape, batch=n, device=device),), ()
 
         cases.append(Case("invert_displacement", f"{n}x{shape[0]}³", (n, 1, *shape), 84, make_disp,
-                          {**ours(lambda d: da.invert_displacement(d)[0], side, n), **stock_inv}))
+                          {**ours("invert_displacement", lambda d: da.invert_displacement(d)[0], side, n), **stock_inv}))
     if quick:
         for case in cases:
             case.reps = 3
@@ -320,7 +323,7 @@ def main(argv=None):
     device = torch.device(args.device)
     da.set_check_finite(False)  # time the kernels, not the validation's host syncs
     available = da.available_backends(device)
-    backends = args.backends.split(",") if args.backends else [b for b in ("cuda", "triton") if available[b]]
+    backends = args.backends.split(",") if args.backends else [b for b in ("cuda", "triton", "cpu") if available[b]]
     if not backends:
         backends = ["reference"]
     bandwidth = copy_bandwidth(device)
