@@ -43,9 +43,11 @@ PROVIDERS: dict[str, str] = {
 # Preference per device type; the first available backend implementing the op wins. Backends not
 # provided by this build are skipped silently. Set from the measured tables in benchmarks/results (fastest
 # first): on CUDA the triton kernels beat the reference on every op (2026-11-26-h200-kernels.md: forward
-# 3-100x, backward 4x for sample/lncc) and passed the GPU tests; "cuda" (C++) is not measured yet.
+# 3-100x, backward 4x for sample/lncc) and passed the GPU tests; the "cuda" (C++) kernels compile for sm_90
+# but have not run on a GPU yet, so they come after triton until measured. On the CPU the C++ kernels beat
+# stock PyTorch and the reference (2026-11-26-cpu-kernels.md).
 DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
 FALLBACK_ORDER: tuple[str, ...] = ("reference",)
