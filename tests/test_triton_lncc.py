@@ -1,9 +1,13 @@
-"""The triton backend of lncc against the reference backend (the oracle), forward and backward.
+"""The kernel backends of lncc (triton, and the C++ cpu / cuda kernels where built) against the reference
+backend (the oracle), forward and backward through the public API; tests using ``kernels.*`` are
+Triton-specific, tests named ``test_cpu_*`` exercise the C++ cpu kernels.
 
-On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1 and poisons kernel
+On CPU the Triton kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1 and poisons kernel
 outputs with NaN); on CUDA the same tests run the compiled kernels. The interpreter's cost grows with
 the number of planes times programs, so volumes keep D small.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -13,9 +17,12 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from conftest import DEVICES
 from deepatlas_fast.kernels import similarity as kernels
+from deepatlas_fast.ops import registry
 from deepatlas_fast.reference import similarity as reference
+from deepatlas_fast.reference.sampling import compute_dtype
 from helpers import g
 
+OP = "lncc"  # which op the backend fixture checks availability for
 NEEDS = [(True, True), (True, False), (False, True)]
 KERNELS = ["box", "gaussian"]
 
@@ -41,20 +48,29 @@ def assert_close(ours, expected, rel):
     torch.testing.assert_close(ours, expected, rtol=rel, atol=rel * scale)
 
 
-def check(a, b, k, kernel, reduction, needs=NEEDS, rel=1e-9, seed=0, eps=1e-5):
-    """Forward and the requested gradients of the triton backend against the reference on the
-    same inputs (float64 reference for float32 inputs, so that only our rounding is measured)."""
+def run(backend, a, b, k, kernel, reduction, needs=(True, True), grad=None, eps=1e-5):
+    """lncc on ``backend`` through the public API: (output, [requested grads]) for the upstream ``grad``."""
+    leaves = [x.detach().clone().requires_grad_(need) for x, need in zip((a, b), needs)]
+    with da.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", registry.BackendFallbackWarning)  # the backend itself must run
+        out = da.lncc(*leaves, k, kernel, eps, reduction)
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+        grads = list(torch.autograd.grad(out, wanted, grad)) if wanted else []
+    return out.detach(), grads
+
+
+def check(backend, a, b, k, kernel, reduction, needs=NEEDS, rel=1e-9, seed=0, eps=1e-5):
+    """Forward and the requested gradients of ``backend`` against the reference on the same inputs
+    (float64 reference for float32 inputs, so that only our rounding is measured)."""
     oracle = torch.float64
-    ours = kernels.lncc(a, b, k, kernel, eps, reduction)
-    expected = reference.lncc(a.to(oracle), b.to(oracle), k, kernel, eps, reduction)
-    assert ours.dtype == reference.lncc(a, b, k, kernel, eps, reduction).dtype
-    assert_close(ours.to(oracle), expected, rel)
-    grad = upstream(reduction, a.shape, seed, ours.dtype, a.device)
+    grad = upstream(reduction, a.shape, seed, torch.float64, a.device)
     for need in needs:
-        got = kernels.lncc_backward(grad, a, b, k, kernel, eps, reduction, *need)
-        want = reference.lncc_backward(grad.to(oracle), a.to(oracle), b.to(oracle), k, kernel, eps, reduction, *need)
-        assert len(got) == sum(need)
-        for x, y in zip(got, want):
+        ours, grads = run(backend, a, b, k, kernel, reduction, need, grad.to(compute_dtype(a)), eps)
+        expected, expected_grads = run("reference", a.to(oracle), b.to(oracle), k, kernel, reduction, need, grad, eps)
+        assert ours.dtype == reference.lncc(a, b, k, kernel, eps, reduction).dtype
+        assert_close(ours.to(oracle), expected, rel)
+        assert len(grads) == len(expected_grads) == sum(need)
+        for x, y in zip(grads, expected_grads):
             assert x.dtype == a.dtype
             assert_close(x.to(oracle), y, rel)
 
@@ -64,42 +80,42 @@ def check(a, b, k, kernel, reduction, needs=NEEDS, rel=1e-9, seed=0, eps=1e-5):
 @given(d=st.integers(1, 5), h=st.integers(1, 17), w=st.integers(1, 17), n=st.integers(1, 2), c=st.integers(1, 2),
        k=st.sampled_from([1, 3, 5, 9]), kernel=st.sampled_from(KERNELS), reduction=st.sampled_from(["mean", "none"]),
        seed=st.integers(0, 2**31 - 1))
-def test_float64_forward_and_gradients_match_reference(device, d, h, w, n, c, k, kernel, reduction, seed):
+def test_float64_forward_and_gradients_match_reference(backend, device, d, h, w, n, c, k, kernel, reduction, seed):
     a, b = pair((n, c, d, h, w), seed, device=device)
-    check(a, b, k, kernel, reduction, needs=[NEEDS[seed % 3]], seed=seed)
+    check(backend, a, b, k, kernel, reduction, needs=[NEEDS[seed % 3]], seed=seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_21_taps_on_a_volume_smaller_than_the_window(device, kernel):
+def test_21_taps_on_a_volume_smaller_than_the_window(backend, device, kernel):
     a, b = pair((1, 2, 3, 24, 13), 1, device=device)
-    check(a, b, 21, kernel, "none", needs=[(True, True)], seed=1)
+    check(backend, a, b, 21, kernel, "none", needs=[(True, True)], seed=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_float32_within_1e5_of_float64(device, reduction):
+def test_float32_within_1e5_of_float64(backend, device, reduction):
     a, b = pair((2, 1, 4, 11, 13), 2, torch.float32, device)
-    check(a, b, 5, "gaussian", reduction, rel=1e-5, seed=2)
+    check(backend, a, b, 5, "gaussian", reduction, rel=1e-5, seed=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float32_accurate_on_bright_images(device):
+def test_float32_accurate_on_bright_images(backend, device):
     """a + 1000: the shifted-frame sums stay accurate where the plain float32 formula cancels
     (in windows away from the zero padding, whose variance is large)."""
     a, b = pair((1, 1, 4, 12, 12), 3, torch.float32, device, offset=1000.0)
     exact = reference.lncc(a.double(), b.double(), 3, "box", reduction="none")
-    ours = kernels.lncc(a, b, 3, "box", 1e-5, "none")
+    ours, _ = run(backend, a, b, 3, "box", "none", needs=(False, False))
     plain = reference.lncc(a, b, 3, "box", reduction="none")
     ours_error = (ours.double() - exact).abs().max().item()
     plain_error = (plain.double() - exact).abs().max().item()
     assert ours_error < 1e-5 and plain_error > 100 * ours_error
-    check(a, b, 3, "box", "mean", needs=[(True, True)], rel=1e-5, seed=3)
+    check(backend, a, b, 3, "box", "mean", needs=[(True, True)], rel=1e-5, seed=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_flat_images_are_finite_and_match_reference(device, kernel):
+def test_flat_images_are_finite_and_match_reference(backend, device, kernel):
     shape = (1, 1, 5, 10, 9)
     textured = torch.randn(shape, generator=g(4)).to(device)
     for a, b in [
@@ -108,27 +124,27 @@ def test_flat_images_are_finite_and_match_reference(device, kernel):
         (torch.zeros(shape, device=device), textured),
         (textured, torch.full(shape, 7.0, device=device)),
     ]:
-        check(a, b, 5, kernel, "none", needs=[(True, True)], rel=1e-5)
+        check(backend, a, b, 5, kernel, "none", needs=[(True, True)], rel=1e-5)
     # nearly flat: some window variances fall below eps (the floor's gradient is 0) while ncc is not 0
     faint = 6e-4 * torch.randn(shape, generator=g(5), dtype=torch.float64).to(device)
-    check(faint, textured.double(), 5, kernel, "none", needs=[(True, True)])
+    check(backend, faint, textured.double(), 5, kernel, "none", needs=[(True, True)])
     # constant bright images (CT air): finite everywhere, exactly 0 inside
     for dtype in (torch.float32, torch.float64):
         air = torch.full(shape, -1000.0, dtype=dtype, device=device)
-        ncc = kernels.lncc(air, air + 1, 5, kernel, 1e-5, "none")
+        ncc, grads = run(backend, air, air + 1, 5, kernel, "none", grad=torch.ones(shape, dtype=dtype, device=device))
         assert torch.isfinite(ncc).all() and (ncc[..., 2:-2, 2:-2, 2:-2] == 0).all()
-        for x in kernels.lncc_backward(torch.ones_like(ncc), air, air + 1, 5, kernel, 1e-5, "none", True, True):
-            assert torch.isfinite(x).all()
+        assert all(torch.isfinite(x).all() for x in grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_accumulate_in_float32(device, dtype):
+def test_half_inputs_accumulate_in_float32(backend, device, dtype):
     a, b = pair((1, 2, 3, 9, 10), 5, dtype, device)
-    loss = kernels.lncc(a, b, 5, "box", 1e-5, "mean")
+    loss, _ = run(backend, a, b, 5, "box", "mean", needs=(False, False))
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, kernels.lncc(a.float(), b.float(), 5, "box", 1e-5, "mean"), rtol=1e-6, atol=1e-7)
-    check(a, b, 5, "box", "none", needs=[(True, True)], rel=1e-2)  # gradients rounded to half
+    single, _ = run(backend, a.float(), b.float(), 5, "box", "mean", needs=(False, False))
+    torch.testing.assert_close(loss, single, rtol=1e-6, atol=1e-7)
+    check(backend, a, b, 5, "box", "none", needs=[(True, True)], rel=1e-2)  # gradients rounded to half
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,21 +157,19 @@ def test_gpu_geometry_and_chunked_backward(device, monkeypatch):
     plan = kernels._Plan((1, 1, 5, 33, 31), 3)
     assert (plan.rh, plan.n_ty, plan.n_tx) == (32, 2, 2) and plan.runs(5)[1] == (4, 5, 1)
     a, b = pair((1, 1, 5, 33, 31), 6, device=device)
-    check(a, b, 3, "gaussian", "none", needs=[(True, True)], seed=6)
+    check("triton", a, b, 3, "gaussian", "none", needs=[(True, True)], seed=6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_public_api_routes_forward_and_autograd_to_triton(device):
+def test_public_api_routes_forward_and_autograd_to_the_backend(backend, device):
     a, b = pair((2, 2, 3, 7, 6), 7, device=device)
-    results = []
-    for name in ("triton", "reference"):
-        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-        with da.use_backend(name):
-            loss = da.lncc(x, y, 3, "gaussian")
-            loss.backward()
-        results.append((loss, x.grad, y.grad))
-    for ours, expected in zip(*results):
-        assert_close(ours, expected, 1e-9)
+    with da.use_backend(backend):
+        assert da.get_backend("lncc", device) == backend
+    ours = run(backend, a, b, 3, "gaussian", "mean", grad=torch.tensor(1.0, dtype=a.dtype, device=device))
+    expected = run("reference", a, b, 3, "gaussian", "mean", grad=torch.tensor(1.0, dtype=a.dtype, device=device))
+    assert_close(ours[0], expected[0], 1e-9)
+    for x, y in zip(ours[1], expected[1]):
+        assert_close(x, y, 1e-9)
 
 
 def test_window_parameters_are_the_reference_taps():
@@ -168,6 +182,90 @@ def test_window_parameters_are_the_reference_taps():
                 assert prm[k] == taps.sum() ** 3 and prm[k + 1] == torch.tensor(1e-5, dtype=dtype)
 
 
-def test_no_gradient_requested_returns_nothing():
-    a, b = pair((1, 1, 2, 3, 4), 8)
-    assert kernels.lncc_backward(torch.tensor(1.0, dtype=a.dtype), a, b, 3, "box", 1e-5, "mean", False, False) == []
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_gradient_requested_returns_nothing(backend, device):
+    a, b = pair((1, 1, 2, 3, 4), 8, device=device)
+    grad = torch.tensor(1.0, dtype=a.dtype, device=device)
+    assert registry.backend_module(backend, OP).lncc_backward(grad, a, b, 3, "box", 1e-5, "mean", False, False) == []
+
+
+# --------------------------------------------------------------------------- the C++ cpu kernels specifically
+
+
+@pytest.fixture
+def cpu_kernels():
+    """The raw kernels of the cpu backend (torch.ops.deepatlas_fast_C), skipped where they are not built."""
+    reason = registry.unavailable_reason("cpu", OP, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return torch.ops.deepatlas_fast_C
+
+
+@pytest.mark.parametrize("k,kernel", [(3, "box"), (9, "box"), (9, "gaussian"), (21, "box")])
+def test_cpu_many_slabs_match_reference(cpu_kernels, k, kernel):
+    """D = 37: several work units along z, whose sliding sums restart and whose backward halos overlap."""
+    a, b = pair((1, 2, 37, 6, 7), 9)
+    check("cpu", a, b, k, kernel, "none", seed=9)
+    check("cpu", a, b, k, kernel, "mean", needs=[(True, True)], seed=10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_result_independent_of_thread_count(cpu_kernels, reduction):
+    a, b = pair((2, 1, 40, 9, 11), 11, torch.float32)
+    grad = upstream(reduction, a.shape, 11, torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = cpu_kernels.lncc(a, b, 5, "box", 1e-5, reduction)
+            results.append([out, *cpu_kernels.lncc_backward(grad, a, b, 5, "box", 1e-5, reduction, True, True)])
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_bright_images(cpu_kernels, kernel):
+    """a + 1000 with a 9-voxel window: float32 within 1e-5 of the float64 reference; float64 within 1e-8
+    (the float64 reference itself cancels to ~1e-10 relative on these images)."""
+    a, b = pair((1, 2, 20, 16, 18), 12, offset=1000.0)
+    check("cpu", a.float(), b.float(), 9, kernel, "none", needs=[(True, True)], rel=1e-5, seed=12)
+    check("cpu", a.float(), b.float(), 9, kernel, "mean", needs=[(True, True)], rel=1e-5, seed=13)
+    check("cpu", a, b, 9, kernel, "none", needs=[(True, True)], rel=1e-8, seed=12)
+
+
+def test_cpu_raw_op_rejects_bad_inputs(cpu_kernels):
+    a, b = pair((1, 1, 4, 5, 6), 13)
+    lncc, backward = cpu_kernels.lncc, cpu_kernels.lncc_backward
+    cases = [
+        (lambda: lncc(a[0], b[0], 3, "box", 1e-5, "mean"), "a must have 5 dimensions"),
+        (lambda: lncc(a, b.transpose(2, 4), 3, "box", 1e-5, "mean"), "b must be contiguous"),
+        (lambda: lncc(a.int(), b.int(), 3, "box", 1e-5, "mean"), "a must be float32 or float64"),
+        (lambda: lncc(a, b.float(), 3, "box", 1e-5, "mean"), "b must have the dtype of a"),
+        (lambda: lncc(a, b[..., :5].contiguous(), 3, "box", 1e-5, "mean"), "b must have the shape of a"),
+        (lambda: lncc(a[:, :, :0], b[:, :, :0], 3, "box", 1e-5, "mean"), "a must not be empty"),
+        (lambda: lncc(a, b, 4, "box", 1e-5, "mean"), "kernel_size must be a positive odd integer"),
+        (lambda: lncc(a, b, -3, "box", 1e-5, "mean"), "kernel_size must be a positive odd integer"),
+        (lambda: lncc(a, b, 3, "triangle", 1e-5, "mean"), "kernel must be 'box' or 'gaussian'"),
+        (lambda: lncc(a, b, 3, "box", 0.0, "mean"), "eps must be > 0"),
+        (lambda: lncc(a, b, 3, "box", 1e-5, "sum"), "reduction must be 'mean' or 'none'"),
+        (lambda: backward(torch.ones(2, dtype=a.dtype), a, b, 3, "box", 1e-5, "mean", True, True),
+         "grad must have one element"),
+        (lambda: backward(torch.ones_like(a)[..., :5], a, b, 3, "box", 1e-5, "none", True, True), "grad must"),
+        (lambda: backward(torch.ones_like(a).float(), a, b, 3, "box", 1e-5, "none", True, True),
+         "grad must have the dtype of a"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_gradcheck(cpu_kernels, kernel, reduction):
+    a, b = pair((1, 2, 4, 3, 5), 14)
+    with da.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, y: da.lncc(x, y, 3, kernel, 1e-5, reduction),
+                                        (a.requires_grad_(), b.requires_grad_()))

@@ -1,0 +1,528 @@
+// CUDA kernels of lncc (local normalised cross-correlation), forward and backward: the CPU kernels' math
+// (include/deepatlas_fast/lncc.h) as separable passes, one kernel per axis, over z-chunks of the volume.
+//
+// Forward, per chunk of planes: moments_z (z-window sums of the 5 shifted moments straight from a and b)
+// -> window_y -> stats (its x-window sums fused in): the NCC map, or per-block partial sums that one block
+// adds up in a fixed order at the end (reduction="mean": deterministic, on the device, no host sync).
+// Backward, per chunk: the same passes over the chunk's planes plus a halo of h planes each side, then
+// adjoints (the 3 or 5 adjoint maps instead of the NCC), window_z -> window_y -> combine (x fused in).
+// Everything runs on the current stream without host synchronisation (CUDA-graph capturable) and is
+// gather-only (no atomics): bitwise reproducible.
+//
+// Sums are accumulated in the input dtype, in the frame of each channel's mean (see lncc.h; estimated from a
+// subsample). Extra memory: two chunk buffers of 5 maps each, the chunks sized so that both together hold
+// about kBufferVolumes input volumes (more for volumes thinner than kMinChunk + 2 h planes).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "deepatlas_fast/host.h"
+#include "deepatlas_fast/host_cuda.h"
+#include "deepatlas_fast/lncc.h"
+
+namespace deepatlas_fast {
+namespace {
+
+constexpr int kMaxTaps = 63;          // window taps travel as a kernel argument
+constexpr int64_t kBufferVolumes = 4;  // the chunk buffers hold about this many input volumes
+constexpr int64_t kMinChunk = 8;       // ... unless the chunks would be thinner than this many planes
+constexpr int kMoments = 5;
+constexpr int kBlockX = 32, kBlockY = 8;  // threads along x (coalesced) and y; blocks loop over planes
+constexpr int kReduceThreads = kBlockX * kBlockY;
+constexpr unsigned int kMaxGridZ = 65535;
+constexpr int64_t kShiftSamples = 1 << 16;
+
+template <typename T>
+struct Window {
+  T taps[kMaxTaps];
+  int k, half;
+};
+
+struct Dims {
+  int64_t nc, d;
+  int h, w;
+  int64_t plane;
+};
+
+// ------------------------------------------------------------------------------------------------ helpers
+
+// The (y, x) a thread handles; slices (channel-planes, int32) are strided over grid.z.
+struct Voxel {
+  int y, x;
+  bool inside;
+};
+
+__device__ __forceinline__ Voxel this_voxel(const Dims& s) {
+  Voxel v;
+  v.x = blockIdx.x * kBlockX + threadIdx.x;
+  v.y = blockIdx.y * kBlockY + threadIdx.y;
+  v.inside = v.x < s.w && v.y < s.h;
+  return v;
+}
+
+template <typename T>
+__device__ T block_sum(T value) {
+  __shared__ T shared[kReduceThreads];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  shared[tid] = value;
+  __syncthreads();
+  for (int stride = kReduceThreads / 2; stride > 0; stride /= 2) {
+    if (tid < stride) shared[tid] += shared[tid + stride];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Sum over the window taps along x (zero padded) of a row of one slice.
+template <typename T>
+__device__ __forceinline__ T x_window(const T* __restrict__ row, int x, int w, const Window<T>& win) {
+  T sum = 0;
+  for (int j = 0; j < win.k; ++j) {
+    const int t = x + j - win.half;
+    if (t >= 0 && t < w) sum += win.taps[j] * __ldg(row + t);
+  }
+  return sum;
+}
+
+// ------------------------------------------------------------------------------------------------ kernels
+
+// shifts[2 c + i] = the mean of channel c of input i (a, b) over at most kShiftSamples evenly spread voxels
+// (the shift only needs to be a typical value): one block per (channel, input), fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) channel_mean_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                                                                        T* __restrict__ shifts, int64_t volume) {
+  const int64_t channel = blockIdx.x / 2;
+  const T* x = (blockIdx.x % 2 == 0 ? a : b) + channel * volume;
+  const int64_t samples = volume < kShiftSamples ? volume : kShiftSamples;
+  double sum = 0;
+  for (int64_t j = threadIdx.y * blockDim.x + threadIdx.x; j < samples; j += kReduceThreads) {
+    sum += double(x[j * volume / samples]);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0 && threadIdx.y == 0) shifts[blockIdx.x] = static_cast<T>(sum / double(samples));
+}
+
+// cover = the window weight inside the volume at each position along z, then y, then x.
+template <typename T>
+__global__ void coverage_kernel(T* __restrict__ cover, Dims s, Window<T> win) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < s.d) {
+    cover[i] = lncc::window_coverage(i, s.d, win.taps, win.k);
+  } else if (i < s.d + s.h) {
+    cover[i] = lncc::window_coverage(i - s.d, int64_t(s.h), win.taps, win.k);
+  } else if (i < s.d + s.h + s.w) {
+    cover[i] = lncc::window_coverage(i - s.d - s.h, int64_t(s.w), win.taps, win.k);
+  }
+}
+
+// out[c][m][p] = the z-window sums of moment m of planes first + p (p < planes) of channel c.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    moments_z_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ shifts,
+                     T* __restrict__ out, Dims s, int64_t first, int64_t planes, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  const int64_t yx = int64_t(v.y) * s.w + v.x;
+  for (int slice = blockIdx.z; slice < int(s.nc * planes); slice += gridDim.z) {
+    const int c = slice / int(planes), p = slice - c * int(planes);
+    const int64_t z = first + p;
+    const T sa = shifts[2 * c], sb = shifts[2 * c + 1];
+    T m[kMoments] = {0, 0, 0, 0, 0};
+    for (int j = 0; j < win.k; ++j) {
+      const int64_t t = z + j - win.half;
+      if (t < 0 || t >= s.d) continue;
+      const int64_t at = (c * s.d + t) * s.plane + yx;
+      const T x = __ldg(a + at) - sa, y = __ldg(b + at) - sb;
+      const T wx = win.taps[j] * x, wy = win.taps[j] * y;
+      m[0] += wx;
+      m[1] += wy;
+      m[2] += wx * x;
+      m[3] += wy * y;
+      m[4] += wx * y;
+    }
+    DA_UNROLL
+    for (int i = 0; i < kMoments; ++i) out[((c * kMoments + i) * planes + p) * s.plane + yx] = m[i];
+  }
+}
+
+// out = the y-window sums of `slices` planes.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    window_y_kernel(const T* __restrict__ in, T* __restrict__ out, Dims s, int64_t slices, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  for (int slice = blockIdx.z; slice < int(slices); slice += gridDim.z) {
+    const T* column = in + slice * s.plane + v.x;
+    T sum = 0;
+    for (int j = 0; j < win.k; ++j) {
+      const int t = v.y + j - win.half;
+      if (t >= 0 && t < s.h) sum += win.taps[j] * __ldg(column + int64_t(t) * s.w);
+    }
+    out[slice * s.plane + int64_t(v.y) * s.w + v.x] = sum;
+  }
+}
+
+// out[q][p] = the z-window sums at plane out_first + p of the maps in[q][.] stored for planes
+// [in_first, in_first + in_planes), which hold every in-volume plane of those windows.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    window_z_kernel(const T* __restrict__ in, T* __restrict__ out, Dims s, int64_t maps, int64_t in_first,
+                    int64_t in_planes, int64_t out_first, int64_t out_planes, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  const int64_t yx = int64_t(v.y) * s.w + v.x;
+  for (int slice = blockIdx.z; slice < int(maps * out_planes); slice += gridDim.z) {
+    const int q = slice / int(out_planes), p = slice - q * int(out_planes);
+    const int64_t z = out_first + p;
+    T sum = 0;
+    for (int j = 0; j < win.k; ++j) {
+      const int64_t t = z + j - win.half - in_first;
+      if (t >= 0 && t < in_planes) sum += win.taps[j] * __ldg(in + (q * in_planes + t) * s.plane + yx);
+    }
+    out[slice * s.plane + yx] = sum;
+  }
+}
+
+// The window statistics of chunk planes [first, first + planes), and what becomes of them.
+template <typename T>
+struct StatsJob {
+  const T* sums;    // [nc][5][planes][plane]: z- and y-window sums of the moments (x pass fused here)
+  const T* shifts;  // [nc][2]
+  const T* cover;   // [d + h + w]
+  int64_t first, planes;
+  T volume, inv_volume, eps;
+  T* out;  // ncc_map_kernel: the NCC map; ncc_partial_kernel: one partial sum per block; adjoints_kernel:
+           // the adjoint maps [nc][maps][planes][plane], [cross, (a, aa), (b, bb)] where needed
+  const T* grad;         // adjoints_kernel, "none": the upstream map
+  const T* grad_scalar;  // adjoints_kernel, "mean": the upstream scalar, read on the device
+  T mean_scale;          // -1 / numel
+  bool need_a, need_b;
+  int maps;
+};
+
+// The window statistics at (channel c, chunk plane p, y, x).
+template <typename T>
+__device__ __forceinline__ lncc::WindowStats<T> stats_at(const StatsJob<T>& job, const Dims& s, const Window<T>& win,
+                                                         int64_t c, int64_t p, const Voxel& v) {
+  const T* rows = job.sums + (c * kMoments * job.planes + p) * s.plane + int64_t(v.y) * s.w;
+  const int64_t stride = job.planes * s.plane;
+  const lncc::Moments<T> m{x_window(rows, v.x, s.w, win), x_window(rows + stride, v.x, s.w, win),
+                           x_window(rows + 2 * stride, v.x, s.w, win), x_window(rows + 3 * stride, v.x, s.w, win),
+                           x_window(rows + 4 * stride, v.x, s.w, win)};
+  const T inside = job.cover[job.first + p] * job.cover[s.d + v.y] * job.cover[s.d + s.h + v.x];
+  return lncc::window_stats(m, job.volume - inside, job.shifts[2 * c], job.shifts[2 * c + 1], job.inv_volume);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) ncc_map_kernel(StatsJob<T> job, Dims s, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  for (int slice = blockIdx.z; slice < int(s.nc * job.planes); slice += gridDim.z) {
+    const int c = slice / int(job.planes), p = slice - c * int(job.planes);
+    const T ncc = lncc::ncc_value(stats_at(job, s, win, c, p, v), job.eps);
+    job.out[(c * s.d + job.first + p) * s.plane + int64_t(v.y) * s.w + v.x] = ncc;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) ncc_partial_kernel(StatsJob<T> job, Dims s, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  T partial = 0;
+  if (v.inside) {  // no early return: every thread joins block_sum
+    for (int slice = blockIdx.z; slice < int(s.nc * job.planes); slice += gridDim.z) {
+      const int c = slice / int(job.planes), p = slice - c * int(job.planes);
+      partial += lncc::ncc_value(stats_at(job, s, win, c, p, v), job.eps);
+    }
+  }
+  const T total = block_sum(partial);
+  if (threadIdx.x == 0 && threadIdx.y == 0) job.out[(int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) adjoints_kernel(StatsJob<T> job, Dims s, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  const int64_t yx = int64_t(v.y) * s.w + v.x, stride = job.planes * s.plane;
+  for (int slice = blockIdx.z; slice < int(s.nc * job.planes); slice += gridDim.z) {
+    const int c = slice / int(job.planes), p = slice - c * int(job.planes);
+    const T g = job.grad ? job.grad[(c * s.d + job.first + p) * s.plane + yx] : job.grad_scalar[0] * job.mean_scale;
+    const lncc::Adjoints<T> d = lncc::ncc_adjoints(stats_at(job, s, win, c, p, v), g, job.eps);
+    T* out = job.out + (c * job.maps * job.planes + p) * s.plane + yx;
+    out[0] = d.cross;
+    if (job.need_a) {
+      out[stride] = d.a;
+      out[2 * stride] = d.aa;
+    }
+    if (job.need_b) {
+      T* out_b = out + (job.need_a ? 2 : 0) * stride;
+      out_b[stride] = d.b;
+      out_b[2 * stride] = d.bb;
+    }
+  }
+}
+
+// out = -(sum of the n partials) / numel, by one block in a fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    mean_kernel(const T* __restrict__ partials, int64_t n, T numel, T* __restrict__ out) {
+  T sum = 0;
+  for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < n; i += kReduceThreads) sum += partials[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0 && threadIdx.y == 0) out[0] = -sum / numel;
+}
+
+// The gradients at planes [first, first + planes) from the z- and y-window sums of the adjoint maps
+// (x pass fused here).
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    combine_kernel(const T* __restrict__ sums, const T* __restrict__ a, const T* __restrict__ b,
+                   const T* __restrict__ shifts, T* __restrict__ grad_a, T* __restrict__ grad_b, Dims s,
+                   int64_t first, int64_t planes, int maps, Window<T> win) {
+  const Voxel v = this_voxel(s);
+  if (!v.inside) return;
+  const int64_t yx = int64_t(v.y) * s.w + v.x;
+  for (int slice = blockIdx.z; slice < int(s.nc * planes); slice += gridDim.z) {
+    const int c = slice / int(planes), p = slice - c * int(planes);
+    const int64_t map_stride = planes * s.plane;
+    const T* rows = sums + (c * maps * planes + p) * s.plane + int64_t(v.y) * s.w;
+    const int64_t voxel = (c * s.d + first + p) * s.plane + yx;
+    const T x = a[voxel] - shifts[2 * c], y = b[voxel] - shifts[2 * c + 1];
+    const T w_cross = x_window(rows, v.x, s.w, win);
+    const T w1 = x_window(rows + map_stride, v.x, s.w, win), w2 = x_window(rows + 2 * map_stride, v.x, s.w, win);
+    if (grad_a && grad_b) {
+      const T w3 = x_window(rows + 3 * map_stride, v.x, s.w, win);
+      const T w4 = x_window(rows + 4 * map_stride, v.x, s.w, win);
+      grad_a[voxel] = lncc::input_gradient(w1, w2, w_cross, x, y);
+      grad_b[voxel] = lncc::input_gradient(w3, w4, w_cross, y, x);
+    } else if (grad_a) {
+      grad_a[voxel] = lncc::input_gradient(w1, w2, w_cross, x, y);
+    } else {
+      grad_b[voxel] = lncc::input_gradient(w1, w2, w_cross, y, x);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host
+
+struct Problem {
+  Dims dims;
+  int k;
+  bool gaussian, mean;
+  double eps;
+};
+
+Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
+                      double eps, c10::string_view reduction) {
+  check_input(a, "a", 5);
+  check_input(b, "b", 5);
+  check_same_dtype(a, "a", b, "b");
+  TORCH_CHECK(a.device() == b.device(), "deepatlas_fast: b must be on the device of a (", a.device(), "), got ",
+              b.device());
+  TORCH_CHECK(a.sizes() == b.sizes(), "deepatlas_fast: b must have the shape of a ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(a.numel() > 0, "deepatlas_fast: a must not be empty, got shape ", a.sizes());
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= kMaxTaps,
+              "deepatlas_fast: kernel_size must be a positive odd integer <= ", kMaxTaps, " on CUDA, got ", kernel_size);
+  TORCH_CHECK(kernel == "box" || kernel == "gaussian", "deepatlas_fast: kernel must be 'box' or 'gaussian', got '",
+              kernel, "'");
+  TORCH_CHECK(eps > 0, "deepatlas_fast: eps must be > 0, got ", eps);
+  TORCH_CHECK(reduction == "mean" || reduction == "none", "deepatlas_fast: reduction must be 'mean' or 'none', got '",
+              reduction, "'");
+  // grid.y covers H; slices (channel-planes of up to 5 maps) are int32 in the kernels
+  TORCH_CHECK(a.size(3) < int64_t(kMaxGridZ) * kBlockY && a.size(4) < (int64_t(1) << 30) &&
+                  kMoments * a.size(0) * a.size(1) * a.size(2) < (int64_t(1) << 31),
+              "deepatlas_fast: lncc: input too large for the CUDA kernels, got shape ", a.sizes());
+  Problem p;
+  p.dims = {a.size(0) * a.size(1), a.size(2), int(a.size(3)), int(a.size(4)), a.size(3) * a.size(4)};
+  p.k = int(kernel_size);
+  p.gaussian = kernel == "gaussian";
+  p.mean = reduction == "mean";
+  p.eps = eps;
+  return p;
+}
+
+template <typename T>
+Window<T> make_window(const Problem& p, T* volume) {
+  Window<T> win{};
+  win.k = p.k;
+  win.half = p.k / 2;
+  double total = 0;
+  for (int j = 0; j < p.k; ++j) {
+    const double tap = lncc::window_tap(j, p.k, p.gaussian);
+    win.taps[j] = static_cast<T>(tap);
+    total += static_cast<T>(tap);
+  }
+  *volume = static_cast<T>(total * total * total);
+  return win;
+}
+
+dim3 slice_grid(const Dims& s, int64_t slices) {
+  return dim3((s.w + kBlockX - 1) / kBlockX, (s.h + kBlockY - 1) / kBlockY,
+              static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(slices, kMaxGridZ))));
+}
+
+// Chunks [z0, z1) of at most `chunk` planes; the buffers then hold (chunk + 2 halo) planes of 5 maps each.
+int64_t chunk_planes(const Dims& s, int64_t halo) {
+  const int64_t fit = kBufferVolumes * s.d / (2 * kMoments) - 2 * halo;
+  return std::min(s.d, std::max(fit, kMinChunk));
+}
+
+// Inputs shared by the forward and the backward: window, shifts, coverage, chunk buffers.
+template <typename T>
+struct Setup {
+  Window<T> win;
+  T volume;
+  at::Tensor shifts, cover, buffer_1, buffer_2;
+  int64_t chunk;
+  cudaStream_t stream;
+
+  Setup(const Problem& p, const at::Tensor& a, const at::Tensor& b, int64_t halo) : stream(current_stream()) {
+    const Dims& s = p.dims;
+    win = make_window<T>(p, &volume);
+    shifts = at::empty({s.nc * 2}, a.options());
+    channel_mean_kernel<T><<<static_cast<unsigned int>(s.nc * 2), dim3(kBlockX, kBlockY), 0, stream>>>(
+        a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.mutable_data_ptr<T>(), s.d * s.plane);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cover = at::empty({s.d + s.h + s.w}, a.options());
+    coverage_kernel<T><<<blocks_for(s.d + s.h + s.w), kThreads, 0, stream>>>(cover.mutable_data_ptr<T>(), s, win);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    chunk = chunk_planes(s, halo);
+    const int64_t planes = std::min(s.d, chunk + 2 * halo);
+    buffer_1 = at::empty({s.nc * kMoments * planes * s.plane}, a.options());
+    buffer_2 = at::empty({s.nc * kMoments * planes * s.plane}, a.options());
+  }
+
+  // The z- then y-window sums of the moments of planes [first, first + planes) into buffer_2.
+  void moment_sums(const Dims& s, const at::Tensor& a, const at::Tensor& b, int64_t first, int64_t planes) {
+    T* m = buffer_1.mutable_data_ptr<T>();
+    moments_z_kernel<T><<<slice_grid(s, s.nc * planes), dim3(kBlockX, kBlockY), 0, stream>>>(
+        a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.const_data_ptr<T>(), m, s, first, planes, win);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t slices = s.nc * kMoments * planes;
+    window_y_kernel<T><<<slice_grid(s, slices), dim3(kBlockX, kBlockY), 0, stream>>>(
+        m, buffer_2.mutable_data_ptr<T>(), s, slices, win);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  StatsJob<T> stats_job(const Problem& p, int64_t first, int64_t planes) const {
+    StatsJob<T> job{};
+    job.sums = buffer_2.const_data_ptr<T>();
+    job.shifts = shifts.const_data_ptr<T>();
+    job.cover = cover.const_data_ptr<T>();
+    job.first = first;
+    job.planes = planes;
+    job.volume = volume;
+    job.inv_volume = static_cast<T>(1.0 / double(volume));
+    job.eps = static_cast<T>(p.eps);
+    return job;
+  }
+};
+
+at::Tensor lncc_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
+                        double eps, c10::string_view reduction) {
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Dims& s = p.dims;
+  at::Tensor out = new_output(p.mean ? at::IntArrayRef{} : a.sizes(), a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc", [&] {
+    using T = scalar_t;
+    Setup<T> setup(p, a, b, 0);
+    std::vector<int64_t> starts;
+    for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) starts.push_back(z0);
+    const dim3 grid = slice_grid(s, s.nc * setup.chunk);
+    const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+    at::Tensor partials = at::empty({p.mean ? int64_t(starts.size()) * blocks : 0}, a.options());
+    for (size_t i = 0; i < starts.size(); ++i) {
+      const int64_t z0 = starts[i], planes = std::min(setup.chunk, s.d - z0);
+      setup.moment_sums(s, a, b, z0, planes);
+      StatsJob<T> job = setup.stats_job(p, z0, planes);
+      if (p.mean) {
+        // the first chunk's grid for every chunk, so that each block owns one partial slot per chunk
+        job.out = partials.mutable_data_ptr<T>() + int64_t(i) * blocks;
+        ncc_partial_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, s, setup.win);
+      } else {
+        job.out = out.mutable_data_ptr<T>();
+        ncc_map_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, s, setup.win);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (p.mean) {
+      mean_kernel<T><<<1, dim3(kBlockX, kBlockY), 0, setup.stream>>>(
+          partials.const_data_ptr<T>(), partials.numel(), static_cast<T>(a.numel()), out.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                      int64_t kernel_size, c10::string_view kernel, double eps,
+                                      c10::string_view reduction, bool need_a, bool need_b) {
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+  check_same_dtype(a, "a", grad, "grad");
+  TORCH_CHECK(grad.device() == a.device(), "deepatlas_fast: grad must be on the device of a (", a.device(), "), got ",
+              grad.device());
+  if (p.mean) {
+    TORCH_CHECK(grad.numel() == 1, "deepatlas_fast: grad must have one element for reduction='mean', got shape ",
+                grad.sizes());
+  } else {
+    check_input(grad, "grad", 5);
+    TORCH_CHECK(grad.sizes() == a.sizes(), "deepatlas_fast: grad must have the shape of a ", a.sizes(), ", got ",
+                grad.sizes());
+  }
+  std::vector<at::Tensor> grads;
+  if (!need_a && !need_b) return grads;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Dims& s = p.dims;
+  const int64_t half = p.k / 2;
+  const int maps = 1 + 2 * (int(need_a) + int(need_b));
+  at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_backward", [&] {
+    using T = scalar_t;
+    Setup<T> setup(p, a, b, half);
+    const dim3 block(kBlockX, kBlockY);
+    for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) {
+      const int64_t z1 = std::min(s.d, z0 + setup.chunk);
+      const int64_t h0 = std::max<int64_t>(0, z0 - half), h1 = std::min(s.d, z1 + half);  // with the halo
+      setup.moment_sums(s, a, b, h0, h1 - h0);
+      StatsJob<T> job = setup.stats_job(p, h0, h1 - h0);
+      T* adjoints = setup.buffer_1.template mutable_data_ptr<T>();
+      job.out = adjoints;
+      job.grad = p.mean ? nullptr : grad.const_data_ptr<T>();
+      job.grad_scalar = p.mean ? grad.const_data_ptr<T>() : nullptr;
+      job.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
+      job.need_a = need_a;
+      job.need_b = need_b;
+      job.maps = maps;
+      adjoints_kernel<T><<<slice_grid(s, s.nc * (h1 - h0)), block, 0, setup.stream>>>(job, s, setup.win);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      T* sums = setup.buffer_2.template mutable_data_ptr<T>();
+      window_z_kernel<T><<<slice_grid(s, s.nc * maps * (z1 - z0)), block, 0, setup.stream>>>(
+          adjoints, sums, s, s.nc * maps, h0, h1 - h0, z0, z1 - z0, setup.win);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t slices = s.nc * maps * (z1 - z0);
+      window_y_kernel<T><<<slice_grid(s, slices), block, 0, setup.stream>>>(sums, adjoints, s, slices, setup.win);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      combine_kernel<T><<<slice_grid(s, s.nc * (z1 - z0)), block, 0, setup.stream>>>(
+          adjoints, a.const_data_ptr<T>(), b.const_data_ptr<T>(), setup.shifts.template const_data_ptr<T>(),
+          need_a ? grad_a.mutable_data_ptr<T>() : nullptr, need_b ? grad_b.mutable_data_ptr<T>() : nullptr, s, z0,
+          z1 - z0, maps, setup.win);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (need_a) grads.push_back(grad_a);
+  if (need_b) grads.push_back(grad_b);
+  return grads;
+}
+
+}  // namespace
+}  // namespace deepatlas_fast
+
+TORCH_LIBRARY_IMPL(deepatlas_fast_C, CUDA, m) {
+  m.impl("lncc", &deepatlas_fast::lncc_forward);
+  m.impl("lncc_backward", &deepatlas_fast::lncc_backward);
+}
