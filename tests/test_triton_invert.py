@@ -1,6 +1,8 @@
-"""Triton backend of invert / invert_displacement against the reference backend (the oracle).
+"""The kernel backends of invert / invert_displacement (triton, and the C++ cpu / cuda kernels where
+built) against the reference backend (the oracle); tests using ``kernels.*`` are Triton-specific, those
+calling ``torch.ops.deepatlas_fast_C`` C++-specific.
 
-On the CPU the kernels run in the Triton interpreter (conftest), ~25 ms per program instance:
+On the CPU the Triton kernels run in the Triton interpreter (conftest), ~25 ms per program instance:
 volumes stay small and example counts low.
 """
 
@@ -18,8 +20,10 @@ from helpers import affine_coords, covering_map, g, rand_coords, rotation, smoot
 
 pytestmark = pytest.mark.filterwarnings("error::deepatlas_fast.ops.registry.BackendFallbackWarning")
 
+OP = "invert"  # which op the backend fixture checks availability for (invert_displacement comes with it)
+
 TOL = 0.05
-# where both are valid, |inverse_triton - inverse_reference| in normalised units
+# where both are valid, |inverse_backend - inverse_reference| in normalised units
 ATOL = {torch.float64: 1e-8, torch.float32: 2e-5}
 # valid masks may differ only where the reference residual is this close to tol (target voxels)
 MARGIN = {torch.float64: 1e-7, torch.float32: 1e-3}
@@ -50,11 +54,11 @@ def random_affine(seed, src, batch, dtype):
     return torch.cat(maps).to(dtype)
 
 
-def check_against_reference(coords, out_shape, iters, device):
-    """Triton vs reference invert on ``coords``; returns the triton result."""
+def check_against_reference(backend, coords, out_shape, iters, device):
+    """``backend`` vs reference invert on ``coords``; returns the backend's result."""
     dtype = coords.dtype
     coords = coords.to(device)
-    inverse, valid = on("triton", da.invert, coords, out_shape, iters=iters, tol=TOL)
+    inverse, valid = on(backend, da.invert, coords, out_shape, iters=iters, tol=TOL)
     ref, ref_valid = on("reference", da.invert, coords, out_shape, iters=iters, tol=TOL)
     assert inverse.shape == ref.shape and inverse.dtype == dtype and valid.dtype == torch.bool
     assert valid.shape == ref_valid.shape
@@ -76,33 +80,33 @@ def check_against_reference(coords, out_shape, iters, device):
     seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
-def test_affine_maps_match_reference(device, src, dst, seed, dtype):
-    _, valid = check_against_reference(random_affine(seed, src, 2, dtype), dst, 8, device)
+def test_affine_maps_match_reference(backend, device, src, dst, seed, dtype):
+    _, valid = check_against_reference(backend, random_affine(seed, src, 2, dtype), dst, 8, device)
     assert valid.shape == (2, 1, *dst)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_smooth_covering_maps_match_reference(device, dtype):
+def test_smooth_covering_maps_match_reference(backend, device, dtype):
     coords = covering_map((12, 10, 11), g(3), batch=2, amplitude=0.05).to(dtype)
-    _, valid = check_against_reference(coords, (9, 13, 8), 8, device)
+    _, valid = check_against_reference(backend, coords, (9, 13, 8), 8, device)
     assert valid.all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_initial_guess_alone_matches_reference(device):
+def test_initial_guess_alone_matches_reference(backend, device):
     """iters=0 returns the splatted pyramid guess; a target finer than the source leaves holes in the
     finest level, so the coarse levels and their upsampling are used."""
     coords = random_affine(5, (7, 6, 8), 2, torch.float64).to(device)
-    inverse, _ = on("triton", da.invert, coords, (15, 13, 16), iters=0)
+    inverse, _ = on(backend, da.invert, coords, (15, 13, 16), iters=0)
     ref, _ = on("reference", da.invert, coords, (15, 13, 16), iters=0)
     torch.testing.assert_close(inverse, ref, atol=1e-12, rtol=0)
     # a 2x2x2 target is a single pyramid level
-    inverse, _ = on("triton", da.invert, coords, (2, 2, 2), iters=0)
+    inverse, _ = on(backend, da.invert, coords, (2, 2, 2), iters=0)
     torch.testing.assert_close(inverse, on("reference", da.invert, coords, (2, 2, 2), iters=0)[0], atol=1e-12, rtol=0)
     # a small source in a corner of the target: the coarsest level has a cell with weight 0.045
     corner = affine_coords(torch.eye(3, dtype=torch.float64) * 0.1, [0.85, 0.8, 0.85], (4, 5, 4)).to(device)
-    inverse, _ = on("triton", da.invert, corner, (5, 6, 7), iters=0)
+    inverse, _ = on(backend, da.invert, corner, (5, 6, 7), iters=0)
     torch.testing.assert_close(inverse, on("reference", da.invert, corner, (5, 6, 7), iters=0)[0], atol=1e-12, rtol=0)
 
 
@@ -124,13 +128,13 @@ def test_many_programs_and_replicated_accumulators(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_singular_map_uses_the_reference_fallback(device):
+def test_singular_map_uses_the_reference_fallback(backend, device):
     """Two equal rows make every Jacobian singular (and not symmetric): the least-squares step as
     in the reference, nothing valid, and no gradient."""
     matrix = torch.tensor([[0.5, 0.3, -0.2], [0.5, 0.3, -0.2], [0.2, -0.4, 0.9]], dtype=torch.float64)
     coords = affine_coords(matrix, [0.1, 0.0, -0.1], (8, 7, 6)).expand(2, -1, -1, -1, -1).contiguous()
     coords = coords.to(device).requires_grad_()
-    with da.use_backend("triton"):
+    with da.use_backend(backend):
         inverse, valid = da.invert(coords, (6, 7, 5), iters=4)
         inverse.sum().backward()
     ref, _ = on("reference", da.invert, coords.detach(), (6, 7, 5), iters=4)
@@ -140,25 +144,25 @@ def test_singular_map_uses_the_reference_fallback(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_folding_maps_follow_the_reference_trajectory(device):
+def test_folding_maps_follow_the_reference_trajectory(backend, device):
     """Random (folding) maps: Newton steps hit the step cap and the domain clamp; after a few
     steps every point, valid or not, is where the reference puts it."""
     coords = rand_coords(2, (6, 7, 5), g(51), spread=1.2).to(device)
-    inverse, _ = on("triton", da.invert, coords, (7, 5, 6), iters=3)
+    inverse, _ = on(backend, da.invert, coords, (7, 5, 6), iters=3)
     ref, _ = on("reference", da.invert, coords, (7, 5, 6), iters=3)
     # rounding differences (e.g. FMA contraction on a GPU) grow where J is nearly singular
     torch.testing.assert_close(inverse, ref, atol=1e-6, rtol=0)
     disp = (rand_coords(2, (6, 7, 5), g(52), spread=0.5) + smooth_displacement((6, 7, 5), g(53), 1.0, batch=2)).to(device)
-    v, _ = on("triton", da.invert_displacement, disp, iters=3)
+    v, _ = on(backend, da.invert_displacement, disp, iters=3)
     torch.testing.assert_close(v, on("reference", da.invert_displacement, disp, iters=3)[0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_invert_displacement_matches_reference_and_round_trips(device, dtype):
+def test_invert_displacement_matches_reference_and_round_trips(backend, device, dtype):
     shape = (9, 11, 8)
     disp = smooth_displacement(shape, g(13), 0.2, batch=2).to(dtype).to(device)
-    v, valid = on("triton", da.invert_displacement, disp)
+    v, valid = on(backend, da.invert_displacement, disp)
     ref, ref_valid = on("reference", da.invert_displacement, disp)
     assert v.shape == disp.shape and v.dtype == dtype and valid.shape == (2, 1, *shape)
     ident = identity_coords(shape, batch=2, dtype=dtype, device=device)
@@ -171,33 +175,34 @@ def test_invert_displacement_matches_reference_and_round_trips(device, dtype):
     assert (residual_voxels(ident + disp, ident + v, shape)[valid] <= TOL).all()
     assert valid.double().mean().item() > 0.5
     # iters=0 is clamp(id - disp, -1, 1) - id
-    v0, _ = on("triton", da.invert_displacement, disp, iters=0)
+    v0, _ = on(backend, da.invert_displacement, disp, iters=0)
     torch.testing.assert_close(v0, (ident - disp).clamp(-1, 1) - ident, atol=ATOL[dtype] / 10, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_kernels_match_reference(device):
+def test_backward_kernels_match_reference(backend, device):
     """Same (inverse, valid) in, same gradient out; partial coverage so invalid points are present."""
+    ops = torch.ops.deepatlas_fast
     coords = random_affine(21, (8, 9, 7), 2, torch.float64).to(device)
     inverse, valid = reference.invert_forward(coords, (9, 6, 10), 8, TOL)
     assert valid.any() and not valid.all()
     grad = torch.randn(inverse.shape, generator=g(22), dtype=torch.float64).to(device)
     expected = reference.invert_backward(grad, coords, inverse, valid)
     assert expected.abs().max().item() > 0
-    torch.testing.assert_close(kernels.invert_backward(grad, coords, inverse, valid), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ops.invert_backward(grad, coords, inverse, valid, backend), expected, atol=1e-12, rtol=0)
 
     disp = smooth_displacement((8, 7, 9), g(23), 0.25, batch=2).to(device)
     v, v_valid = reference.invert_displacement_forward(disp, 8, TOL)
     assert v_valid.any() and not v_valid.all()
     grad = torch.randn(v.shape, generator=g(24), dtype=torch.float64).to(device)
     torch.testing.assert_close(
-        kernels.invert_displacement_backward(grad, disp, v, v_valid),
+        ops.invert_displacement_backward(grad, disp, v, v_valid, backend),
         reference.invert_displacement_backward(grad, disp, v, v_valid), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_autograd_matches_reference(device, dtype):
+def test_autograd_matches_reference(backend, device, dtype):
     """Through the public API: forward and backward routed to the kernels."""
     coords = covering_map((8, 9, 7), g(31), batch=2).to(dtype).to(device)
     weights = torch.randn(2, 3, 7, 6, 8, generator=g(32), dtype=torch.float64).to(dtype).to(device)
@@ -206,25 +211,25 @@ def test_autograd_matches_reference(device, dtype):
     disp = (smooth_displacement((7, 8, 6), g(33), 0.3, batch=2) * window).to(dtype).to(device)
     disp_weights = torch.randn(disp.shape, generator=g(34), dtype=torch.float64).to(dtype).to(device)
     grads = {}
-    for backend in ("triton", "reference"):
+    for name in (backend, "reference"):
         c, d = coords.clone().requires_grad_(), disp.clone().requires_grad_()
-        with da.use_backend(backend):
+        with da.use_backend(name):
             inverse, valid = da.invert(c, (7, 6, 8))
             v, v_valid = da.invert_displacement(d)
             ((inverse * weights).sum() + (v * disp_weights).sum()).backward()
         assert valid.all() and v_valid.all()
-        grads[backend] = (c.grad, d.grad)
+        grads[name] = (c.grad, d.grad)
     atol = 1e-10 if dtype == torch.float64 else 1e-3
-    for mine, ref in zip(grads["triton"], grads["reference"]):
+    for mine, ref in zip(grads[backend], grads["reference"]):
         assert ref.abs().max().item() > 0.1
         torch.testing.assert_close(mine, ref, atol=atol, rtol=0 if dtype == torch.float64 else 1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_invalid_points_pass_no_gradient(device):
+def test_invalid_points_pass_no_gradient(backend, device):
     coords = affine_coords(torch.eye(3, dtype=torch.float64) * 0.5, [0.6, 0.0, 0.0], (7, 8, 6))
     coords = coords.expand(2, -1, -1, -1, -1).contiguous().to(device).requires_grad_()
-    with da.use_backend("triton"):
+    with da.use_backend(backend):
         inverse, valid = da.invert(coords, (8, 7, 9))
         assert valid.any() and not valid.all()
         (inverse * ~valid).sum().backward(retain_graph=True)
@@ -236,7 +241,7 @@ def test_invalid_points_pass_no_gradient(device):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_finite_input_does_not_crash(device):
+def test_non_finite_input_does_not_crash(backend, device):
     """With finiteness checks off, NaN/inf/huge values give invalid points, never a bad access."""
     da.set_check_finite(False)
     coords = covering_map((9, 8, 10), g(41), batch=2)
@@ -244,7 +249,7 @@ def test_non_finite_input_does_not_crash(device):
     coords[1, 0, 5, 5, 5] = float("inf")
     coords[1, 1, 1] = -1e30
     coords = coords.to(device).requires_grad_()
-    with da.use_backend("triton"):
+    with da.use_backend(backend):
         inverse, valid = da.invert(coords, (7, 9, 8))
         (inverse * valid).sum().backward()
     assert not (valid & inverse.isnan().any(dim=1, keepdim=True)).any()
@@ -253,19 +258,19 @@ def test_non_finite_input_does_not_crash(device):
     disp = torch.randn(2, 3, 6, 7, 5, generator=g(42), dtype=torch.float64)
     disp[0, 0, 1] = float("nan")
     disp[1, 2, 2] = 1e300
-    v, v_valid = on("triton", da.invert_displacement, disp.to(device))
+    v, v_valid = on(backend, da.invert_displacement, disp.to(device))
     assert not (v_valid & v.isnan().any(dim=1, keepdim=True)).any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_degenerate_jacobian_passes_no_gradient_on_both_backends(device):
+def test_degenerate_jacobian_passes_no_gradient_on_both_backends(backend, device):
     """A map squashed 10^5:1 along x: the target column u_x = 0 still inverts (valid), but there
-    J^-T g would be ~10^5 g; such points pass no gradient (reference and triton alike)."""
+    J^-T g would be ~10^5 g; such points pass no gradient (reference and kernels alike)."""
     src = (7, 8, 9)
     coords = affine_coords(torch.diag(torch.tensor([1.2, 1.2, 1.2e-5], dtype=torch.float64)), [0.0, 0.0, 0.0], src)
     coords = coords.to(device)
     grads = {}
-    for name in ("reference", "triton"):
+    for name in ("reference", backend):
         leaf = coords.clone().requires_grad_()
         with da.use_backend(name):
             inverse, valid = da.invert(leaf, (6, 7, 7))
@@ -273,4 +278,120 @@ def test_degenerate_jacobian_passes_no_gradient_on_both_backends(device):
             (inverse * torch.linspace(-1, 1, inverse.numel(), dtype=inverse.dtype, device=device).view_as(inverse)).sum().backward()
         grads[name] = leaf.grad
     assert grads["reference"].abs().max() < 1e3
-    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[backend], grads["reference"], rtol=1e-9, atol=1e-9)
+
+
+# ---- the C++ kernels (torch.ops.deepatlas_fast_C) ------------------------------------------------
+
+
+def cpp_kernels(device):
+    """The raw C++ ops, skipping where this build has no C++ kernels of invert for ``device``."""
+    from deepatlas_fast.ops import registry
+
+    reason = registry.unavailable_reason("cpu" if device == "cpu" else "cuda", OP, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return torch.ops.deepatlas_fast_C
+
+
+@pytest.fixture
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_cpu_results_do_not_depend_on_thread_count(restore_threads):
+    """The splats (pyramid initial guess, backward) sum every node in point order on any thread count:
+    bitwise equal results (float32, where the summation order would show)."""
+    ops = cpp_kernels("cpu")
+    coords = covering_map((13, 11, 12), g(61), batch=2, amplitude=0.08).to(torch.float32)
+    disp = smooth_displacement((12, 9, 11), g(62), 0.3, batch=2).to(torch.float32)
+    runs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        guess, _ = ops.invert(coords, [14, 9, 13], 0, TOL)
+        inverse, valid = ops.invert(coords, [14, 9, 13], 4, TOL)
+        grad_coords = ops.invert_backward(torch.randn(inverse.shape, generator=g(63)), coords, inverse, valid)
+        v, v_valid = ops.invert_displacement(disp, 8, TOL)
+        grad_disp = ops.invert_displacement_backward(torch.randn(v.shape, generator=g(64)), disp, v, v_valid)
+        runs.append((guess, inverse, valid, grad_coords, v, v_valid, grad_disp))
+    assert runs[0][3].abs().max() > 0 and runs[0][6].abs().max() > 0
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_reject_bad_inputs(device):
+    """The C++ ops check their inputs themselves (they are callable without the Python layer)."""
+    ops = cpp_kernels(device)
+    coords = covering_map((5, 6, 4), g(65), batch=2).to(device)
+    inverse, valid = ops.invert(coords, [4, 5, 7], 2, TOL)
+    grad = torch.ones_like(inverse)
+    disp = 0.1 * coords
+    v, v_valid = ops.invert_displacement(disp, 2, TOL)
+    calls = [
+        (lambda: ops.invert(coords[:, :2].contiguous(), [4, 5, 7], 2, TOL), "coords must have 3 channels"),
+        (lambda: ops.invert(coords[0], [4, 5, 7], 2, TOL), "coords must have 5 dimensions"),
+        (lambda: ops.invert(coords.transpose(2, 4), [4, 5, 7], 2, TOL), "coords must be contiguous"),
+        (lambda: ops.invert(coords.int(), [4, 5, 7], 2, TOL), "coords must be float32 or float64"),
+        (lambda: ops.invert(coords[:, :, :1].contiguous(), [4, 5, 7], 2, TOL), "every spatial size >= 2"),
+        (lambda: ops.invert(coords, [4, 5], 2, TOL), "out_shape must be 3 sizes"),
+        (lambda: ops.invert(coords, [4, 1, 7], 2, TOL), "out_shape must be 3 sizes"),
+        (lambda: ops.invert(coords, [4, 5, 7], -1, TOL), "iters must be >= 0"),
+        (lambda: ops.invert(coords, [4, 5, 7], 2, 0.0), "tol must be positive"),
+        (lambda: ops.invert_displacement(disp.float(), 2, float("nan")), "tol must be positive"),
+        (lambda: ops.invert_displacement(disp[:, :, :, :1].contiguous(), 2, TOL), "disp must have every spatial"),
+        (lambda: ops.invert_backward(grad, coords, inverse, valid.double()), "valid must be bool"),
+        (lambda: ops.invert_backward(grad, coords, inverse, valid[..., :3].contiguous()), "valid must have shape"),
+        (lambda: ops.invert_backward(grad[..., :3].contiguous(), coords, inverse, valid), "grad must have the shape"),
+        (lambda: ops.invert_backward(grad.float(), coords, inverse, valid), "grad must have the dtype of coords"),
+        (lambda: ops.invert_backward(grad, coords, inverse.float(), valid), "inverse must have the dtype of coords"),
+        (lambda: ops.invert_backward(grad[:1], coords, inverse[:1], valid[:1]), "inverse must have the batch size"),
+        (lambda: ops.invert_displacement_backward(grad, disp, inverse, valid), "inverse_disp must have the shape"),
+        (lambda: ops.invert_displacement_backward(v, disp, v, v_valid.transpose(2, 3)), "valid must be contiguous"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=25)
+@given(
+    src=st.tuples(st.integers(2, 12), st.integers(2, 12), st.integers(2, 12)),
+    dst=st.tuples(st.integers(2, 14), st.integers(2, 14), st.integers(2, 14)),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    iters=st.sampled_from([0, 8]),
+    affine=st.booleans(),
+)
+def test_cpp_kernels_match_reference_on_many_shapes(device, src, dst, seed, dtype, iters, affine):
+    """The C++ kernels are fast enough for many examples: forward and backward of both ops, sizes from 2."""
+    cpp_kernels(device)
+    backend = "cpu" if device == "cpu" else "cuda"
+    ops = torch.ops.deepatlas_fast
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+
+    def check_backward(ours, expected):
+        torch.testing.assert_close(ours, expected, atol=rel * max(expected.abs().max().item(), 1.0), rtol=0)
+
+    coords = random_affine(seed, src, 2, dtype) if affine else covering_map(src, g(seed), batch=2, amplitude=0.1)
+    coords = coords.to(dtype).to(device)
+    check_against_reference(backend, coords, dst, iters, device)
+    ref, ref_valid = reference.invert_forward(coords, dst, iters, TOL)
+    grad = torch.randn(ref.shape, generator=g(seed), dtype=dtype).to(device)
+    check_backward(ops.invert_backward(grad, coords, ref, ref_valid, backend),
+                   reference.invert_backward(grad, coords, ref, ref_valid))
+
+    disp = smooth_displacement(src, g(seed + 1), 0.3, batch=2).to(dtype).to(device)
+    v, valid = on(backend, da.invert_displacement, disp, iters=iters)
+    ref, ref_valid = reference.invert_displacement_forward(disp, iters, TOL)
+    ident = identity_coords(src, batch=2, dtype=dtype, device=device)
+    differ = valid != ref_valid
+    assert ((residual_voxels(ident + disp, ident + ref, src)[differ] - TOL).abs() <= MARGIN[dtype]).all()
+    both = (valid & ref_valid).expand_as(v)
+    torch.testing.assert_close(v[both], ref[both], atol=ATOL[dtype], rtol=0)
+    grad = torch.randn(ref.shape, generator=g(seed + 2), dtype=dtype).to(device)
+    check_backward(ops.invert_displacement_backward(grad, disp, ref, ref_valid, backend),
+                   reference.invert_displacement_backward(grad, disp, ref, ref_valid))

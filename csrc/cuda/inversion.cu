@@ -1,0 +1,310 @@
+// CUDA kernels of invert / invert_displacement, forward and backward: the Triton version's algorithm
+// (kernels/inversion.py) on the per-point math shared with the CPU (include/deepatlas_fast/inversion.h).
+//
+// * splat_kernel (coordinate maps), one launch per pyramid level: per source point, atomic adds of
+//   (w, w * source coordinates) into the 8 nodes around its target position. Coarse levels, whose few
+//   nodes every source point hits, get R replicas of the accumulators (block b adds into b % R), summed
+//   before use, to keep same-address atomic chains short.
+// * resolve_kernel: one level's guess from its accumulators and the coarser guess (every level but the
+//   finest, which solve_kernel resolves in registers).
+// * solve_kernel: per target point the initial guess, the Newton steps and the validity test.
+// * backward_kernel: per valid target point one transposed 3x3 solve, then atomic adds into the 8
+//   source nodes of its cell (none for invalid or degenerate points).
+// The atomics make the coordinate-map forward and both backwards not bitwise reproducible: under
+// torch.use_deterministic_algorithms(True) they raise, as torch's own non-deterministic kernels do.
+// No host synchronisation: every launch decision comes from shapes (CUDA-graph capturable).
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "deepatlas_fast/host.h"
+#include "deepatlas_fast/host_cuda.h"
+#include "deepatlas_fast/inversion.h"
+
+namespace deepatlas_fast {
+namespace {
+
+using namespace inversion;
+
+constexpr int64_t kAtomicsPerAddress = 1024;  // same-address atomics per accumulator replica (as Triton)
+
+Grid spatial_grid(const at::Tensor& field) { return make_grid(field.size(2), field.size(3), field.size(4)); }
+
+std::vector<Grid> pyramid(const Grid& target) {
+  std::vector<Grid> levels{target};
+  while (has_coarser(levels.back())) levels.push_back(coarser(levels.back()));
+  return levels;
+}
+
+// One thread per (item, point) on a (blocks, n) grid.
+dim3 launch_grid(int64_t points, int64_t n) {
+  TORCH_CHECK(n < 65536, "deepatlas_fast: batch too large for one launch (", n, " items)");
+  return dim3(blocks_for(points), static_cast<unsigned int>(n));
+}
+
+__device__ __forceinline__ int64_t point_index() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
+
+// ---- checks (the Python layer validates too; these guard the raw torch.ops.deepatlas_fast_C ops) ----
+
+void check_field(const at::Tensor& field, const char* name) {
+  check_input(field, name, 5);
+  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: ", name, " must have 3 channels, got shape ", field.sizes());
+  TORCH_CHECK(field.size(2) >= 2 && field.size(3) >= 2 && field.size(4) >= 2, "deepatlas_fast: ", name,
+              " must have every spatial size >= 2, got shape ", field.sizes());
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.device() == like.device(), "deepatlas_fast: ", name, " must be on the device of ", like_name, " (",
+              like.device(), "), got ", t.device());
+}
+
+void check_options(int64_t iters, double tol) {
+  TORCH_CHECK(iters >= 0, "deepatlas_fast: iters must be >= 0, got ", iters);
+  TORCH_CHECK(tol > 0, "deepatlas_fast: tol must be positive, got ", tol);
+}
+
+Grid check_out_shape(at::IntArrayRef out_shape) {
+  TORCH_CHECK(out_shape.size() == 3 && out_shape[0] >= 2 && out_shape[1] >= 2 && out_shape[2] >= 2,
+              "deepatlas_fast: out_shape must be 3 sizes (D, H, W), each >= 2, got ", out_shape);
+  return make_grid(out_shape[0], out_shape[1], out_shape[2]);
+}
+
+Grid check_backward(const at::Tensor& grad, const at::Tensor& field, const char* field_name,
+                    const at::Tensor& inverse, const char* inverse_name, const at::Tensor& valid) {
+  check_field(field, field_name);
+  check_field(inverse, inverse_name);
+  check_same_dtype(field, field_name, inverse, inverse_name);
+  TORCH_CHECK(inverse.size(0) == field.size(0), "deepatlas_fast: ", inverse_name, " must have the batch size of ",
+              field_name, " (", field.size(0), "), got shape ", inverse.sizes());
+  check_input(grad, "grad", 5);
+  check_same_dtype(field, field_name, grad, "grad");
+  TORCH_CHECK(grad.sizes() == inverse.sizes(), "deepatlas_fast: grad must have the shape of ", inverse_name, " ",
+              inverse.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, "deepatlas_fast: valid must be bool, got ", valid.scalar_type());
+  TORCH_CHECK(valid.is_contiguous(), "deepatlas_fast: valid must be contiguous");
+  TORCH_CHECK(valid.dim() == 5 && valid.size(0) == inverse.size(0) && valid.size(1) == 1 &&
+                  valid.sizes().slice(2) == inverse.sizes().slice(2),
+              "deepatlas_fast: valid must have shape [N, 1, *", inverse_name, ".shape[2:]], got ", valid.sizes());
+  check_device(grad, "grad", field, field_name);
+  check_device(inverse, inverse_name, field, field_name);
+  check_device(valid, "valid", field, field_name);
+  return spatial_grid(inverse);
+}
+
+// ---- kernels ----------------------------------------------------------------------------------------
+
+// acc: [n, replicas, level, 4] zeros.
+template <typename T>
+__global__ void splat_kernel(const T* __restrict__ coords, T* __restrict__ acc, const Grid src, const Grid level,
+                             const int replicas) {
+  const int64_t s = point_index();
+  if (s >= src.cells) return;
+  const int64_t b = blockIdx.y;
+  const T* item = coords + b * 3 * src.cells + s;
+  const T x[3] = {item[0], item[src.cells], item[2 * src.cells]};
+  Corners<T> corners;
+  if (!splat_corners(x, level, corners)) return;
+  T q[3];
+  identity_point(s, src, q);
+  T* replica = acc + (b * replicas + blockIdx.x % replicas) * 4 * level.cells;
+  DA_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    const T w = corners.weight[j];
+    if (!corners.inside[j] || w == T(0)) continue;  // a source on a node (identity-like maps) skips 7 of 8
+    T* node = replica + 4 * corners.index[j];
+    atomicAdd(node, w);
+    DA_UNROLL
+    for (int k = 0; k < 3; ++k) atomicAdd(node + k + 1, q[k] * w);
+  }
+}
+
+// guess: [n, 3, level]; coarse_guess: [n, 3, coarse] or null at the coarsest level.
+template <typename T>
+__global__ void resolve_kernel(const T* __restrict__ acc, const T* __restrict__ coarse_guess, T* __restrict__ guess,
+                               const Grid level, const Grid coarse) {
+  const int64_t t = point_index();
+  if (t >= level.cells) return;
+  const int64_t b = blockIdx.y;
+  T g[3];
+  resolve_guess(acc + b * 4 * level.cells, level, coarse_guess ? coarse_guess + b * 3 * coarse.cells : nullptr,
+                coarse, t, g);
+  DA_UNROLL
+  for (int k = 0; k < 3; ++k) guess[(b * 3 + k) * level.cells + t] = g[k];
+}
+
+// DISP: field is a displacement on the target grid, the guess is -disp and the output p - u; else the
+// guess is the finest level resolved from acc and coarse_guess, and the output p.
+template <typename T, bool DISP>
+__global__ void solve_kernel(const T* __restrict__ field, const T* __restrict__ acc,
+                             const T* __restrict__ coarse_guess, T* __restrict__ out, bool* __restrict__ valid,
+                             const Grid src, const Grid target, const Grid coarse, const int64_t iters, const T tol) {
+  const int64_t t = point_index();
+  if (t >= target.cells) return;
+  const int64_t b = blockIdx.y;
+  const T* item = field + b * 3 * src.cells;
+  T u[3], p[3];
+  identity_point(t, target, u);
+  if (DISP) {
+    DA_UNROLL
+    for (int k = 0; k < 3; ++k) p[k] = u[k] - item[k * src.cells + t];
+  } else {
+    resolve_guess(acc + b * 4 * target.cells, target, coarse_guess ? coarse_guess + b * 3 * coarse.cells : nullptr,
+                  coarse, t, p);
+  }
+  DA_UNROLL
+  for (int k = 0; k < 3; ++k) p[k] = clamp_to(p[k], T(-1), T(1));
+  newton_solve<T, DISP>(item, src, u, p, iters);
+  valid[b * target.cells + t] = is_valid<T, DISP>(item, src, target, u, p, tol);
+  DA_UNROLL
+  for (int k = 0; k < 3; ++k) out[(b * 3 + k) * target.cells + t] = DISP ? p[k] - u[k] : p[k];
+}
+
+// out [n, 3, src] zeros: out[corners of p] -= w * J(p)^-T g. DISP: inverse holds p - u.
+template <typename T, bool DISP>
+__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ field,
+                                const T* __restrict__ inverse, const bool* __restrict__ valid, T* __restrict__ out,
+                                const Grid src, const Grid target) {
+  const int64_t t = point_index();
+  if (t >= target.cells) return;
+  const int64_t b = blockIdx.y;
+  if (!valid[b * target.cells + t]) return;
+  const int64_t base = b * 3 * target.cells + t;
+  T p[3], g[3];
+  DA_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    p[k] = inverse[base + k * target.cells];
+    g[k] = grad[base + k * target.cells];
+  }
+  if (DISP) {
+    T u[3];
+    identity_point(t, target, u);
+    DA_UNROLL
+    for (int k = 0; k < 3; ++k) p[k] += u[k];
+  }
+  const T* item = field + b * 3 * src.cells;
+  T lambda[3];
+  if (!backward_lambda<T, DISP>(item, src, p, g, lambda)) return;
+  Corners<T> corners;
+  cell_corners(p, src, corners);
+  T* item_out = out + b * 3 * src.cells;
+  DA_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    DA_UNROLL
+    for (int k = 0; k < 3; ++k) atomicAdd(item_out + k * src.cells + corners.index[j], -corners.weight[j] * lambda[k]);
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------------
+
+// The splat pyramid of coords, coarse to fine: the finest level's accumulators [n, target, 4] and the
+// resolved guess of the next coarser level [n, 3, levels[1]] (undefined for a single level).
+template <typename T>
+std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const std::vector<Grid>& levels) {
+  const int64_t n = coords.size(0);
+  const Grid src = spatial_grid(coords);
+  cudaStream_t stream = current_stream();
+  const dim3 splat_grid = launch_grid(src.cells, n);
+  at::Tensor coarse;
+  for (size_t level = levels.size() - 1;; --level) {
+    const Grid& grid = levels[level];
+    const int64_t replicas =
+        std::max<int64_t>(1, std::min<int64_t>(splat_grid.x, 8 * src.cells / (grid.cells * kAtomicsPerAddress)));
+    at::Tensor acc = at::zeros({n, replicas, grid.cells, 4}, coords.options());
+    splat_kernel<T><<<splat_grid, kThreads, 0, stream>>>(coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(), src,
+                                                         grid, static_cast<int>(replicas));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    acc = replicas > 1 ? acc.sum(1) : acc.view({n, grid.cells, 4});
+    if (level == 0) return {acc, coarse};
+    at::Tensor guess = new_output({n, 3, grid.cells}, coords.options());
+    const Grid& coarse_grid = levels[std::min(level + 1, levels.size() - 1)];
+    resolve_kernel<T><<<launch_grid(grid.cells, n), kThreads, 0, stream>>>(
+        acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
+        guess.mutable_data_ptr<T>(), grid, coarse_grid);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    coarse = guess;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArrayRef out_shape, int64_t iters,
+                                          double tol) {
+  check_field(coords, "coords");
+  check_options(iters, tol);
+  const Grid target = check_out_shape(out_shape);
+  const c10::cuda::CUDAGuard guard(coords.device());
+  const Grid src = spatial_grid(coords);
+  const int64_t n = coords.size(0);
+  const std::vector<Grid> levels = pyramid(target);
+  const Grid& coarse_grid = levels[std::min<size_t>(1, levels.size() - 1)];
+  at::Tensor inverse = new_output({n, 3, target.size[0], target.size[1], target.size[2]}, coords.options());
+  at::Tensor valid = at::empty({n, 1, target.size[0], target.size[1], target.size[2]}, coords.options().dtype(at::kBool));
+  if (n == 0) return {inverse, valid};
+  at::globalContext().alertNotDeterministic("deepatlas_fast invert (atomic splat of the initial guess)");
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
+    using T = scalar_t;
+    const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
+    solve_kernel<T, false><<<launch_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+        coords.const_data_ptr<T>(), acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
+        inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>(), src, target, coarse_grid, iters, T(tol));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {inverse, valid};
+}
+
+std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, int64_t iters, double tol) {
+  check_field(disp, "disp");
+  check_options(iters, tol);
+  const c10::cuda::CUDAGuard guard(disp.device());
+  const Grid grid = spatial_grid(disp);
+  const int64_t n = disp.size(0);
+  at::Tensor inverse = new_output(disp.sizes(), disp.options());
+  at::Tensor valid = at::empty({n, 1, grid.size[0], grid.size[1], grid.size[2]}, disp.options().dtype(at::kBool));
+  if (n == 0) return {inverse, valid};
+  AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
+    using T = scalar_t;
+    solve_kernel<T, true><<<launch_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
+        disp.const_data_ptr<T>(), nullptr, nullptr, inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>(),
+        grid, grid, grid, iters, T(tol));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {inverse, valid};
+}
+
+template <bool DISP>
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
+                    const at::Tensor& valid) {
+  const char* field_name = DISP ? "disp" : "coords";
+  const Grid target = check_backward(grad, field, field_name, inverse, DISP ? "inverse_disp" : "inverse", valid);
+  TORCH_CHECK(!DISP || inverse.sizes() == field.sizes(), "deepatlas_fast: inverse_disp must have the shape of disp ",
+              field.sizes(), ", got ", inverse.sizes());
+  const c10::cuda::CUDAGuard guard(field.device());
+  const Grid src = spatial_grid(field);
+  const int64_t n = field.size(0);
+  at::Tensor out = at::zeros(field.sizes(), field.options());
+  if (n == 0) return out;
+  at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (atomic splat)");
+  AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward", [&] {
+    using T = scalar_t;
+    backward_kernel<T, DISP><<<launch_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+        grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
+        valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), src, target);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace deepatlas_fast
+
+TORCH_LIBRARY_IMPL(deepatlas_fast_C, CUDA, m) {
+  m.impl("invert", &deepatlas_fast::invert);
+  m.impl("invert_backward", &deepatlas_fast::backward<false>);
+  m.impl("invert_displacement", &deepatlas_fast::invert_displacement);
+  m.impl("invert_displacement_backward", &deepatlas_fast::backward<true>);
+}
