@@ -55,7 +55,7 @@ run_tests() {  # name, limit, files...
 }
 
 if has gputests; then
-  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" tests/test_triton_gpu.py
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" tests/test_gpu.py
 fi
 
 if has report; then
@@ -77,8 +77,8 @@ if has train; then  # "fused" = the triton backend until the defaults name it (D
 fi
 
 if has cudatests; then
-  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_triton_sample.py tests/test_triton_lncc.py \
-    tests/test_triton_jacobian.py tests/test_triton_invert.py
+  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_kernels_sample.py tests/test_kernels_lncc.py \
+    tests/test_kernels_jacobian.py tests/test_kernels_invert.py
 fi
 
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing)

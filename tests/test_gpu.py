@@ -1,6 +1,7 @@
-"""The Triton backend on a real GPU: realistic sizes against the float64 reference, no host
-synchronisation, CUDA-graph capture and torch.compile. Skipped without CUDA (the interpreter
-tests in test_triton_*.py cover the same kernels on the CPU)."""
+"""The GPU kernel backends (triton, and the C++ cuda kernels where built) on a real GPU: realistic sizes
+against the float64 reference, no host synchronisation, CUDA-graph capture and torch.compile. Skipped
+without CUDA (test_kernels_*.py cover the same kernels on the CPU: Triton under its interpreter, and the
+C++ per-point math through the cpu backend)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ pytestmark = [
 ]
 DEVICE = "cuda"
 SHAPE = (96, 80, 112)
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def gpu_backend(request):
+    from deepatlas_fast.ops import registry
+
+    missing = [op for op in OPS if registry.unavailable_reason(request.param, op, "cuda")]
+    if missing:
+        pytest.skip(f"backend {request.param} cannot run {missing} on cuda here: "
+                    f"{registry.unavailable_reason(request.param, missing[0], 'cuda')}")
+    return request.param
 
 
 def _field(seed, shape=SHAPE, batch=1, amplitude=0.04):
@@ -66,7 +78,7 @@ def _rel(x, y):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_float32_matches_float64_reference_at_realistic_size(op):
+def test_float32_matches_float64_reference_at_realistic_size(gpu_backend, op):
     """float32 kernels against the float64 reference: within 1e-4 (values) / 1e-3 (gradients), or no
     worse than the float32 reference where float32 itself cannot do better. The coordinate gradient of
     trilinear sampling is piecewise constant per cell, so float32 rounding of a position near a cell
@@ -75,7 +87,7 @@ def test_float32_matches_float64_reference_at_realistic_size(op):
     fn, tensors = _inputs(op, seed=OPS.index(op))
     ref_out, ref_grads = _run(fn, tensors, "reference", torch.float64, 99)
     ref32_out, ref32_grads = _run(fn, tensors, "reference", torch.float32, 99)
-    out, grads = _run(fn, tensors, "triton", torch.float32, 99)
+    out, grads = _run(fn, tensors, gpu_backend, torch.float32, 99)
     assert torch.isfinite(out).all()
     assert _rel(out, ref_out) < max(1e-4, 1.5 * _rel(ref32_out, ref_out)), op
     for gr, ref, ref32 in zip(grads, ref_grads, ref32_grads):
@@ -84,20 +96,20 @@ def test_float32_matches_float64_reference_at_realistic_size(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_float64_matches_reference(op):
+def test_float64_matches_reference(gpu_backend, op):
     fn, tensors = _inputs(op, seed=10 + OPS.index(op))
     ref_out, ref_grads = _run(fn, tensors, "reference", torch.float64, 7)
-    out, grads = _run(fn, tensors, "triton", torch.float64, 7)
+    out, grads = _run(fn, tensors, gpu_backend, torch.float64, 7)
     assert _rel(out, ref_out) < 1e-9, op
     for gr, ref in zip(grads, ref_grads):
         assert _rel(gr, ref) < 1e-7, op
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_no_host_synchronisation(op):
+def test_no_host_synchronisation(gpu_backend, op):
     fn, tensors = _inputs(op, seed=20)
     leaves = [t.float().detach().requires_grad_() for t in tensors]
-    with da.use_backend("triton"), da.finite_checks(False):
+    with da.use_backend(gpu_backend), da.finite_checks(False):
         fn(*leaves).sum().backward()  # compile/warm up first: compilation may synchronise
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -108,10 +120,10 @@ def test_no_host_synchronisation(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_graph_capture_replays_the_op(op):
+def test_cuda_graph_capture_replays_the_op(gpu_backend, op):
     fn, tensors = _inputs(op, seed=30)
     static = [t.float().contiguous() for t in tensors]
-    with da.use_backend("triton"), da.finite_checks(False):
+    with da.use_backend(gpu_backend), da.finite_checks(False):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
@@ -129,7 +141,7 @@ def test_cuda_graph_capture_replays_the_op(op):
     torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_compile_fullgraph_uses_the_kernels():
+def test_torch_compile_fullgraph_uses_the_kernels(gpu_backend):
     a = torch.randn(1, 1, 48, 40, 56, device=DEVICE)
     disp = smooth_displacement((48, 40, 56), g(3), 0.05).float().to(DEVICE).requires_grad_()
 
@@ -137,7 +149,7 @@ def test_torch_compile_fullgraph_uses_the_kernels():
         moved = da.warp(a, disp)
         return da.lncc(moved, a, 5) + 0.1 * da.jacobian_var(identity_coords((48, 40, 56), device=DEVICE) + disp)
 
-    with da.use_backend("triton"):
+    with da.use_backend(gpu_backend):
         eager = loss(a, disp)
         compiled = torch.compile(loss, fullgraph=True)(a, disp)
         compiled.backward()
