@@ -217,9 +217,13 @@ def test_fused_and_stock_give_the_same_loss():
     out = model(x)
     tf, terms_f = deepatlas_loss(model, x, w, ops="fused", outputs=out)
     ts, terms_s = deepatlas_loss(model, x, w, ops="stock", outputs=out)
+    # float32 LNCC of the stock ops (conv window sums, E[x^2]-E[x]^2) is off by ~1e-4 relative on these
+    # smooth images (measured: stock -6.7e-5, reference backend -8.8e-5, cpu kernels +2.6e-8 from float64),
+    # so the explicit term and the total agree to 3e-4, the other terms to 1e-4
     for name in ("explicit", "jacobian", "logdet", "folding", "collapse", "bound"):
-        torch.testing.assert_close(terms_f[name], terms_s[name], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(tf, ts, rtol=1e-4, atol=1e-6)
+        rtol = 3e-4 if name == "explicit" else 1e-4
+        torch.testing.assert_close(terms_f[name], terms_s[name], rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(tf, ts, rtol=3e-4, atol=1e-6)
     # gradients: equal up to float32 rounding, which the LNCC variance (a difference of window sums)
     # amplifies on these very smooth images, most for the atlas
     for param, tol in ((model.atlas, 3e-2), (model.coordnet.heads[0].weight, 1e-3)):

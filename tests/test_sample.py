@@ -94,6 +94,7 @@ def test_coords_only_backward_skips_volume_gradient(monkeypatch):
         return original(grad, vol, coords, padding, need_vol, need_coords)
 
     monkeypatch.setattr(backend_reference, "sample_backward", spy)
+    da.set_backend("reference")  # the spied backend (conftest restores the default)
     g = torch.Generator().manual_seed(3)
     vol = torch.randn(1, 2, 6, 6, 6, generator=g)
     coords = rand_coords(1, (4, 4, 4), g, dtype=torch.float32).requires_grad_()
