@@ -189,6 +189,21 @@ def measure_loss_side(case: Case, images, ops, repeats):
     return statistics.median(times), peak
 
 
+def table_cells(make_case, cells, oom_cells: str, device) -> str:
+    """``cells(case)`` for a fresh case, or ``oom_cells`` when it runs out of memory; frees the case."""
+    case = None
+    try:
+        case = make_case()
+        return cells(case)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if not _oom(exc):
+            raise
+        return oom_cells
+    finally:
+        del case
+        _free(device)
+
+
 def fits(args, device, ops, bf16, ckpt, side, batch) -> bool:
     case = images = None
     try:
@@ -247,20 +262,16 @@ def main(argv=None) -> int:
         for ckpt in args.checkpointing:
             for ops in args.ops:
                 for precision in args.precision:
-                    case = None
-                    try:
-                        case = Case(args, device, ckpt == "on")  # same seeded weights for every row
-                        if images is None:
-                            images = make_pair(side, args.batch, device)
+                    if images is None:
+                        images = make_pair(side, args.batch, device)
+
+                    def step_row(case, images=images, ops=ops, precision=precision):
                         ms, peak, loss = measure(case, images, ops, precision == "bf16", args.repeats)
-                        row = (f"| {side}^3 | {ops} | {precision} | {ckpt} | {ms:.1f} | "
-                               f"{'n/a' if peak is None else f'{peak:.0f}'} | {loss:.4f} |")
-                    except (RuntimeError, torch.OutOfMemoryError) as exc:
-                        if not _oom(exc):
-                            raise
-                        row = f"| {side}^3 | {ops} | {precision} | {ckpt} | OOM | OOM | - |"
-                    del case
-                    _free(device)
+                        return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} | {loss:.4f} |"
+
+                    # same seeded weights for every row
+                    row = f"| {side}^3 | {ops} | {precision} | {ckpt} | " + table_cells(
+                        lambda: Case(args, device, ckpt == "on"), step_row, "OOM | OOM | - |", device)
                     print(row, flush=True)
                     lines.append(row)
         del images
@@ -280,17 +291,12 @@ def main(argv=None) -> int:
         for side in args.sizes:
             images = make_pair(side, args.batch, device)
             for ops in args.ops:
-                case = None
-                try:
-                    case = Case(args, device, False)
+                def loss_row(case, images=images, ops=ops):
                     ms, peak = measure_loss_side(case, images, ops, args.repeats)
-                    row = f"| {side}^3 | {ops} | {ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} |"
-                except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    if not _oom(exc):
-                        raise
-                    row = f"| {side}^3 | {ops} | OOM | OOM |"
-                del case
-                _free(device)
+                    return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} |"
+
+                row = f"| {side}^3 | {ops} | " + table_cells(lambda: Case(args, device, False), loss_row,
+                                                             "OOM | OOM |", device)
                 print(row, flush=True)
                 lines.append(row)
             del images

@@ -41,6 +41,12 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _narrowed(grads, pairs):
+    """The kernel's gradients (only the requested ones) in the dtypes of their inputs."""
+    likes = [t for t, need in pairs if need]
+    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+
+
 def sample(vol, coords, padding):
     dtype = compute_dtype(vol, coords)
     return _kernels().sample(_as(vol, dtype), _as(coords, dtype), padding).to(vol.dtype)
@@ -49,8 +55,7 @@ def sample(vol, coords, padding):
 def sample_backward(grad, vol, coords, padding, need_vol, need_coords):
     dtype = compute_dtype(vol, coords)
     grads = _kernels().sample_backward(_as(grad, dtype), _as(vol, dtype), _as(coords, dtype), padding, need_vol, need_coords)
-    likes = [t for t, need in ((vol, need_vol), (coords, need_coords)) if need]
-    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+    return _narrowed(grads, ((vol, need_vol), (coords, need_coords)))
 
 
 def warp(vol, disp, padding):
@@ -61,8 +66,7 @@ def warp(vol, disp, padding):
 def warp_backward(grad, vol, disp, padding, need_vol, need_disp):
     dtype = compute_dtype(vol, disp)
     grads = _kernels().warp_backward(_as(grad, dtype), _as(vol, dtype), _as(disp, dtype), padding, need_vol, need_disp)
-    likes = [t for t, need in ((vol, need_vol), (disp, need_disp)) if need]
-    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+    return _narrowed(grads, ((vol, need_vol), (disp, need_disp)))
 
 
 def lncc(a, b, kernel_size, kernel, eps, reduction):
@@ -74,8 +78,7 @@ def lncc_backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_
     dtype = compute_dtype(a, b)
     grads = _kernels().lncc_backward(_as(grad, dtype), _as(a, dtype), _as(b, dtype), kernel_size, kernel, eps,
                                      reduction, need_a, need_b)
-    likes = [t for t, need in ((a, need_a), (b, need_b)) if need]
-    return [g.to(like.dtype) for g, like in zip(grads, likes)]
+    return _narrowed(grads, ((a, need_a), (b, need_b)))
 
 
 def jacobian_det(field, scale):
