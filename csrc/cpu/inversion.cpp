@@ -20,6 +20,7 @@
 
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/inversion.h"
+#include "deepatlas_fast/inversion_host.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -27,55 +28,6 @@ namespace {
 using namespace inversion;
 
 constexpr int64_t kGrain = 256;  // target points per parallel task: one Newton solve is ~0.5 us
-
-Grid spatial_grid(const at::Tensor& field) { return make_grid(field.size(2), field.size(3), field.size(4)); }
-
-// The splat pyramid, finest (the target grid) first.
-std::vector<Grid> pyramid(const Grid& target) {
-  std::vector<Grid> levels{target};
-  while (has_coarser(levels.back())) levels.push_back(coarser(levels.back()));
-  return levels;
-}
-
-// ---- checks (the Python layer validates too; these guard the raw torch.ops.deepatlas_fast_C ops) ----
-
-void check_field(const at::Tensor& field, const char* name) {
-  check_input(field, name, 5);
-  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: ", name, " must have 3 channels, got shape ", field.sizes());
-  TORCH_CHECK(field.size(2) >= 2 && field.size(3) >= 2 && field.size(4) >= 2, "deepatlas_fast: ", name,
-              " must have every spatial size >= 2, got shape ", field.sizes());
-}
-
-void check_options(int64_t iters, double tol) {
-  TORCH_CHECK(iters >= 0, "deepatlas_fast: iters must be >= 0, got ", iters);
-  TORCH_CHECK(tol > 0, "deepatlas_fast: tol must be positive, got ", tol);
-}
-
-Grid check_out_shape(at::IntArrayRef out_shape) {
-  TORCH_CHECK(out_shape.size() == 3 && out_shape[0] >= 2 && out_shape[1] >= 2 && out_shape[2] >= 2,
-              "deepatlas_fast: out_shape must be 3 sizes (D, H, W), each >= 2, got ", out_shape);
-  return make_grid(out_shape[0], out_shape[1], out_shape[2]);
-}
-
-// grad and inverse [N, 3, *target] in field's dtype, valid [N, 1, *target] bool; returns the target grid.
-Grid check_backward(const at::Tensor& grad, const at::Tensor& field, const char* field_name,
-                    const at::Tensor& inverse, const char* inverse_name, const at::Tensor& valid) {
-  check_field(field, field_name);
-  check_field(inverse, inverse_name);
-  check_same_dtype(field, field_name, inverse, inverse_name);
-  TORCH_CHECK(inverse.size(0) == field.size(0), "deepatlas_fast: ", inverse_name, " must have the batch size of ",
-              field_name, " (", field.size(0), "), got shape ", inverse.sizes());
-  check_input(grad, "grad", 5);
-  check_same_dtype(field, field_name, grad, "grad");
-  TORCH_CHECK(grad.sizes() == inverse.sizes(), "deepatlas_fast: grad must have the shape of ", inverse_name, " ",
-              inverse.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(valid.scalar_type() == at::kBool, "deepatlas_fast: valid must be bool, got ", valid.scalar_type());
-  TORCH_CHECK(valid.is_contiguous(), "deepatlas_fast: valid must be contiguous");
-  TORCH_CHECK(valid.dim() == 5 && valid.size(0) == inverse.size(0) && valid.size(1) == 1 &&
-                  valid.sizes().slice(2) == inverse.sizes().slice(2),
-              "deepatlas_fast: valid must have shape [N, 1, *", inverse_name, ".shape[2:]], got ", valid.sizes());
-  return spatial_grid(inverse);
-}
 
 // ---- forward ----------------------------------------------------------------------------------------
 
@@ -201,38 +153,32 @@ void solve(const T* field, const Grid& src, const T* acc, const T* coarse, const
 
 std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArrayRef out_shape, int64_t iters,
                                           double tol) {
-  check_field(coords, "coords");
-  check_options(iters, tol);
-  const Grid target = check_out_shape(out_shape);
+  const Grid target = check_invert(coords, out_shape, iters, tol);
   const Grid src = spatial_grid(coords);
   const int64_t n = coords.size(0);
   const std::vector<Grid> levels = pyramid(target);
   const Grid& coarse_grid = levels[std::min<size_t>(1, levels.size() - 1)];
-  at::Tensor inverse = new_output({n, 3, target.size[0], target.size[1], target.size[2]}, coords.options());
-  at::Tensor valid = at::empty({n, 1, target.size[0], target.size[1], target.size[2]}, coords.options().dtype(at::kBool));
+  const Outputs out = new_outputs(coords, target);
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
     using T = scalar_t;
     const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
     solve<T, false>(coords.const_data_ptr<T>(), src, acc.const_data_ptr<T>(),
                     coarse.defined() ? coarse.const_data_ptr<T>() : nullptr, coarse_grid, target, n, iters, T(tol),
-                    inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>());
+                    out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>());
   });
-  return {inverse, valid};
+  return {out.inverse, out.valid};
 }
 
 std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, int64_t iters, double tol) {
-  check_field(disp, "disp");
-  check_options(iters, tol);
-  const Grid grid = spatial_grid(disp);
+  const Grid grid = check_invert_displacement(disp, iters, tol);
   const int64_t n = disp.size(0);
-  at::Tensor inverse = new_output(disp.sizes(), disp.options());
-  at::Tensor valid = at::empty({n, 1, grid.size[0], grid.size[1], grid.size[2]}, disp.options().dtype(at::kBool));
+  const Outputs out = new_outputs(disp, grid);
   AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
     using T = scalar_t;
     solve<T, true>(disp.const_data_ptr<T>(), grid, nullptr, nullptr, grid, grid, n, iters, T(tol),
-                   inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>());
+                   out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>());
   });
-  return {inverse, valid};
+  return {out.inverse, out.valid};
 }
 
 // ---- backward ---------------------------------------------------------------------------------------
@@ -274,11 +220,8 @@ void backward_slab(const T* grad, const T* field, const T* inverse, const bool* 
 template <bool DISP>
 at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
                     const at::Tensor& valid) {
-  const char* field_name = DISP ? "disp" : "coords";
-  const Grid target = check_backward(grad, field, field_name, inverse, DISP ? "inverse_disp" : "inverse", valid);
+  const Grid target = check_backward(grad, field, inverse, valid, DISP);
   const Grid src = spatial_grid(field);
-  TORCH_CHECK(!DISP || inverse.sizes() == field.sizes(), "deepatlas_fast: inverse_disp must have the shape of disp ",
-              field.sizes(), ", got ", inverse.sizes());
   const int64_t n = field.size(0);
   at::Tensor out = at::zeros(field.sizes(), field.options());
   const int64_t slabs = std::min<int64_t>(src.size[0], at::get_num_threads());
@@ -304,9 +247,4 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CPU, m) {
-  m.impl("invert", &deepatlas_fast::invert);
-  m.impl("invert_backward", &deepatlas_fast::backward<false>);
-  m.impl("invert_displacement", &deepatlas_fast::invert_displacement);
-  m.impl("invert_displacement_backward", &deepatlas_fast::backward<true>);
-}
+DEEPATLAS_FAST_INVERSION_IMPL(CPU)

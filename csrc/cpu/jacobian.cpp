@@ -24,9 +24,12 @@
 
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/jacobian.h"
+#include "deepatlas_fast/jacobian_host.h"
 
 namespace deepatlas_fast {
 namespace {
+
+using namespace jacobian;
 
 // On the row driver and its per-voxel lambdas, for the reason given at DA_HD_INLINE (jacobian.h).
 #define DA_ALWAYS_INLINE __attribute__((always_inline))
@@ -34,32 +37,6 @@ namespace {
 constexpr int64_t kChunkVoxels = 16384;  // voxels per statistics chunk (fixed: determinism)
 constexpr int64_t kTaskVoxels = 32768;   // minimum voxels per parallel task
 constexpr int kUComponents = 9;          // U[k][j] planes in the backward's ring
-
-struct Geometry {
-  int64_t n, size[3], plane, voxels;  // size = (D, H, W), plane = H * W, voxels = D * H * W
-};
-
-Geometry check_field(const at::Tensor& field) {
-  check_input(field, "field", 5);
-  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: field must have 3 channels (D, H, W components), got shape ",
-              field.sizes());
-  Geometry g;
-  g.n = field.size(0);
-  for (int a = 0; a < 3; ++a) {
-    g.size[a] = field.size(2 + a);
-    TORCH_CHECK(g.size[a] >= 2, "deepatlas_fast: field must have every spatial size >= 2, got shape ", field.sizes());
-  }
-  g.plane = g.size[1] * g.size[2];
-  g.voxels = g.size[0] * g.plane;
-  return g;
-}
-
-// prod(scale): the factor of det (jacobian.h).
-double scale_factor(const std::optional<at::ArrayRef<double>>& scale) {
-  if (!scale.has_value()) return 1.0;
-  TORCH_CHECK(scale->size() == 3, "deepatlas_fast: scale must have 3 entries (one per channel), got ", scale->size());
-  return (*scale)[0] * (*scale)[1] * (*scale)[2];
-}
 
 int64_t tasks_grain(int64_t voxels_per_item) { return std::max<int64_t>(1, kTaskVoxels / voxels_per_item); }
 
@@ -257,11 +234,7 @@ at::Tensor jacobian_det(const at::Tensor& field, std::optional<at::ArrayRef<doub
 at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
                                  std::optional<at::ArrayRef<double>> scale) {
   const Geometry g = check_field(field);
-  check_input(grad, "grad", 5);
-  check_same_dtype(field, "field", grad, "grad");
-  TORCH_CHECK(grad.size(0) == g.n && grad.size(1) == 1 && grad.size(2) == g.size[0] && grad.size(3) == g.size[1] &&
-                  grad.size(4) == g.size[2],
-              "deepatlas_fast: grad must have shape [N, 1, D, H, W] of field ", field.sizes(), ", got ", grad.sizes());
+  check_det_grad(grad, field, g);
   const double s = scale_factor(scale);
   at::Tensor grad_field = new_output(field.sizes(), field.options());
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_det_backward", [&] {
@@ -295,9 +268,7 @@ std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::op
 at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
                                  std::optional<at::ArrayRef<double>> scale, bool normalized) {
   const Geometry g = check_field(field);
-  TORCH_CHECK(grad_var.numel() == 1,
-              "deepatlas_fast: grad_var must hold one value (the variance's gradient), got shape ", grad_var.sizes());
-  check_same_dtype(field, "field", grad_var, "grad_var");
+  check_var_grad(grad_var, field);
   const double s = scale_factor(scale);
   at::Tensor grad_field = new_output(field.sizes(), field.options());
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_var_backward", [&] {
@@ -318,9 +289,4 @@ at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& f
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CPU, m) {
-  m.impl("jacobian_det", &deepatlas_fast::jacobian_det);
-  m.impl("jacobian_det_backward", &deepatlas_fast::jacobian_det_backward);
-  m.impl("jacobian_var", &deepatlas_fast::jacobian_var);
-  m.impl("jacobian_var_backward", &deepatlas_fast::jacobian_var_backward);
-}
+DEEPATLAS_FAST_JACOBIAN_IMPL(CPU)

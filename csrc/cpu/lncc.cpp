@@ -25,6 +25,7 @@
 
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/lncc.h"
+#include "deepatlas_fast/lncc_host.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -34,6 +35,7 @@ using Stats = lncc::WindowStats<Acc>;
 
 constexpr int64_t kSlab = 16;  // output planes per work unit (fixed: results independent of the thread count)
 constexpr int kMoments = 5;    // a', b', a'^2, b'^2, a'b'
+constexpr int64_t kMaxKernelSize = (int64_t(1) << 20) - 1;  // taps per axis accepted (the window is a vector)
 
 struct Shape {
   int64_t nc, d, h, w, plane, volume;
@@ -63,28 +65,17 @@ std::vector<Acc> coverage(int64_t n, const Window& win) {
 
 Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
                       double eps, c10::string_view reduction) {
-  check_input(a, "a", 5);
-  check_input(b, "b", 5);
-  check_same_dtype(a, "a", b, "b");
-  TORCH_CHECK(a.sizes() == b.sizes(), "deepatlas_fast: b must have the shape of a ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(a.numel() > 0, "deepatlas_fast: a must not be empty, got shape ", a.sizes());
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size < (int64_t(1) << 20),
-              "deepatlas_fast: kernel_size must be a positive odd integer, got ", kernel_size);
-  TORCH_CHECK(kernel == "box" || kernel == "gaussian", "deepatlas_fast: kernel must be 'box' or 'gaussian', got '",
-              kernel, "'");
-  TORCH_CHECK(eps > 0, "deepatlas_fast: eps must be > 0, got ", eps);
-  TORCH_CHECK(reduction == "mean" || reduction == "none", "deepatlas_fast: reduction must be 'mean' or 'none', got '",
-              reduction, "'");
+  const lncc::Options o = lncc::check_arguments(a, b, kernel_size, kernel, eps, reduction, kMaxKernelSize);
   Problem p;
   p.shape = {a.size(0) * a.size(1), a.size(2), a.size(3), a.size(4), a.size(3) * a.size(4), 0};
   p.shape.volume = p.shape.d * p.shape.plane;
   Window& win = p.window;
-  win.k = static_cast<int>(kernel_size);
+  win.k = o.k;
   win.half = win.k / 2;
-  win.slides = kernel == "box" && win.k > 1;
+  win.slides = !o.gaussian && win.k > 1;
   Acc total = 0;
   for (int j = 0; j < win.k; ++j) {
-    win.taps.push_back(lncc::window_tap(j, win.k, kernel == "gaussian"));
+    win.taps.push_back(lncc::window_tap(j, win.k, o.gaussian));
     total += win.taps.back();
   }
   win.volume = total * total * total;
@@ -92,8 +83,8 @@ Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_s
   win.cover_z = coverage(p.shape.d, win);
   win.cover_y = coverage(p.shape.h, win);
   win.cover_x = coverage(p.shape.w, win);
-  p.eps = eps;
-  p.mean = reduction == "mean";
+  p.eps = o.eps;
+  p.mean = o.mean;
   return p;
 }
 
@@ -437,17 +428,8 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
                                       int64_t kernel_size, c10::string_view kernel, double eps,
                                       c10::string_view reduction, bool need_a, bool need_b) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  check_same_dtype(a, "a", grad, "grad");
-  if (p.mean) {
-    TORCH_CHECK(grad.numel() == 1, "deepatlas_fast: grad must have one element for reduction='mean', got shape ",
-                grad.sizes());
-  } else {
-    check_input(grad, "grad", 5);
-    TORCH_CHECK(grad.sizes() == a.sizes(), "deepatlas_fast: grad must have the shape of a ", a.sizes(), ", got ",
-                grad.sizes());
-  }
-  std::vector<at::Tensor> grads;
-  if (!need_a && !need_b) return grads;
+  lncc::check_grad(grad, a, p.mean);
+  if (!need_a && !need_b) return {};
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_backward", [&] {
@@ -465,15 +447,10 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
       for (int64_t u = begin; u < end; ++u) worker.run(unit_at(p.shape, u));
     });
   });
-  if (need_a) grads.push_back(grad_a);
-  if (need_b) grads.push_back(grad_b);
-  return grads;
+  return requested_gradients(need_a, grad_a, need_b, grad_b);
 }
 
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CPU, m) {
-  m.impl("lncc", &deepatlas_fast::lncc_forward);
-  m.impl("lncc_backward", &deepatlas_fast::lncc_backward);
-}
+DEEPATLAS_FAST_LNCC_IMPL(CPU)

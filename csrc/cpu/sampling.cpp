@@ -16,49 +16,15 @@
 #include <vector>
 
 #include "deepatlas_fast/host.h"
+#include "deepatlas_fast/sampling_host.h"
 #include "deepatlas_fast/trilinear.h"
 
 namespace deepatlas_fast {
 namespace {
 
+using namespace sampling;
+
 constexpr int64_t kGrain = 2048;  // points per parallel task
-
-struct Geometry {
-  int64_t n, c, size[3], volume, points, out_size[3];
-};
-
-Geometry geometry(const at::Tensor& vol, const at::Tensor& field) {
-  Geometry g;
-  g.n = vol.size(0);
-  g.c = vol.size(1);
-  g.volume = 1;
-  g.points = 1;
-  for (int a = 0; a < 3; ++a) {
-    g.size[a] = vol.size(2 + a);
-    g.out_size[a] = field.size(2 + a);
-    g.volume *= g.size[a];
-    g.points *= g.out_size[a];
-  }
-  return g;
-}
-
-bool zeros_padding(c10::string_view padding) {
-  TORCH_CHECK(padding == "zeros" || padding == "border", "deepatlas_fast: padding must be 'border' or 'zeros'");
-  return padding == "zeros";
-}
-
-// Coordinates of point p of batch b: the field itself (sample) or identity + displacement (warp).
-template <typename T, bool WARP>
-inline void point_coords(const T* field, const Geometry& g, int64_t b, int64_t p, T coord[3]) {
-  const T* base = field + b * 3 * g.points + p;
-  for (int a = 0; a < 3; ++a) coord[a] = base[a * g.points];
-  if (WARP) {
-    const int64_t w = p % g.out_size[2], h = (p / g.out_size[2]) % g.out_size[1], d = p / (g.out_size[1] * g.out_size[2]);
-    coord[0] += identity_coordinate<T>(d, g.out_size[0]);
-    coord[1] += identity_coordinate<T>(h, g.out_size[1]);
-    coord[2] += identity_coordinate<T>(w, g.out_size[2]);
-  }
-}
 
 // Runs body(b, p) for every point of every batch, in parallel; no division per point.
 template <typename Body>
@@ -79,9 +45,7 @@ template <typename T, bool WARP>
 void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g, bool zeros) {
   for_each_point(g, [&](int64_t b, int64_t p) {
     SamplePoint<T> point;
-    T coord[3];
-    point_coords<T, WARP>(field, g, b, p, coord);
-    sample_point(coord, g.size, zeros, point);
+    sample_field_point<T, WARP>(field, g, b, p, zeros, point);
     const Corners<T>& k = point.corners;
     for (int64_t ch = 0; ch < g.c; ++ch) {
       const T* plane = vol + (b * g.c + ch) * g.volume;
@@ -107,9 +71,7 @@ void point_pass(const T* grad, const T* vol, const T* field, T* grad_field, T* g
                 bool zeros) {
   for_each_point(g, [&](int64_t b, int64_t p) {
     SamplePoint<T> point;
-    T coord[3];
-    point_coords<T, WARP>(field, g, b, p, coord);
-    sample_point(coord, g.size, zeros, point);
+    sample_field_point<T, WARP>(field, g, b, p, zeros, point);
     const Corners<T>& k = point.corners;
     T d_pos[3] = {0, 0, 0};
     for (int64_t ch = 0; ch < g.c; ++ch) {
@@ -149,9 +111,7 @@ void plane_splat(const T* grad, const T* field, T* grad_vol, const Geometry& g, 
       T* plane = grad_vol + plane_id * g.volume;
       const T* up = grad + plane_id * g.points;
       for (int64_t p = 0; p < g.points; ++p) {
-        T coord[3];
-        point_coords<T, WARP>(field, g, b, p, coord);
-        sample_point(coord, g.size, zeros, point);
+        sample_field_point<T, WARP>(field, g, b, p, zeros, point);
         const Corners<T>& k = point.corners;
         for (int j = 0; j < 8; ++j)
           if (k.inside[j]) plane[k.index[j]] += up[p] * k.weight[j];
@@ -162,11 +122,8 @@ void plane_splat(const T* grad, const T* field, T* grad_vol, const Geometry& g, 
 
 template <bool WARP>
 at::Tensor forward(const at::Tensor& vol, const at::Tensor& field, c10::string_view padding) {
-  check_input(vol, "vol", 5);
-  check_input(field, WARP ? "disp" : "coords", 5);
-  check_same_dtype(vol, "vol", field, WARP ? "disp" : "coords");
+  const Geometry g = check_forward(vol, field, WARP);
   const bool zeros = zeros_padding(padding);
-  const Geometry g = geometry(vol, field);
   at::Tensor out = new_output({g.n, g.c, g.out_size[0], g.out_size[1], g.out_size[2]}, vol.options());
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "deepatlas_fast_sample", [&] {
     forward_kernel<scalar_t, WARP>(vol.const_data_ptr<scalar_t>(), field.const_data_ptr<scalar_t>(),
@@ -178,15 +135,9 @@ at::Tensor forward(const at::Tensor& vol, const at::Tensor& field, c10::string_v
 template <bool WARP>
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, const at::Tensor& field,
                                  c10::string_view padding, bool need_vol, bool need_field) {
-  check_input(grad, "grad", 5);
-  check_input(vol, "vol", 5);
-  check_input(field, WARP ? "disp" : "coords", 5);
-  check_same_dtype(vol, "vol", field, WARP ? "disp" : "coords");
-  check_same_dtype(vol, "vol", grad, "grad");
+  const Geometry g = check_backward(grad, vol, field, WARP);
   const bool zeros = zeros_padding(padding);
-  const Geometry g = geometry(vol, field);
-  std::vector<at::Tensor> grads;
-  if (!need_vol && !need_field) return grads;
+  if (!need_vol && !need_field) return {};
   at::Tensor grad_vol = need_vol ? at::zeros(vol.sizes(), vol.options()) : at::Tensor();
   at::Tensor grad_field = need_field ? new_output(field.sizes(), field.options()) : at::Tensor();
   const bool by_plane = at::globalContext().deterministicAlgorithms() || g.n * g.c >= at::get_num_threads();
@@ -208,17 +159,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, 
     }
     if (need_vol && by_plane) plane_splat<T, WARP>(up, f, gv, g, zeros);
   });
-  if (need_vol) grads.push_back(grad_vol);
-  if (need_field) grads.push_back(grad_field);
-  return grads;
+  return requested_gradients(need_vol, grad_vol, need_field, grad_field);
 }
 
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CPU, m) {
-  m.impl("sample", &deepatlas_fast::forward<false>);
-  m.impl("sample_backward", &deepatlas_fast::backward<false>);
-  m.impl("warp", &deepatlas_fast::forward<true>);
-  m.impl("warp_backward", &deepatlas_fast::backward<true>);
-}
+DEEPATLAS_FAST_SAMPLING_IMPL(CPU)

@@ -27,6 +27,7 @@
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/inversion.h"
+#include "deepatlas_fast/inversion_host.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -35,14 +36,6 @@ using namespace inversion;
 
 constexpr int64_t kAtomicsPerAddress = 1024;  // same-address atomics per accumulator replica (as Triton)
 
-Grid spatial_grid(const at::Tensor& field) { return make_grid(field.size(2), field.size(3), field.size(4)); }
-
-std::vector<Grid> pyramid(const Grid& target) {
-  std::vector<Grid> levels{target};
-  while (has_coarser(levels.back())) levels.push_back(coarser(levels.back()));
-  return levels;
-}
-
 // One thread per (item, point) on a (blocks, n) grid.
 dim3 launch_grid(int64_t points, int64_t n) {
   TORCH_CHECK(n < 65536, "deepatlas_fast: batch too large for one launch (", n, " items)");
@@ -50,53 +43,6 @@ dim3 launch_grid(int64_t points, int64_t n) {
 }
 
 __device__ __forceinline__ int64_t point_index() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
-
-// ---- checks (the Python layer validates too; these guard the raw torch.ops.deepatlas_fast_C ops) ----
-
-void check_field(const at::Tensor& field, const char* name) {
-  check_input(field, name, 5);
-  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: ", name, " must have 3 channels, got shape ", field.sizes());
-  TORCH_CHECK(field.size(2) >= 2 && field.size(3) >= 2 && field.size(4) >= 2, "deepatlas_fast: ", name,
-              " must have every spatial size >= 2, got shape ", field.sizes());
-}
-
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(t.device() == like.device(), "deepatlas_fast: ", name, " must be on the device of ", like_name, " (",
-              like.device(), "), got ", t.device());
-}
-
-void check_options(int64_t iters, double tol) {
-  TORCH_CHECK(iters >= 0, "deepatlas_fast: iters must be >= 0, got ", iters);
-  TORCH_CHECK(tol > 0, "deepatlas_fast: tol must be positive, got ", tol);
-}
-
-Grid check_out_shape(at::IntArrayRef out_shape) {
-  TORCH_CHECK(out_shape.size() == 3 && out_shape[0] >= 2 && out_shape[1] >= 2 && out_shape[2] >= 2,
-              "deepatlas_fast: out_shape must be 3 sizes (D, H, W), each >= 2, got ", out_shape);
-  return make_grid(out_shape[0], out_shape[1], out_shape[2]);
-}
-
-Grid check_backward(const at::Tensor& grad, const at::Tensor& field, const char* field_name,
-                    const at::Tensor& inverse, const char* inverse_name, const at::Tensor& valid) {
-  check_field(field, field_name);
-  check_field(inverse, inverse_name);
-  check_same_dtype(field, field_name, inverse, inverse_name);
-  TORCH_CHECK(inverse.size(0) == field.size(0), "deepatlas_fast: ", inverse_name, " must have the batch size of ",
-              field_name, " (", field.size(0), "), got shape ", inverse.sizes());
-  check_input(grad, "grad", 5);
-  check_same_dtype(field, field_name, grad, "grad");
-  TORCH_CHECK(grad.sizes() == inverse.sizes(), "deepatlas_fast: grad must have the shape of ", inverse_name, " ",
-              inverse.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(valid.scalar_type() == at::kBool, "deepatlas_fast: valid must be bool, got ", valid.scalar_type());
-  TORCH_CHECK(valid.is_contiguous(), "deepatlas_fast: valid must be contiguous");
-  TORCH_CHECK(valid.dim() == 5 && valid.size(0) == inverse.size(0) && valid.size(1) == 1 &&
-                  valid.sizes().slice(2) == inverse.sizes().slice(2),
-              "deepatlas_fast: valid must have shape [N, 1, *", inverse_name, ".shape[2:]], got ", valid.sizes());
-  check_device(grad, "grad", field, field_name);
-  check_device(inverse, inverse_name, field, field_name);
-  check_device(valid, "valid", field, field_name);
-  return spatial_grid(inverse);
-}
 
 // ---- kernels ----------------------------------------------------------------------------------------
 
@@ -234,55 +180,47 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
 
 std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArrayRef out_shape, int64_t iters,
                                           double tol) {
-  check_field(coords, "coords");
-  check_options(iters, tol);
-  const Grid target = check_out_shape(out_shape);
+  const Grid target = check_invert(coords, out_shape, iters, tol);
   const c10::cuda::CUDAGuard guard(coords.device());
   const Grid src = spatial_grid(coords);
   const int64_t n = coords.size(0);
   const std::vector<Grid> levels = pyramid(target);
   const Grid& coarse_grid = levels[std::min<size_t>(1, levels.size() - 1)];
-  at::Tensor inverse = new_output({n, 3, target.size[0], target.size[1], target.size[2]}, coords.options());
-  at::Tensor valid = at::empty({n, 1, target.size[0], target.size[1], target.size[2]}, coords.options().dtype(at::kBool));
-  if (n == 0) return {inverse, valid};
+  const Outputs out = new_outputs(coords, target);
+  if (n == 0) return {out.inverse, out.valid};
   at::globalContext().alertNotDeterministic("deepatlas_fast invert (atomic splat of the initial guess)");
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
     using T = scalar_t;
     const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
     solve_kernel<T, false><<<launch_grid(target.cells, n), kThreads, 0, current_stream()>>>(
         coords.const_data_ptr<T>(), acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
-        inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>(), src, target, coarse_grid, iters, T(tol));
+        out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>(), src, target, coarse_grid, iters,
+        T(tol));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {inverse, valid};
+  return {out.inverse, out.valid};
 }
 
 std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, int64_t iters, double tol) {
-  check_field(disp, "disp");
-  check_options(iters, tol);
+  const Grid grid = check_invert_displacement(disp, iters, tol);
   const c10::cuda::CUDAGuard guard(disp.device());
-  const Grid grid = spatial_grid(disp);
   const int64_t n = disp.size(0);
-  at::Tensor inverse = new_output(disp.sizes(), disp.options());
-  at::Tensor valid = at::empty({n, 1, grid.size[0], grid.size[1], grid.size[2]}, disp.options().dtype(at::kBool));
-  if (n == 0) return {inverse, valid};
+  const Outputs out = new_outputs(disp, grid);
+  if (n == 0) return {out.inverse, out.valid};
   AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
     using T = scalar_t;
     solve_kernel<T, true><<<launch_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
-        disp.const_data_ptr<T>(), nullptr, nullptr, inverse.mutable_data_ptr<T>(), valid.mutable_data_ptr<bool>(),
-        grid, grid, grid, iters, T(tol));
+        disp.const_data_ptr<T>(), nullptr, nullptr, out.inverse.mutable_data_ptr<T>(),
+        out.valid.mutable_data_ptr<bool>(), grid, grid, grid, iters, T(tol));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {inverse, valid};
+  return {out.inverse, out.valid};
 }
 
 template <bool DISP>
 at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
                     const at::Tensor& valid) {
-  const char* field_name = DISP ? "disp" : "coords";
-  const Grid target = check_backward(grad, field, field_name, inverse, DISP ? "inverse_disp" : "inverse", valid);
-  TORCH_CHECK(!DISP || inverse.sizes() == field.sizes(), "deepatlas_fast: inverse_disp must have the shape of disp ",
-              field.sizes(), ", got ", inverse.sizes());
+  const Grid target = check_backward(grad, field, inverse, valid, DISP);
   const c10::cuda::CUDAGuard guard(field.device());
   const Grid src = spatial_grid(field);
   const int64_t n = field.size(0);
@@ -302,9 +240,4 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CUDA, m) {
-  m.impl("invert", &deepatlas_fast::invert);
-  m.impl("invert_backward", &deepatlas_fast::backward<false>);
-  m.impl("invert_displacement", &deepatlas_fast::invert_displacement);
-  m.impl("invert_displacement_backward", &deepatlas_fast::backward<true>);
-}
+DEEPATLAS_FAST_INVERSION_IMPL(CUDA)

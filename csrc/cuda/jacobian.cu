@@ -18,9 +18,12 @@
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/jacobian.h"
+#include "deepatlas_fast/jacobian_host.h"
 
 namespace deepatlas_fast {
 namespace {
+
+using namespace jacobian;
 
 constexpr int kForwardThreads = 256;
 constexpr int kVoxelsPerThread = 4;
@@ -28,10 +31,6 @@ constexpr int kForwardVoxels = kForwardThreads * kVoxelsPerThread;  // voxels pe
 constexpr int kBackwardThreads = 128;
 constexpr int kCombineThreads = 256;
 constexpr int kPartialFields = 4;  // count, mean, M2, folds
-
-struct Geometry {
-  int64_t n, size[3], plane, voxels;  // size = (D, H, W), plane = H * W, voxels = D * H * W
-};
 
 __device__ __forceinline__ void voxel_index(int64_t p, const Geometry& g, int64_t idx[3]) {
   idx[0] = p / g.plane;
@@ -184,32 +183,12 @@ __global__ void backward_kernel(const T* __restrict__ field, const T* __restrict
 // ---------------------------------------------------------------------------------------------------
 // host
 
-Geometry check_field(const at::Tensor& field) {
-  check_input(field, "field", 5);
+// The shared checks (jacobian_host.h), and what the launches need: a CUDA field, the batch on grid.y.
+Geometry check_cuda_field(const at::Tensor& field) {
+  const Geometry g = check_field(field);
   TORCH_CHECK(field.is_cuda(), "deepatlas_fast: field must be a CUDA tensor");
-  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: field must have 3 channels (D, H, W components), got shape ",
-              field.sizes());
-  Geometry g;
-  g.n = field.size(0);
   TORCH_CHECK(g.n <= 65535, "deepatlas_fast: field batch size must be at most 65535 (grid y), got ", g.n);
-  for (int a = 0; a < 3; ++a) {
-    g.size[a] = field.size(2 + a);
-    TORCH_CHECK(g.size[a] >= 2, "deepatlas_fast: field must have every spatial size >= 2, got shape ", field.sizes());
-  }
-  g.plane = g.size[1] * g.size[2];
-  g.voxels = g.size[0] * g.plane;
   return g;
-}
-
-double scale_factor(const std::optional<at::ArrayRef<double>>& scale) {
-  if (!scale.has_value()) return 1.0;
-  TORCH_CHECK(scale->size() == 3, "deepatlas_fast: scale must have 3 entries (one per channel), got ", scale->size());
-  return (*scale)[0] * (*scale)[1] * (*scale)[2];
-}
-
-void check_same_device(const at::Tensor& field, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == field.device(), "deepatlas_fast: ", name, " must be on the device of field (",
-              field.device(), "), got ", t.device());
 }
 
 dim3 forward_grid(const Geometry& g) {
@@ -237,7 +216,7 @@ void launch_backward(const at::Tensor& field, const T* x, const T* coef, at::Ten
 }
 
 at::Tensor jacobian_det(const at::Tensor& field, std::optional<at::ArrayRef<double>> scale) {
-  const Geometry g = check_field(field);
+  const Geometry g = check_cuda_field(field);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor det = new_output({g.n, 1, g.size[0], g.size[1], g.size[2]}, field.options());
@@ -252,13 +231,8 @@ at::Tensor jacobian_det(const at::Tensor& field, std::optional<at::ArrayRef<doub
 
 at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
                                  std::optional<at::ArrayRef<double>> scale) {
-  const Geometry g = check_field(field);
-  check_input(grad, "grad", 5);
-  check_same_dtype(field, "field", grad, "grad");
-  check_same_device(field, grad, "grad");
-  TORCH_CHECK(grad.size(0) == g.n && grad.size(1) == 1 && grad.size(2) == g.size[0] && grad.size(3) == g.size[1] &&
-                  grad.size(4) == g.size[2],
-              "deepatlas_fast: grad must have shape [N, 1, D, H, W] of field ", field.sizes(), ", got ", grad.sizes());
+  const Geometry g = check_cuda_field(field);
+  check_det_grad(grad, field, g);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor grad_field = new_output(field.sizes(), field.options());
@@ -271,7 +245,7 @@ at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field
 
 std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
                                                 bool normalized) {
-  const Geometry g = check_field(field);
+  const Geometry g = check_cuda_field(field);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor var = new_output({}, field.options());
@@ -293,11 +267,8 @@ std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::op
 
 at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
                                  std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  const Geometry g = check_field(field);
-  TORCH_CHECK(grad_var.numel() == 1,
-              "deepatlas_fast: grad_var must hold one value (the variance's gradient), got shape ", grad_var.sizes());
-  check_same_dtype(field, "field", grad_var, "grad_var");
-  check_same_device(field, grad_var, "grad_var");
+  const Geometry g = check_cuda_field(field);
+  check_var_grad(grad_var, field);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor grad_field = new_output(field.sizes(), field.options());
@@ -317,9 +288,4 @@ at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& f
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CUDA, m) {
-  m.impl("jacobian_det", &deepatlas_fast::jacobian_det);
-  m.impl("jacobian_det_backward", &deepatlas_fast::jacobian_det_backward);
-  m.impl("jacobian_var", &deepatlas_fast::jacobian_var);
-  m.impl("jacobian_var_backward", &deepatlas_fast::jacobian_var_backward);
-}
+DEEPATLAS_FAST_JACOBIAN_IMPL(CUDA)

@@ -23,6 +23,7 @@
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/lncc.h"
+#include "deepatlas_fast/lncc_host.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -308,40 +309,19 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 // ------------------------------------------------------------------------------------------------ host
 
-struct Problem {
+// The checked options (k, gaussian, mean, eps: lncc_host.h) and the dims.
+struct Problem : lncc::Options {
   Dims dims;
-  int k;
-  bool gaussian, mean;
-  double eps;
 };
 
 Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
                       double eps, c10::string_view reduction) {
-  check_input(a, "a", 5);
-  check_input(b, "b", 5);
-  check_same_dtype(a, "a", b, "b");
-  TORCH_CHECK(a.device() == b.device(), "deepatlas_fast: b must be on the device of a (", a.device(), "), got ",
-              b.device());
-  TORCH_CHECK(a.sizes() == b.sizes(), "deepatlas_fast: b must have the shape of a ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(a.numel() > 0, "deepatlas_fast: a must not be empty, got shape ", a.sizes());
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= kMaxTaps,
-              "deepatlas_fast: kernel_size must be a positive odd integer <= ", kMaxTaps, " on CUDA, got ", kernel_size);
-  TORCH_CHECK(kernel == "box" || kernel == "gaussian", "deepatlas_fast: kernel must be 'box' or 'gaussian', got '",
-              kernel, "'");
-  TORCH_CHECK(eps > 0, "deepatlas_fast: eps must be > 0, got ", eps);
-  TORCH_CHECK(reduction == "mean" || reduction == "none", "deepatlas_fast: reduction must be 'mean' or 'none', got '",
-              reduction, "'");
+  const lncc::Options options = lncc::check_arguments(a, b, kernel_size, kernel, eps, reduction, kMaxTaps, "on CUDA");
   // grid.y covers H; slices (channel-planes of up to 5 maps) are int32 in the kernels
   TORCH_CHECK(a.size(3) < int64_t(kMaxGridZ) * kBlockY && a.size(4) < (int64_t(1) << 30) &&
                   kMoments * a.size(0) * a.size(1) * a.size(2) < (int64_t(1) << 31),
               "deepatlas_fast: lncc: input too large for the CUDA kernels, got shape ", a.sizes());
-  Problem p;
-  p.dims = {a.size(0) * a.size(1), a.size(2), int(a.size(3)), int(a.size(4)), a.size(3) * a.size(4)};
-  p.k = int(kernel_size);
-  p.gaussian = kernel == "gaussian";
-  p.mean = reduction == "mean";
-  p.eps = eps;
-  return p;
+  return Problem{options, {a.size(0) * a.size(1), a.size(2), int(a.size(3)), int(a.size(4)), a.size(3) * a.size(4)}};
 }
 
 template <typename T>
@@ -462,19 +442,8 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
                                       int64_t kernel_size, c10::string_view kernel, double eps,
                                       c10::string_view reduction, bool need_a, bool need_b) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  check_same_dtype(a, "a", grad, "grad");
-  TORCH_CHECK(grad.device() == a.device(), "deepatlas_fast: grad must be on the device of a (", a.device(), "), got ",
-              grad.device());
-  if (p.mean) {
-    TORCH_CHECK(grad.numel() == 1, "deepatlas_fast: grad must have one element for reduction='mean', got shape ",
-                grad.sizes());
-  } else {
-    check_input(grad, "grad", 5);
-    TORCH_CHECK(grad.sizes() == a.sizes(), "deepatlas_fast: grad must have the shape of a ", a.sizes(), ", got ",
-                grad.sizes());
-  }
-  std::vector<at::Tensor> grads;
-  if (!need_a && !need_b) return grads;
+  lncc::check_grad(grad, a, p.mean);
+  if (!need_a && !need_b) return {};
   const c10::cuda::CUDAGuard guard(a.device());
   const Dims& s = p.dims;
   const int64_t half = p.k / 2;
@@ -514,15 +483,10 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (need_a) grads.push_back(grad_a);
-  if (need_b) grads.push_back(grad_b);
-  return grads;
+  return requested_gradients(need_a, grad_a, need_b, grad_b);
 }
 
 }  // namespace
 }  // namespace deepatlas_fast
 
-TORCH_LIBRARY_IMPL(deepatlas_fast_C, CUDA, m) {
-  m.impl("lncc", &deepatlas_fast::lncc_forward);
-  m.impl("lncc_backward", &deepatlas_fast::lncc_backward);
-}
+DEEPATLAS_FAST_LNCC_IMPL(CUDA)

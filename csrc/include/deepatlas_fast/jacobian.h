@@ -19,6 +19,16 @@
 
 namespace deepatlas_fast {
 
+namespace jacobian {
+
+// The shape of a field [n, 3, D, H, W]: size = (D, H, W), plane = H * W, voxels = D * H * W (built by
+// jacobian_host.h).
+struct Geometry {
+  int64_t n, size[3], plane, voxels;
+};
+
+}  // namespace jacobian
+
 // torch.gradient stencil at index i of an axis of length n >= 2: (f[hi] - f[lo]) / (hi - lo) with
 // lo = max(i-1, 0), hi = min(i+1, n-1); central inside, one-sided at the borders.
 template <typename T>

@@ -99,4 +99,39 @@ DA_UNROLL
   trilinear_corners(low, frac, size, point.corners);
 }
 
+// ---- sample / warp: the points of a field ---------------------------------------------------------
+
+namespace sampling {
+
+// The shapes of a sample / warp call: vol [n, c, *size] (volume = prod(size) voxels), field
+// [n, 3, *out_size] (points = prod(out_size) sampled points). Built by sampling_host.h.
+struct Geometry {
+  int64_t n, c, size[3], volume, points, out_size[3];
+};
+
+// Coordinates of point p of batch b: the field itself (sample) or identity + displacement (warp).
+template <typename T, bool WARP>
+DA_HD void point_coords(const T* __restrict__ field, const Geometry& g, int64_t b, int64_t p, T coord[3]) {
+  const T* base = field + b * 3 * g.points + p;
+DA_UNROLL
+  for (int a = 0; a < 3; ++a) coord[a] = base[a * g.points];
+  if (WARP) {
+    const int64_t w = p % g.out_size[2], h = (p / g.out_size[2]) % g.out_size[1];
+    const int64_t d = p / (g.out_size[1] * g.out_size[2]);
+    coord[0] += identity_coordinate<T>(d, g.out_size[0]);
+    coord[1] += identity_coordinate<T>(h, g.out_size[1]);
+    coord[2] += identity_coordinate<T>(w, g.out_size[2]);
+  }
+}
+
+// sample_point at point p of batch b of the field.
+template <typename T, bool WARP>
+DA_HD void sample_field_point(const T* __restrict__ field, const Geometry& g, int64_t b, int64_t p, bool zeros,
+                              SamplePoint<T>& point) {
+  T coord[3];
+  point_coords<T, WARP>(field, g, b, p, coord);
+  sample_point(coord, g.size, zeros, point);
+}
+
+}  // namespace sampling
 }  // namespace deepatlas_fast

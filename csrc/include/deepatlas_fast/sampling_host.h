@@ -1,0 +1,66 @@
+// Host side of sample / warp shared by cpu/sampling.cpp and cuda/sampling.cu: the checks of the raw
+// torch.ops.deepatlas_fast_C ops (the Python layer validates too), the padding option and the geometry.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include "host.h"
+#include "trilinear.h"
+
+namespace deepatlas_fast {
+namespace sampling {
+
+inline const char* field_name(bool warp) { return warp ? "disp" : "coords"; }
+
+inline Geometry geometry(const at::Tensor& vol, const at::Tensor& field) {
+  Geometry g;
+  g.n = vol.size(0);
+  g.c = vol.size(1);
+  g.volume = 1;
+  g.points = 1;
+  for (int a = 0; a < 3; ++a) {
+    g.size[a] = vol.size(2 + a);
+    g.out_size[a] = field.size(2 + a);
+    g.volume *= g.size[a];
+    g.points *= g.out_size[a];
+  }
+  return g;
+}
+
+inline bool zeros_padding(c10::string_view padding) {
+  TORCH_CHECK(padding == "zeros" || padding == "border", "deepatlas_fast: padding must be 'border' or 'zeros'");
+  return padding == "zeros";
+}
+
+// vol [n, c, D, H, W] and the field (coords or, warp, disp) of vol's dtype; returns the geometry.
+inline Geometry check_forward(const at::Tensor& vol, const at::Tensor& field, bool warp) {
+  check_input(vol, "vol", 5);
+  check_input(field, field_name(warp), 5);
+  check_same_dtype(vol, "vol", field, field_name(warp));
+  return geometry(vol, field);
+}
+
+// As check_forward, and grad (the output's gradient) of vol's dtype.
+inline Geometry check_backward(const at::Tensor& grad, const at::Tensor& vol, const at::Tensor& field, bool warp) {
+  check_input(grad, "grad", 5);
+  const Geometry g = check_forward(vol, field, warp);
+  check_same_dtype(vol, "vol", grad, "grad");
+  return g;
+}
+
+}  // namespace sampling
+}  // namespace deepatlas_fast
+
+// Registers the ops for dispatch key KEY (CPU or CUDA), one list for both backends: cpu/sampling.cpp and
+// cuda/sampling.cu each define forward<WARP> and backward<WARP> in namespace deepatlas_fast and end with
+// DEEPATLAS_FAST_SAMPLING_IMPL(CPU), resp. (CUDA).
+#define DEEPATLAS_FAST_SAMPLING_IMPL(KEY)                        \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                 \
+    m.impl("sample", &deepatlas_fast::forward<false>);           \
+    m.impl("sample_backward", &deepatlas_fast::backward<false>); \
+    m.impl("warp", &deepatlas_fast::forward<true>);              \
+    m.impl("warp_backward", &deepatlas_fast::backward<true>);    \
+  }
