@@ -47,12 +47,8 @@ void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g, boo
     SamplePoint<T> point;
     sample_field_point<T, WARP>(field, g, b, p, zeros, point);
     const Corners<T>& k = point.corners;
-    for (int64_t ch = 0; ch < g.c; ++ch) {
-      const T* plane = vol + (b * g.c + ch) * g.volume;
-      T acc = 0;
-      for (int j = 0; j < 8; ++j) acc += k.inside[j] ? plane[k.index[j]] * k.weight[j] : T(0);
-      out[(b * g.c + ch) * g.points + p] = acc;
-    }
+    for (int64_t ch = 0; ch < g.c; ++ch)
+      out[(b * g.c + ch) * g.points + p] = corner_value(vol + (b * g.c + ch) * g.volume, k);
   });
 }
 
@@ -76,18 +72,7 @@ void point_pass(const T* grad, const T* vol, const T* field, T* grad_field, T* g
     T d_pos[3] = {0, 0, 0};
     for (int64_t ch = 0; ch < g.c; ++ch) {
       const T up = grad[(b * g.c + ch) * g.points + p];
-      if (NEED_COORDS) {
-        const T* plane = vol + (b * g.c + ch) * g.volume;
-        T dot[3] = {0, 0, 0};
-        for (int j = 0; j < 8; ++j) {
-          if (!k.inside[j]) continue;
-          const T v = plane[k.index[j]];
-          dot[0] += v * k.d_weight[j][0];
-          dot[1] += v * k.d_weight[j][1];
-          dot[2] += v * k.d_weight[j][2];
-        }
-        for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
-      }
+      if (NEED_COORDS) add_position_gradient(vol + (b * g.c + ch) * g.volume, k, up, d_pos);
       if (SPLAT_ATOMIC) {
         T* plane = grad_vol + (b * g.c + ch) * g.volume;
         for (int j = 0; j < 8; ++j)

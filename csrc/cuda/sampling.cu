@@ -30,13 +30,8 @@ __global__ void forward_kernel(const T* __restrict__ vol, const T* __restrict__ 
   SamplePoint<T> point;
   sample_field_point<T, WARP>(field, g, b, p, zeros, point);
   const Corners<T>& k = point.corners;
-  for (int64_t ch = 0; ch < g.c; ++ch) {
-    const T* plane = vol + (b * g.c + ch) * g.volume;
-    T acc = 0;
-    DA_UNROLL
-    for (int j = 0; j < 8; ++j) acc += k.inside[j] ? __ldg(plane + k.index[j]) * k.weight[j] : T(0);
-    out[(b * g.c + ch) * g.points + p] = acc;
-  }
+  for (int64_t ch = 0; ch < g.c; ++ch)
+    out[(b * g.c + ch) * g.points + p] = corner_value(vol + (b * g.c + ch) * g.volume, k);
 }
 
 template <typename T, bool WARP, bool NEED_VOL, bool NEED_FIELD>
@@ -52,19 +47,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   T d_pos[3] = {0, 0, 0};
   for (int64_t ch = 0; ch < g.c; ++ch) {
     const T up = grad[(b * g.c + ch) * g.points + p];
-    if (NEED_FIELD) {
-      const T* plane = vol + (b * g.c + ch) * g.volume;
-      T dot[3] = {0, 0, 0};
-      DA_UNROLL
-      for (int j = 0; j < 8; ++j) {
-        const T v = k.inside[j] ? __ldg(plane + k.index[j]) : T(0);
-        dot[0] += v * k.d_weight[j][0];
-        dot[1] += v * k.d_weight[j][1];
-        dot[2] += v * k.d_weight[j][2];
-      }
-      DA_UNROLL
-      for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
-    }
+    if (NEED_FIELD) add_position_gradient(vol + (b * g.c + ch) * g.volume, k, up, d_pos);
     if (NEED_VOL) {
       T* plane = grad_vol + (b * g.c + ch) * g.volume;
       DA_UNROLL

@@ -79,6 +79,36 @@ DA_HD void trilinear_corners(const int64_t low[3], const T frac[3], const int64_
   }
 }
 
+#if defined(__CUDA_ARCH__)
+#define DA_LOAD(ptr) __ldg(ptr)
+#else
+#define DA_LOAD(ptr) (*(ptr))
+#endif
+
+// The sampled value of one channel plane: sum of in-volume corner values times their weights.
+template <typename T>
+DA_HD T corner_value(const T* plane, const Corners<T>& k) {
+  T acc = 0;
+  DA_UNROLL
+  for (int j = 0; j < 8; ++j) acc += k.inside[j] ? DA_LOAD(plane + k.index[j]) * k.weight[j] : T(0);
+  return acc;
+}
+
+// Adds up * d(sampled value of one channel plane) / d position to d_pos (the coordinate gradient's gather).
+template <typename T>
+DA_HD void add_position_gradient(const T* plane, const Corners<T>& k, T up, T d_pos[3]) {
+  T dot[3] = {0, 0, 0};
+  DA_UNROLL
+  for (int j = 0; j < 8; ++j) {
+    const T v = k.inside[j] ? DA_LOAD(plane + k.index[j]) : T(0);
+    dot[0] += v * k.d_weight[j][0];
+    dot[1] += v * k.d_weight[j][1];
+    dot[2] += v * k.d_weight[j][2];
+  }
+  DA_UNROLL
+  for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
+}
+
 // Everything one sampled point needs: corners (grid_sample cells) and the padding slopes.
 template <typename T>
 struct SamplePoint {
