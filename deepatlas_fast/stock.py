@@ -37,14 +37,10 @@ from .coords import identity_coords, to_grid
 from .reference.jacobian import NORMALIZE_FLOOR
 from .reference.sampling import compute_dtype
 
+OP_FUNCTIONS = ("sample", "warp", "lncc", "jacobian_det", "jacobian_var", "invert", "invert_displacement")
+
 __all__ = [
-    "sample",
-    "warp",
-    "lncc",
-    "jacobian_det",
-    "jacobian_var",
-    "invert",
-    "invert_displacement",
+    *OP_FUNCTIONS,
     "OPS",
     "OPS_NAMES",
     "get_ops",
@@ -289,31 +285,19 @@ def invert_displacement(disp: Tensor, iters: int = 8, tol: float = 0.05):
 # the two op sets
 
 
+def _namespace(name: str, functions) -> SimpleNamespace:
+    """``name`` plus the seven op functions looked up in ``functions`` (a module or a dict)."""
+    get = functions.get if isinstance(functions, dict) else lambda op: getattr(functions, op)
+    return SimpleNamespace(name=name, **{op: get(op) for op in OP_FUNCTIONS})
+
+
 def _fused_namespace() -> SimpleNamespace:
     from . import ops
 
-    return SimpleNamespace(
-        name="fused",
-        sample=ops.sample,
-        warp=ops.warp,
-        lncc=ops.lncc,
-        jacobian_det=ops.jacobian_det,
-        jacobian_var=ops.jacobian_var,
-        invert=ops.invert,
-        invert_displacement=ops.invert_displacement,
-    )
+    return _namespace("fused", ops)
 
 
-_STOCK = SimpleNamespace(
-    name="stock",
-    sample=sample,
-    warp=warp,
-    lncc=lncc,
-    jacobian_det=jacobian_det,
-    jacobian_var=jacobian_var,
-    invert=invert,
-    invert_displacement=invert_displacement,
-)
+_STOCK = _namespace("stock", globals())
 
 OPS_NAMES = ("fused", "stock")
 OPS = {"fused": _fused_namespace(), "stock": _STOCK}

@@ -4,67 +4,10 @@ the procedural phantom cohort, SynthSeg-style image synthesis and the training d
 nibabel is imported only by the functions that read or write files.
 """
 
-from .dataset import ImageDataset, PairBatchSampler, collate, pair_keys
-from .io import (
-    CT_WINDOW,
-    MR_PERCENTILES,
-    Volume,
-    crop_to_foreground,
-    crop_volume,
-    detect_modality,
-    foreground_mask,
-    gaussian_smooth,
-    load_labels,
-    load_volume,
-    normalize_intensity,
-    read_label_table,
-    resample_to_spacing,
-    save_like,
-    volume_from_array,
-    write_label_table,
-)
-from .phantoms import PHANTOM_LABELS, phantom_cohort, phantom_seed, phantom_subject, write_phantom_cohort
-from .synth import (
-    BrainPriors,
-    brain_eval_labels,
-    brain_subject_paths,
-    load_brain_priors,
-    load_brain_subject,
-    read_labels_table,
-    synthesize_image,
-)
+from . import dataset, io, phantoms, synth
+from .dataset import *  # noqa: F401,F403 - each submodule's __all__ is the package's API
+from .io import *  # noqa: F401,F403
+from .phantoms import *  # noqa: F401,F403
+from .synth import *  # noqa: F401,F403
 
-__all__ = [
-    "Volume",
-    "load_volume",
-    "load_labels",
-    "volume_from_array",
-    "save_like",
-    "crop_volume",
-    "crop_to_foreground",
-    "normalize_intensity",
-    "detect_modality",
-    "foreground_mask",
-    "gaussian_smooth",
-    "resample_to_spacing",
-    "write_label_table",
-    "read_label_table",
-    "CT_WINDOW",
-    "MR_PERCENTILES",
-    "PHANTOM_LABELS",
-    "phantom_subject",
-    "phantom_cohort",
-    "phantom_seed",
-    "write_phantom_cohort",
-    "BrainPriors",
-    "load_brain_priors",
-    "load_brain_subject",
-    "brain_subject_paths",
-    "brain_eval_labels",
-    "read_labels_table",
-    "synthesize_image",
-    "ImageDataset",
-    "PairBatchSampler",
-    "pair_keys",
-    "collate",
-]
+__all__ = [*io.__all__, *phantoms.__all__, *synth.__all__, *dataset.__all__]
