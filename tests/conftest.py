@@ -29,6 +29,15 @@ def _restore_backend_state():
     da.set_check_finite(True)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny volumes: one intra-op thread is faster than two (no OpenMP hand-offs) and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 KERNEL_BACKENDS = ("triton", "cpu", "cuda")
 
 

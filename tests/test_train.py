@@ -14,13 +14,7 @@ from deepatlas_fast.train import ConfigError, Stage, TrainConfig, config_differe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny volumes: one intra-op thread is faster than two (no OpenMP hand-offs) and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ config
