@@ -10,7 +10,8 @@ Subject 0 is the labelled reference; its labels are propagated to every other su
 * ``affine``: after a 12-parameter affine registration of reference to target (Adam on local NCC at
   half resolution, 150 steps), labels pulled with nearest-neighbour sampling.
 Prints mean Dice per target and method, the time per target, and the coordinate maps' Jacobian
-statistics (det of d coords / d voxel scaled so that the identity has det 1; folding = det <= 0).
+statistics (det of d coords / d voxel scaled so that the identity has det 1; folding = det <= 0, on
+the raw map: the output clamped to the template cube is flat, det 0, where it leaves the cube).
 Phantoms use seeds the training run did not see (``--seed``, default 1000).
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 import deepatlas_fast as da
 from deepatlas_fast.checkpoint import load_model
+from deepatlas_fast.model import bound_coords as bound_coords
 from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
 
 
@@ -47,7 +49,7 @@ def brain_subjects(folder: str, count: int, spacing: float, seed: int):
     priors = load_brain_priors(folder)
     subjects = []
     for i, path in enumerate(brain_subject_paths(folder)[:count]):
-        labels = load_brain_subject(path, spacing=spacing).data.long()
+        labels = load_brain_subject(path, spacing=spacing, crop=True, margin=4).data.long()
         image = synthesize_image(labels, priors, torch.Generator().manual_seed(seed + i))
         subjects.append((image.float(), labels))
     return subjects, brain_eval_labels(folder)
@@ -98,10 +100,32 @@ def affine_register(fixed: torch.Tensor, moving: torch.Tensor, steps: int = 150)
         return coords(da.identity_coords(fixed.shape))
 
 
-def jacobian_stats(coords: torch.Tensor) -> tuple[float, float, float]:
-    scale = [(s - 1) / 2 for s in coords.shape[2:]]
-    det = da.jacobian_det(coords.double(), scale=scale)
-    return float(det.mean()), float(det.std()), float((det <= 0).double().mean())
+def model_coordinates(model, image: torch.Tensor, spacing: float) -> torch.Tensor:
+    """Raw (unclamped) coordinates ``[1, 3, *image.shape]`` of an image on a ``spacing`` mm grid.
+
+    The network runs at the spacing it was trained at (``model.preprocessing["spacing"]``): the image
+    is area-downsampled to it and the coordinate map upsampled back (trilinear, half-voxel aligned,
+    which matches area downsampling)."""
+    from deepatlas_fast.train import rescale_volume
+
+    model_spacing = float(model.preprocessing.get("spacing") or spacing)
+    x = image
+    if abs(model_spacing - spacing) > 1e-6:
+        x = rescale_volume(image, spacing / model_spacing)
+    raw = model.coordnet(x[None, None], bound=False)
+    if tuple(raw.shape[2:]) != tuple(image.shape):
+        raw = F.interpolate(raw, size=tuple(image.shape), mode="trilinear", align_corners=False)
+    return raw
+
+
+def jacobian_stats(raw: torch.Tensor) -> tuple[float, float, float, float]:
+    """det J mean, std and folding fraction (det <= 0) of the raw (unclamped) map, and the share of
+    voxels mapped outside the template cube. The bounded map is flat (det 0) where it is clamped, which
+    is not a fold, so folding is measured on the raw map."""
+    scale = [(s - 1) / 2 for s in raw.shape[2:]]
+    det = da.jacobian_det(raw.double(), scale=scale)
+    outside = (raw.abs() > 1).any(dim=1)
+    return float(det.mean()), float(det.std()), float((det <= 0).double().mean()), float(outside.double().mean())
 
 
 def main(argv=None):
@@ -110,7 +134,7 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantoms", type=int, help="evaluate on this many held-out phantoms")
     source.add_argument("--brains", help="folder of brain label maps (../shared/data/brain_labelmaps)")
-    parser.add_argument("--spacing", type=float, default=2.0, help="mm, the model's training spacing")
+    parser.add_argument("--spacing", type=float, default=2.0, help="mm, grid of the labels and Dice (the network runs at its own training spacing)")
     parser.add_argument("--count", type=int, default=10, help="brain subjects to use")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--template", type=int, default=48, help="template grid side for the label splat")
@@ -126,10 +150,12 @@ def main(argv=None):
     if ids is not None:
         subjects = [(img, relabel(lab, ids)) for img, lab in subjects]
     num_labels = int(max(int(lab.max()) for _, lab in subjects)) + 1
-    print(f"{len(subjects)} subjects, grid {tuple(subjects[0][0].shape)}, {num_labels - 1} labels")
+    print(f"{len(subjects)} subjects, grid {tuple(subjects[0][0].shape)} at {args.spacing} mm, {num_labels - 1} labels; "
+          f"network at {model.preprocessing.get('spacing')} mm")
 
     with torch.no_grad():
-        coords = [model.coordinates(img[None, None]) for img, _ in subjects]
+        raw = [model_coordinates(model, img, args.spacing) for img, _ in subjects]
+    coords = [bound_coords(r) for r in raw]
     ref_img, ref_lab = subjects[0]
     rows = []
     template = (args.template,) * 3
@@ -160,9 +186,10 @@ def main(argv=None):
         values = [r[method] for r in rows]
         seconds = statistics.mean(r[timing] for r in rows) if timing else 0.0
         print(f"| {method} | {statistics.mean(values):.3f} | {min(values):.3f} | {max(values):.3f} | {seconds:.2f} |")
-    stats = [jacobian_stats(c) for c in coords]
+    stats = [jacobian_stats(r) for r in raw]
     print(f"\ndet J of the coordinate maps: mean {statistics.mean(s[0] for s in stats):.3f}, "
-          f"std {statistics.mean(s[1] for s in stats):.3f}, folding fraction max {max(s[2] for s in stats):.4f}")
+          f"std {statistics.mean(s[1] for s in stats):.3f}, folding fraction max {max(s[2] for s in stats):.4f}; "
+          f"share of voxels mapped outside the template cube: mean {statistics.mean(s[3] for s in stats):.3f}")
     return rows
 
 

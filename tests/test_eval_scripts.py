@@ -1,0 +1,87 @@
+"""The evaluation scripts of benchmarks/: one-shot Dice on phantoms / brains, synthesised brain images."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import deepatlas_fast as da
+from deepatlas_fast.checkpoint import save_model
+from deepatlas_fast.model import DeepAtlas, bound_coords
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAINS = ROOT.parent / "shared" / "data" / "brain_labelmaps"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_model(path: Path, spacing: float) -> Path:
+    torch.manual_seed(0)
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8))
+    save_model(path, model, preprocessing={"spacing": spacing, "modality": "ct"})
+    return path
+
+
+def test_folding_is_measured_on_the_raw_map_not_the_clamped_one():
+    one_shot = _script("one_shot_dice")
+    # a smooth map that leaves the template cube on a third of the grid but never folds
+    raw = 1.5 * da.identity_coords((12, 12, 12)).double()
+    det_mean, _, folding, outside = one_shot.jacobian_stats(raw)
+    assert folding == 0.0 and det_mean == pytest.approx(1.5**3)
+    assert 0.2 < outside < 0.9
+    # the clamped map is flat (det 0) where it was clamped: counting that as folding was the old bug
+    scale = [(s - 1) / 2 for s in raw.shape[2:]]
+    assert (da.jacobian_det(bound_coords(raw), scale=scale) <= 0).any()
+
+
+def test_model_runs_at_its_own_spacing_and_coordinates_come_back_on_the_eval_grid(tmp_path):
+    one_shot = _script("one_shot_dice")
+    from deepatlas_fast.checkpoint import load_model
+
+    model = load_model(_tiny_model(tmp_path / "model.pt", spacing=24.0))
+    image = torch.rand(20, 16, 18)
+    raw = one_shot.model_coordinates(model, image, spacing=12.0)
+    assert raw.shape == (1, 3, 20, 16, 18)
+    # an untrained network is the identity on its own grid; upsampled half-voxel aligned it stays
+    # within half a coarse voxel of the identity of the evaluation grid
+    coarse_voxel = 2.0 / (torch.tensor([20, 16, 18]) / 2 - 1)
+    error = (raw - da.identity_coords((20, 16, 18))).abs().amax(dim=(0, 2, 3, 4))
+    assert (error <= coarse_voxel / 2 + 1e-5).all()
+
+
+@pytest.mark.slow
+def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys):
+    one_shot = _script("one_shot_dice")
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0)
+    rows = one_shot.main(["--model", str(model), "--phantoms", "3", "--spacing", "32", "--template", "12"])
+    assert len(rows) == 2
+    for row in rows:
+        for method in ("deepatlas", "identity", "affine"):
+            assert 0.0 <= row[method] <= 1.0
+    out = capsys.readouterr().out
+    assert "| deepatlas |" in out and "folding fraction max 0.0000" in out
+
+
+@pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")
+def test_brain_images_are_written_on_the_label_grid(tmp_path):
+    brain_images = _script("brain_images")
+    from deepatlas_fast.data.io import load_volume
+    from deepatlas_fast.data.synth import brain_subject_paths, load_brain_subject
+
+    written = brain_images.main(["--labelmaps", str(BRAINS), "--out", str(tmp_path), "--spacing", "8"])
+    assert len(written) == len(brain_subject_paths(BRAINS)) and all(os.path.exists(p) for p in written)
+    image = load_volume(written[0])
+    labels = load_brain_subject(brain_subject_paths(BRAINS)[0], spacing=8, crop=True, margin=4)
+    assert tuple(image.data.shape) == tuple(labels.data.shape)
+    assert torch.allclose(torch.as_tensor(image.affine), torch.as_tensor(labels.affine), atol=1e-4)
+    assert 0.0 <= float(image.data.min()) and float(image.data.max()) <= 1.0 + 1e-6
+    assert float(image.data[labels.data > 0].mean()) > float(image.data[labels.data == 0].mean())
