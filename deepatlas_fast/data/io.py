@@ -52,6 +52,7 @@ __all__ = [
     "resample_to_spacing",
     "write_label_table",
     "read_label_table",
+    "label_names",
     "CT_WINDOW",
     "MR_PERCENTILES",
 ]
@@ -481,7 +482,7 @@ def _integer_labels(array: np.ndarray, path: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _same_grid(affine_a, shape_a, affine_b, shape_b, atol: float = 1e-3) -> bool:
+def same_grid(affine_a, shape_a, affine_b, shape_b, atol: float = 1e-3) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, rtol=0, atol=atol)
 
 
@@ -517,7 +518,7 @@ def load_labels(path: PathLike, like: Optional[Volume] = None, spacing=None) -> 
     array = _integer_labels(array, path)
     if like is None:
         return volume_from_array(array, affine, spacing, labels=True, path=path)
-    if not _same_grid(affine, array.shape, like.original_affine, like.original_shape):
+    if not same_grid(affine, array.shape, like.original_affine, like.original_shape):
         raise ValueError(
             f"path {path!r}: label map grid (shape {tuple(array.shape)}, affine "
             f"{np.round(affine, 4).tolist()}) differs from the image's grid (shape {tuple(like.original_shape)}, "
@@ -636,15 +637,37 @@ def write_label_table(path: PathLike, names: Mapping[int, str]) -> str:
     return path
 
 
-def read_label_table(path: PathLike) -> dict:
-    """Read a JSON label table written by :func:`write_label_table` -> ``{id (int): name}``."""
-    path = _path_str(path)
+def read_label_table(path: PathLike, name: str = "path") -> dict:
+    """Read a JSON label table ``{"id": "name", ...}`` (as :func:`write_label_table`) -> ``{id (int): name}``.
+
+    Raises ValueError starting with ``name`` (the argument or option the path came from) when the file
+    is missing, is not JSON, or is not an object mapping integer ids >= 0 to strings.
+    """
+    path = _path_str(path, name)
     try:
         with open(path) as f:
             table = json.load(f)
-        return {int(k): str(v) for k, v in table.items()}
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"path {path!r}: not a JSON label table ({e})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: {path!r}: cannot read a JSON label table ({e})") from None
+    try:
+        return label_names(table, name)
+    except ValueError as e:
+        raise ValueError(f"{e} (file {path!r})") from None
+
+
+def label_names(table, name: str = "names") -> dict:
+    """Validate a label table (a mapping of integer ids >= 0, or their strings, to names) ->
+    ``{id (int): name}``; a ValueError starting with ``name`` otherwise."""
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{name}: must map label ids to names, like {{\"1\": \"liver\"}}, got {type(table).__name__}")
+    out = {}
+    for key, value in table.items():
+        if isinstance(key, (bool, float)) or not str(key).strip().isdecimal():
+            raise ValueError(f"{name}: label id {key!r} must be an integer >= 0")
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: the name of label {key!r} must be a string, got {value!r}")
+        out[int(key)] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,7 +715,8 @@ def crop_to_foreground(volume: Volume, mask: Optional[Tensor] = None, margin: in
 # intensities
 
 
-def _percentiles(x: Tensor, qs: Sequence[float]) -> list:
+def quantiles(x: Tensor, qs: Sequence[float]) -> list:
+    """The ``qs`` percentiles (0-100) of ``x`` as floats (above 2^24 elements, of a strided subsample)."""
     flat = x.reshape(-1).to(torch.float32)
     if flat.numel() > 1 << 24:
         flat = flat[:: (flat.numel() >> 24) + 1]
@@ -712,7 +736,7 @@ def detect_modality(data: ArrayLike) -> str:
     x = _as_tensor(data, "data").to(torch.float32)
     if x.numel() == 0:
         raise ValueError("data is empty")
-    return "ct" if _percentiles(x, [0.5])[0] <= -500 else "mr"
+    return "ct" if quantiles(x, [0.5])[0] <= -500 else "mr"
 
 
 def normalize_intensity(
@@ -747,7 +771,7 @@ def normalize_intensity(
         p_lo, p_hi = (float(v) for v in percentiles)
         if not 0 <= p_lo < p_hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {tuple(percentiles)}")
-        lo, hi = _percentiles(x, [p_lo, p_hi])
+        lo, hi = quantiles(x, [p_lo, p_hi])
         if not hi > lo:
             return torch.zeros_like(x)
     y = (x - lo) / (hi - lo)
@@ -755,7 +779,7 @@ def normalize_intensity(
 
 
 def _otsu(x: Tensor, bins: int = 256) -> float:
-    lo, hi = _percentiles(x, [0.0, 99.9])
+    lo, hi = quantiles(x, [0.0, 99.9])
     if not hi > lo:
         return lo
     hist = torch.histc(x.reshape(-1).clamp(lo, hi), bins=bins, min=lo, max=hi).to(torch.float64)
