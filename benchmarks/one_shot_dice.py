@@ -28,6 +28,7 @@ import deepatlas_fast as da
 from deepatlas_fast.checkpoint import load_model
 from deepatlas_fast.model import bound_coords as bound_coords
 from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
+from deepatlas_fast.segment import network_coordinates
 
 
 def phantom_subjects(count: int, seed: int, spacing: float):
@@ -112,7 +113,7 @@ def model_coordinates(model, image: torch.Tensor, spacing: float) -> torch.Tenso
     x = image
     if abs(model_spacing - spacing) > 1e-6:
         x = rescale_volume(image, spacing / model_spacing)
-    raw = model.coordnet(x[None, None], bound=False)
+    raw = network_coordinates(model, x, bound=False)
     if tuple(raw.shape[2:]) != tuple(image.shape):
         raw = F.interpolate(raw, size=tuple(image.shape), mode="trilinear", align_corners=False)
     return raw

@@ -12,14 +12,14 @@ reference mass the voxel is background (label 0, probability 1 for class 0). Sev
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .ops import sample
 
-__all__ = ["splat", "label_template", "propagate_labels", "dice", "mean_dice"]
+__all__ = ["splat", "splat_labels", "label_template", "read_label_template", "propagate_labels", "dice", "mean_dice"]
 
 
 def _check_coords(name: str, coords) -> None:
@@ -41,6 +41,31 @@ def _template(template_shape) -> tuple[int, int, int]:
     return shape
 
 
+def _corners(positions: Tensor, shape: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The 8 trilinear corners of each point: ``(flat cell index [K * P], weight [K * P])`` per corner.
+
+    ``positions``: ``[K, 3, P]`` normalised (D, H, W order, ``align_corners=True``) in a grid of
+    ``shape``. Corners outside the grid get weight 0 (and a clamped, valid index).
+    """
+    sizes = list(shape)
+    pos = positions.to(torch.float32)
+    voxels = [((pos[:, a] + 1) / 2 * (sizes[a] - 1)) for a in range(3)]  # [K, P]
+    lows = [torch.floor(v) for v in voxels]
+    fracs = [v - low for v, low in zip(voxels, lows)]
+    lows = [low.long() for low in lows]
+    for corner in range(8):
+        steps = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+        w = torch.ones_like(fracs[0])
+        inside = torch.ones_like(fracs[0], dtype=torch.bool)
+        flat = torch.zeros_like(lows[0])
+        for axis, step in enumerate(steps):
+            index = lows[axis] + step
+            w = w * (fracs[axis] if step else 1 - fracs[axis])
+            inside &= (index >= 0) & (index < sizes[axis])
+            flat = flat * sizes[axis] + index.clamp(0, sizes[axis] - 1)
+        yield flat.reshape(-1), (w * inside).reshape(-1)
+
+
 def splat(positions: Tensor, values: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Trilinear splat (adjoint of trilinear sampling) with ``scatter_add``.
 
@@ -55,27 +80,11 @@ def splat(positions: Tensor, values: Tensor, shape: Sequence[int]) -> tuple[Tens
     """
     k, c, p = values.shape
     sizes = list(shape)
-    pos = positions.to(torch.float32)
-    voxels = [((pos[:, a] + 1) / 2 * (sizes[a] - 1)) for a in range(3)]  # [K, P]
-    lows = [torch.floor(v) for v in voxels]
-    fracs = [v - low for v, low in zip(voxels, lows)]
-    lows = [low.long() for low in lows]
     cells = sizes[0] * sizes[1] * sizes[2]
     weight = torch.zeros(cells, dtype=torch.float32, device=values.device)
     total = torch.zeros(c, cells, dtype=torch.float32, device=values.device)
     vals = values.to(torch.float32).permute(1, 0, 2).reshape(c, k * p)
-    for corner in range(8):
-        steps = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-        w = torch.ones_like(fracs[0])
-        inside = torch.ones_like(fracs[0], dtype=torch.bool)
-        flat = torch.zeros_like(lows[0])
-        for axis, step in enumerate(steps):
-            index = lows[axis] + step
-            w = w * (fracs[axis] if step else 1 - fracs[axis])
-            inside &= (index >= 0) & (index < sizes[axis])
-            flat = flat * sizes[axis] + index.clamp(0, sizes[axis] - 1)
-        w = (w * inside).reshape(-1)
-        flat = flat.reshape(-1)
+    for flat, w in _corners(positions, sizes):
         weight.scatter_add_(0, flat, w)
         total.scatter_add_(1, flat.unsqueeze(0).expand(c, -1), vals * w)
     return weight.view(1, *sizes), total.view(c, *sizes)
@@ -103,6 +112,35 @@ def _check_labels(labels_ref, coords_ref, num_labels: int) -> Tensor:
     return labels_ref.to(coords_ref.device)
 
 
+def splat_labels(
+    coords_ref: Tensor, labels_ref: Tensor, num_labels: int, template_shape: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Splat the one-hot labels of one or more references into the template grid (unnormalised).
+
+    Equals :func:`splat` of the one-hot map, without building it: each voxel adds its trilinear
+    weights to its own label's channel only, so the cost does not grow with ``num_labels``.
+
+    Args:
+        coords_ref: ``[K, 3, D, H, W]`` template coordinates of K references of equal shape.
+        labels_ref: ``[D, H, W]`` (or ``[K, D, H, W]``) integer labels in ``[0, num_labels)``.
+    Returns:
+        ``(weight [1, *template], total [num_labels, *template])``: reference voxels (trilinear
+        weights) per cell, and per label. Sums over references of any shapes pool their votes.
+    """
+    _check_coords("coords_ref", coords_ref)
+    shape = _template(template_shape)
+    labels = _check_labels(labels_ref, coords_ref, num_labels)
+    k = coords_ref.shape[0]
+    cells = shape[0] * shape[1] * shape[2]
+    weight = torch.zeros(cells, dtype=torch.float32, device=coords_ref.device)
+    total = torch.zeros(num_labels * cells, dtype=torch.float32, device=coords_ref.device)
+    offset = labels.reshape(-1).long() * cells
+    for flat, w in _corners(coords_ref.detach().reshape(k, 3, -1), shape):
+        weight.scatter_add_(0, flat, w)
+        total.scatter_add_(0, offset + flat, w)
+    return weight.view(1, *shape), total.view(num_labels, *shape)
+
+
 def label_template(
     coords_ref: Tensor, labels_ref: Tensor, num_labels: int, template_shape: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
@@ -112,15 +150,43 @@ def label_template(
         ``(probabilities [1, num_labels, *template], weight [1, 1, *template])``: the normalised
         splatted one-hot (0 where the weight is 0) and the splatted weight (reference voxels per cell).
     """
-    _check_coords("coords_ref", coords_ref)
-    shape = _template(template_shape)
-    labels = _check_labels(labels_ref, coords_ref, num_labels)
-    k = coords_ref.shape[0]
-    onehot = torch.zeros(k, num_labels, labels[0].numel(), device=coords_ref.device)
-    onehot.scatter_(1, labels.reshape(k, 1, -1).long(), 1.0)
-    weight, total = splat(coords_ref.detach().reshape(k, 3, -1), onehot, shape)
+    weight, total = splat_labels(coords_ref, labels_ref, num_labels, template_shape)
     probs = total / weight.clamp_min(1e-12)
     return probs.unsqueeze(0), weight.unsqueeze(0)
+
+
+def read_label_template(
+    probabilities: Tensor, weight: Tensor, coords_target: Tensor, min_weight: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """Label probabilities at a target's template coordinates, background outside the coverage.
+
+    Args:
+        probabilities: ``[1, C, *template]`` (:func:`label_template`); class 0 is background.
+        weight: ``[1, 1, *template]`` splatted weight (reference voxels per cell).
+        coords_target: ``[1, 3, d, h, w]`` template coordinates of the target exam.
+        min_weight: a target voxel whose coordinate reads a splatted weight (interpolated) below
+            ``min_weight`` times the mean weight of the covered template cells is outside the
+            references' coverage.
+    Returns:
+        ``(probabilities [1, C, d, h, w], covered [1, 1, d, h, w] bool)``: trilinear reads renormalised
+        to sum to 1 where covered; one-hot background (class 0) where not covered.
+    """
+    _check_coords("coords_target", coords_target)
+    if coords_target.shape[0] != 1:
+        raise ValueError(f"coords_target must hold one exam [1, 3, d, h, w], got {tuple(coords_target.shape)}")
+    if not (isinstance(min_weight, (int, float)) and min_weight >= 0 and math.isfinite(min_weight)):
+        raise ValueError(f"min_weight must be a finite number >= 0, got {min_weight!r}")
+    target = coords_target.detach().to(torch.float32)
+    with torch.no_grad():
+        probs = sample(probabilities.to(target.device), target, "zeros")
+        read = sample(weight.to(target.device), target, "zeros")
+        occupied = weight[weight > 0]
+        typical = float(occupied.mean()) if occupied.numel() else 1.0
+        covered = read >= max(min_weight * typical, 1e-12)
+        background = torch.zeros_like(probs)
+        background[:, 0] = 1.0
+        probs = torch.where(covered, probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12), background)
+    return probs, covered
 
 
 def propagate_labels(
@@ -151,29 +217,13 @@ def propagate_labels(
         ``(labels [d, h, w] int64, probabilities [1, num_labels, d, h, w] float32)``. Labels absent
         from the reference get probability 0 everywhere (and never appear in the output).
     """
-    _check_coords("coords_ref", coords_ref)
-    _check_coords("coords_target", coords_target)
-    if coords_target.shape[0] != 1:
-        raise ValueError(f"coords_target must hold one exam [1, 3, d, h, w], got {tuple(coords_target.shape)}")
     if num_labels is None:
         if not isinstance(labels_ref, Tensor):
             raise TypeError(f"labels_ref must be an integer torch.Tensor, got {type(labels_ref).__name__}")
         num_labels = int(labels_ref.max()) + 1 if labels_ref.numel() else 1
-    if not (isinstance(min_weight, (int, float)) and min_weight >= 0 and math.isfinite(min_weight)):
-        raise ValueError(f"min_weight must be a finite number >= 0, got {min_weight!r}")
     probs_t, weight_t = label_template(coords_ref, labels_ref, num_labels, template_shape)
-    target = coords_target.detach().to(torch.float32)
-    with torch.no_grad():
-        probs = sample(probs_t.to(target.device), target, "zeros")
-        weight = sample(weight_t.to(target.device), target, "zeros")
-        occupied = weight_t[weight_t > 0]
-        typical = float(occupied.mean()) if occupied.numel() else 1.0
-        covered = weight >= max(min_weight * typical, 1e-12)
-        background = torch.zeros_like(probs)
-        background[:, 0] = 1.0
-        probs = torch.where(covered, probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12), background)
-        labels = probs.argmax(dim=1)[0]
-    return labels, probs
+    probs, _ = read_label_template(probs_t, weight_t, coords_target, min_weight)
+    return probs.argmax(dim=1)[0], probs
 
 
 def dice(pred: Tensor, truth: Tensor, labels: Optional[Iterable[int]] = None) -> dict:

@@ -1,7 +1,8 @@
 """NIfTI volumes in, NIfTI volumes out: canonical orientation, resampling, intensity normalisation.
 
 Geometry pipeline of :func:`load_volume` (every step recorded in the :class:`Volume`, so that
-:func:`save_like` can undo all of them and write exactly on the input file's grid and affine):
+:func:`save_like` can undo all of them and write exactly on the input file's grid and affine;
+:func:`to_original_grid` returns that array instead of writing it):
 
 1. **Reorientation** to the closest canonical RAS+ orientation (``nibabel.as_closest_canonical``
    semantics: axis permutation and flips only, never interpolation; an oblique affine stays oblique).
@@ -43,6 +44,7 @@ __all__ = [
     "load_labels",
     "volume_from_array",
     "save_like",
+    "to_original_grid",
     "crop_volume",
     "crop_to_foreground",
     "normalize_intensity",
@@ -549,30 +551,20 @@ def _choose_dtype(data: Tensor, dtype) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def save_like(
-    array: ArrayLike,
-    reference: Volume,
-    path: PathLike,
-    dtype=None,
-    *,
-    mode: Optional[str] = None,
-    fill: float = 0,
-) -> str:
-    """Write ``array`` (on ``reference``'s grid) as NIfTI on the ORIGINAL file's grid and affine.
+def to_original_grid(array: ArrayLike, reference: Volume, *, mode: Optional[str] = None, fill: float = 0) -> Tensor:
+    """``array`` (on ``reference``'s grid) brought back onto the ORIGINAL file's grid, in its voxel order.
 
     Undoes the crop (outside filled with ``fill``), the resampling (linear for floating data, nearest
-    for integer/bool data, or ``mode`` = "linear" | "nearest") and the reorientation.
+    for integer/bool data, or ``mode`` = "linear" | "nearest") and the reorientation: the geometry
+    :func:`save_like` writes with, returned instead of written.
 
     Args:
-        array: ``[D, H, W]`` (or ``[C, D, H, W]``, written as a 4-D file with C last) tensor or array
-            matching ``reference.data``'s shape.
+        array: ``[D, H, W]`` or ``[C, D, H, W]`` tensor or array matching ``reference.data``'s shape.
         reference: the :class:`Volume` the array is aligned with.
-        path: output file (``.nii.gz`` or ``.nii``); parent folders are created.
-        dtype: output voxel type; default float32 for floats, the smallest of uint8/uint16/int16/int32
-            that holds integer data (labels as uint8/uint16). Floats written to an integer type are rounded.
-    Returns: the path written.
+    Returns: a CPU tensor ``[*original_shape]`` (or ``[C, *original_shape]``) indexed like the file's
+        array (``reference.original_affine`` maps its indices to world mm); bool becomes uint8, and
+        integer data becomes float32 when ``mode`` is "linear".
     """
-    path = _path_str(path)
     if not isinstance(reference, Volume):
         raise TypeError(f"reference must be a Volume, got {type(reference).__name__}")
     data = _as_tensor(array, "array")
@@ -585,7 +577,6 @@ def save_like(
         mode = "linear" if data.is_floating_point() else "nearest"
     if mode not in ("linear", "nearest"):
         raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
-    out_dtype = _choose_dtype(data, dtype)
     if data.dtype == torch.bool:
         data = data.to(torch.uint8)
     if mode == "linear" and not data.is_floating_point():
@@ -602,8 +593,39 @@ def save_like(
     if reference.resampled:
         positions = [torch.arange(n, dtype=torch.float64) / z for n, z in zip(reference.canonical_shape, reference.zoom)]
         data = _resample(data, positions, mode)
-    data = _from_canonical(data, reference.orientation)
-    out = data.numpy()
+    return _from_canonical(data, reference.orientation)
+
+
+def save_like(
+    array: ArrayLike,
+    reference: Volume,
+    path: PathLike,
+    dtype=None,
+    *,
+    mode: Optional[str] = None,
+    fill: float = 0,
+) -> str:
+    """Write ``array`` (on ``reference``'s grid) as NIfTI on the ORIGINAL file's grid and affine.
+
+    Undoes the crop (outside filled with ``fill``), the resampling (linear for floating data, nearest
+    for integer/bool data, or ``mode`` = "linear" | "nearest") and the reorientation
+    (:func:`to_original_grid`).
+
+    Args:
+        array: ``[D, H, W]`` (or ``[C, D, H, W]``, written as a 4-D file with C last) tensor or array
+            matching ``reference.data``'s shape.
+        reference: the :class:`Volume` the array is aligned with.
+        path: output file (``.nii.gz`` or ``.nii``); parent folders are created.
+        dtype: output voxel type; default float32 for floats, the smallest of uint8/uint16/int16/int32
+            that holds integer data (labels as uint8/uint16). Floats written to an integer type are rounded.
+    Returns: the path written.
+    """
+    path = _path_str(path)
+    if not isinstance(reference, Volume):
+        raise TypeError(f"reference must be a Volume, got {type(reference).__name__}")
+    data = _as_tensor(array, "array")
+    out_dtype = _choose_dtype(data, dtype)
+    out = to_original_grid(data, reference, mode=mode, fill=fill).numpy()
     if out.ndim == 4:
         out = np.moveaxis(out, 0, -1)
     if np.issubdtype(out_dtype, np.integer):
