@@ -65,7 +65,7 @@ def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys):
     rows = one_shot.main(["--model", str(model), "--phantoms", "3", "--spacing", "32", "--template", "12"])
     assert len(rows) == 2
     for row in rows:
-        for method in ("deepatlas", "identity", "affine"):
+        for method in ("deepatlas", "identity", "affine", "iterative"):
             assert 0.0 <= row[method] <= 1.0
     out = capsys.readouterr().out
     assert "| deepatlas |" in out and "folding fraction max 0.0000" in out
