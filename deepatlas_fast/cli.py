@@ -495,6 +495,252 @@ def _add_register(sub) -> None:
     register.set_defaults(run=_register)
 
 
+def _template_shape(sizes: Optional[Sequence[int]]) -> Optional[tuple]:
+    """``--template-shape`` as 3 sizes (one size: a cube); None when not given."""
+    if sizes is None:
+        return None
+    if len(sizes) not in (1, 3) or min(sizes) < 2:
+        raise ValueError(f"--template-shape: give 1 or 3 sizes >= 2, got {sizes}")
+    return tuple(sizes) * (3 // len(sizes))
+
+
+def _nifti_output(option: str, path: Optional[str], *inputs: str) -> None:
+    """A ValueError naming ``option`` unless ``path`` (when given) is a .nii/.nii.gz file name that is
+    not one of the ``inputs``."""
+    if path is None:
+        return
+    if _nifti_stem(path) is None:
+        raise ValueError(f"{option}: {path!r} must end in .nii or .nii.gz")
+    if os.path.abspath(path) in {os.path.abspath(p) for p in inputs}:
+        raise ValueError(f"{option}: {path!r} would overwrite an input")
+
+
+def _write_json(option: str, path: str, obj: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot write {path!r} ({exc})") from None
+
+
+def _load_model_option(args):
+    """The ``--model`` (on ``--device``, default cuda when available), checked to carry its spacing."""
+    import torch
+
+    from .checkpoint import load_model
+    from .segment import model_spacing
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _option("--model", load_model, args.model, device)
+    _option("--model", model_spacing, model)
+    return model
+
+
+def _atlas(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .atlas import reconstruct_atlas
+    from .segment import load_exam
+    from .train import resolve_images
+
+    try:
+        template = _template_shape(args.template_shape)
+        try:
+            paths = [str(p) for p in resolve_images(args.images)]
+        except ValueError as exc:
+            raise ValueError(f"--images: {str(exc).removeprefix('images: ')}") from None
+        _nifti_output("-o", args.out, *paths)
+        _nifti_output("--weights", args.weights, args.out, *paths)
+        model = _load_model_option(args)
+        with tqdm(paths, disable=args.quiet, unit="exam", file=sys.stderr, dynamic_ncols=True) as bar:
+            atlas = reconstruct_atlas(model, (_option("--images", load_exam, model, p) for p in bar), template)
+        try:
+            atlas.save(args.out, weights=args.weights, png=args.png)
+        except OSError as exc:
+            raise ValueError(f"cannot write the atlas ({exc})") from None
+    except (ValueError, TypeError) as exc:
+        print(f"deepatlas-fast atlas: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        empty = int((atlas.weight.data == 0).sum())
+        print(f"{args.out}: template {'x'.join(map(str, atlas.intensity.shape))} from {len(paths)} exam(s), "
+              f"voxel {' x '.join(f'{s:.3g}' for s in atlas.intensity.spacing)} mm; "
+              f"{empty} cell(s) ({100 * empty / atlas.weight.data.numel():.1f}%) with no exam voxel")
+        for what, path in (("weights", args.weights), ("picture", args.png)):
+            if path:
+                print(f"{what}: {path}")
+    return 0
+
+
+def _add_atlas(sub) -> None:
+    from .atlas import FILL_CELLS
+    from .segment import MIN_WEIGHT
+
+    atlas = sub.add_parser(
+        "atlas",
+        help="reconstruct the template image by splatting exams into the template grid",
+        description="Reconstruct the template image: every exam's normalised intensities (its grid at the model's "
+        "spacing) are splatted into the template grid at their template coordinates and averaged over the exams. "
+        f"Cells with less than {MIN_WEIGHT} of the mean weight are holes, filled from covered cells up to "
+        f"{FILL_CELLS} cell(s) away, else 0. Written as float32 NIfTI on an axis-aligned RAS grid whose cube spans "
+        "the exams' mean physical extent (per template axis), centred on their mean position.",
+    )
+    atlas.add_argument("--model", required=True, metavar="RUN_DIR/model.pt", help="a trained model")
+    atlas.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                       help="NIfTI files, folders (every *.nii/*.nii.gz inside) or glob patterns")
+    atlas.add_argument("-o", "--out", required=True, metavar="ATLAS.nii.gz", help="the template image written")
+    atlas.add_argument("--template-shape", type=_positive_int, nargs="+", metavar="N",
+                       help="template grid, 1 or 3 sizes (default: the model's template grid)")
+    atlas.add_argument("--weights", metavar="W.nii.gz", help="also write the weight map (exam voxels per cell)")
+    atlas.add_argument("--png", metavar="FILE.png", help="write axial, coronal and sagittal slices of the template")
+    atlas.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    atlas.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    atlas.set_defaults(run=_atlas)
+
+
+def _percentile_option(args) -> None:
+    if not 0 <= args.percentile < 50:
+        raise ValueError(f"--percentile: must be in [0, 50), got {args.percentile}")
+
+
+def _crop(args) -> int:
+    import functools
+
+    from . import segment as seg
+    from .data.io import load_labels, read_label_table
+    from .locate import crop, label_id, locate, template_box
+
+    try:
+        _percentile_option(args)
+        if not args.margin >= 0:
+            raise ValueError(f"--margin: must be >= 0 mm, got {args.margin}")
+        _nifti_output("-o", args.output, args.input, args.reference, args.reference_labels)
+        names = read_label_table(args.labels, "--labels") if args.labels else None
+        label = _option("--label", label_id, args.label, names)
+        model = _load_model_option(args)
+        reference = _option("--reference", seg.load_exam, model, args.reference)
+        labels = _option("--reference-labels", load_labels, args.reference_labels, reference)
+        measure = functools.partial(template_box, percentile=args.percentile)
+        box = _option("--label", measure, model, reference, labels, label, names)
+        region = _option("-i", locate, model, _option("-i", seg.load_exam, model, args.input), box, args.margin)
+        try:
+            crop(args.input, region, args.output)
+        except OSError as exc:
+            raise ValueError(f"-o: cannot write {args.output!r} ({exc})") from None
+        if args.json:
+            _write_json("--json", args.json, {"output": args.output, **region.to_dict()})
+    except (ValueError, TypeError) as exc:
+        print(f"deepatlas-fast crop: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        low, high = region.world_bounds()
+        voxels = ", ".join(f"{a}:{b}" for a, b in zip(region.start, region.stop))
+        print(f"{args.output}: label {box.label}{f' ({box.name})' if box.name else ''}: voxels [{voxels}] of "
+              f"{args.input} (crop {'x'.join(map(str, region.shape))}), world mm "
+              f"({', '.join(f'{v:.1f}' for v in low)}) to ({', '.join(f'{v:.1f}' for v in high)})")
+        if args.json:
+            print(f"box: {args.json}")
+    return 0
+
+
+def _add_crop(sub) -> None:
+    crop = sub.add_parser(
+        "crop",
+        help="crop a new exam to a structure labelled on a reference, found through template coordinates",
+        description="Find a structure labelled on a reference exam in a new exam: the template box of the "
+        "reference's voxels with that label selects the target voxels whose coordinates fall inside; their "
+        "bounding box (plus --margin mm) is cut from the target file as stored (no resampling, same voxel "
+        "type and scaling) and written with the affine that keeps every voxel's world position.",
+    )
+    crop.add_argument("--model", required=True, metavar="RUN_DIR/model.pt", help="a trained model")
+    crop.add_argument("--reference", required=True, metavar="R.nii.gz", help="a labelled reference exam")
+    crop.add_argument("--reference-labels", required=True, metavar="RL.nii.gz",
+                      help="the reference's label map, on its image's grid")
+    crop.add_argument("--label", required=True, metavar="ID_OR_NAME",
+                      help="the structure: a label id, or a name of --labels")
+    crop.add_argument("--labels", metavar="NAMES.json", help='label names, a JSON object {"id": "name", ...}')
+    crop.add_argument("-i", "--input", required=True, metavar="T.nii.gz", help="the exam to crop")
+    crop.add_argument("-o", "--output", required=True, metavar="CROP.nii.gz", help="the crop written")
+    crop.add_argument("--margin", type=float, default=0.0, metavar="MM", help="added on every side (default 0)")
+    crop.add_argument("--percentile", type=float, default=0.0, metavar="P",
+                      help="leave P%% of the structure's reference voxels out at each end per template axis "
+                      "(default 0: the full extent)")
+    crop.add_argument("--json", metavar="BOX.json", help="write the box (file voxels, world mm, affine) as JSON")
+    crop.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    crop.add_argument("--quiet", action="store_true", help="no summary")
+    crop.set_defaults(run=_crop)
+
+
+def _format_coverage(exam: str, region: dict) -> str:
+    """The covered template extent and the structures found, as lines of text."""
+    axes = ", ".join(f"{a} [{lo:+.2f}, {hi:+.2f}]" for a, lo, hi in zip("RAS", region["low"], region["high"]))
+    lines = [f"{exam}: body covers the template {axes}; {100 * region['cube_fraction']:.1f}% of the cube"]
+    for status in ("inside", "partial", "outside"):
+        found = [f"{s['name'] or s['label']}" + (f" ({s['overlap']:.2f})" if status == "partial" else "")
+                 for s in region.get("structures", []) if s["status"] == status]
+        if found:
+            lines.append(f"{status}: {', '.join(found)}")
+    return "\n".join(lines)
+
+
+def _locate(args) -> int:
+    from . import segment as seg
+    from .data.io import load_labels, read_label_table
+    from .locate import coverage, template_boxes
+
+    try:
+        _percentile_option(args)
+        if (args.reference is None) != (args.reference_labels is None):
+            missing = "--reference-labels" if args.reference_labels is None else "--reference"
+            raise ValueError(f"{missing}: --reference and --reference-labels go together")
+        if args.labels and args.reference is None:
+            raise ValueError("--labels: only used with --reference and --reference-labels")
+        names = read_label_table(args.labels, "--labels") if args.labels else None
+        model = _load_model_option(args)
+        boxes = None
+        if args.reference is not None:
+            reference = _option("--reference", seg.load_exam, model, args.reference)
+            labels = _option("--reference-labels", load_labels, args.reference_labels, reference)
+            boxes = list(template_boxes(model, reference, labels, names, percentile=args.percentile).values())
+            if not boxes:
+                raise ValueError("--reference-labels: no labelled voxel on the reference at the model's spacing")
+        target = _option("-i", seg.load_exam, model, args.input)
+        region = coverage(model, target, boxes, percentile=args.percentile)
+        if args.out:
+            _write_json("-o", args.out, {"model": args.model, "reference": args.reference,
+                                         "reference_labels": args.reference_labels, **region})
+    except (ValueError, TypeError) as exc:
+        print(f"deepatlas-fast locate: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(_format_coverage(args.input, region))
+        if args.out:
+            print(f"region: {args.out}")
+    return 0
+
+
+def _add_locate(sub) -> None:
+    locate = sub.add_parser(
+        "locate",
+        help="the template extent an exam covers, and which labelled structures lie in it (body-region JSON)",
+        description="Measure the template extent an exam's body covers (per template axis, R, A, S at identity: "
+        "the range of the template coordinates of its body voxels, and the fraction of the cube) and, with a "
+        "labelled reference, which structures lie inside, partly inside or outside that extent.",
+    )
+    locate.add_argument("--model", required=True, metavar="RUN_DIR/model.pt", help="a trained model")
+    locate.add_argument("-i", "--input", required=True, metavar="T.nii.gz", help="the exam")
+    locate.add_argument("--reference", metavar="R.nii.gz", help="a labelled reference exam")
+    locate.add_argument("--reference-labels", metavar="RL.nii.gz", help="the reference's label map, on its grid")
+    locate.add_argument("--labels", metavar="NAMES.json", help='label names, a JSON object {"id": "name", ...}')
+    locate.add_argument("-o", "--out", metavar="REGION.json", help="write the body-region metadata as JSON")
+    locate.add_argument("--percentile", type=float, default=0.0, metavar="P",
+                        help="leave P%% of the voxels out at each end per template axis (default 0: full extent)")
+    locate.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    locate.add_argument("--quiet", action="store_true", help="print nothing")
+    locate.set_defaults(run=_locate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepatlas-fast",
@@ -512,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_segment(sub)
     _add_register(sub)
+    _add_atlas(sub)
+    _add_crop(sub)
+    _add_locate(sub)
     return parser
 
 

@@ -67,7 +67,9 @@ __all__ = [
     "build_reference",
     "default_template_shape",
     "exam_coordinates",
+    "exam_intensities",
     "load_exam",
+    "load_reference",
     "model_spacing",
     "network_coordinates",
     "segment",
@@ -136,6 +138,12 @@ def load_exam(model, image: Exam) -> Volume:
     return load_volume(image, spacing=spacing)
 
 
+def exam_intensities(model, volume: Volume) -> Tensor:
+    """An exam's intensities normalised to [0, 1] as the network sees them: ``normalize_intensity`` with
+    the model's ``preprocessing["modality"]`` (default "auto"). ``[D, H, W]`` float32, ``volume``'s grid."""
+    return normalize_intensity(volume.data, modality=_preprocessing(model).get("modality", "auto"))
+
+
 def exam_coordinates(model, image: Exam) -> tuple[Tensor, Volume]:
     """Template coordinates of an exam on the model's network grid.
 
@@ -146,8 +154,7 @@ def exam_coordinates(model, image: Exam) -> tuple[Tensor, Volume]:
     network grid (its geometry brings results back to the file's grid).
     """
     volume = load_exam(model, image)
-    data = normalize_intensity(volume.data, modality=_preprocessing(model).get("modality", "auto"))
-    return network_coordinates(model, data), volume
+    return network_coordinates(model, exam_intensities(model, volume)), volume
 
 
 def default_template_shape(grids: Sequence[Sequence[int]]) -> tuple[int, int, int]:
@@ -252,23 +259,33 @@ class LabelAtlas:
         return probs[0], covered[0, 0]
 
 
+def load_reference(model, image: Exam, labels: Union[Volume, PathLike]) -> tuple[Volume, Volume]:
+    """A labelled reference's image and label map, both on the image's network grid.
+
+    Args:
+        image: a NIfTI path or a :class:`Volume` at the model's spacing (:func:`load_exam`).
+        labels: a NIfTI path on the image file's grid, or a label Volume already on the image's network
+            grid (a ValueError naming the file otherwise).
+    """
+    volume = load_exam(model, image)
+    if isinstance(labels, Volume):
+        if not same_grid(labels.affine, labels.shape, volume.affine, volume.shape):
+            raise ValueError(
+                f"label map {labels.path or '(in memory)'} is not on the image's network grid "
+                "(load it with load_labels(path, like=image))"
+            )
+        return volume, labels
+    if not isinstance(labels, (str, os.PathLike)):
+        raise TypeError(f"labels must be a Volume or a NIfTI path, got {type(labels).__name__}")
+    return volume, load_labels(labels, like=volume)
+
+
 def _reference_volumes(model, index: int, image: Exam, labels: Union[Volume, PathLike]) -> tuple[Volume, Volume]:
-    """A reference's image and label map on the image's network grid; ValueErrors name the reference."""
-    name = f"references[{index}]"
+    """:func:`load_reference` with its ValueErrors naming the reference's rank."""
     try:
-        volume = load_exam(model, image)
-        if isinstance(labels, Volume):
-            if not same_grid(labels.affine, labels.shape, volume.affine, volume.shape):
-                raise ValueError(
-                    f"label map {labels.path or '(in memory)'} is not on the image's network grid "
-                    "(load it with load_labels(path, like=image))"
-                )
-            return volume, labels
-        if not isinstance(labels, (str, os.PathLike)):
-            raise TypeError(f"labels must be a Volume or a NIfTI path, got {type(labels).__name__}")
-        return volume, load_labels(labels, like=volume)
+        return load_reference(model, image, labels)
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise ValueError(f"references[{index}]: {exc}") from None
 
 
 def build_reference(

@@ -45,6 +45,7 @@ __all__ = [
     "volume_from_array",
     "save_like",
     "to_original_grid",
+    "original_index",
     "crop_volume",
     "crop_to_foreground",
     "normalize_intensity",
@@ -594,6 +595,30 @@ def to_original_grid(array: ArrayLike, reference: Volume, *, mode: Optional[str]
         positions = [torch.arange(n, dtype=torch.float64) / z for n, z in zip(reference.canonical_shape, reference.zoom)]
         data = _resample(data, positions, mode)
     return _from_canonical(data, reference.orientation)
+
+
+def original_index(volume: Volume, index: ArrayLike) -> np.ndarray:
+    """Positions on ``volume``'s grid -> (fractional) voxel indices of the ORIGINAL file's array.
+
+    The geometry :func:`to_original_grid` undoes, applied to positions instead of data: the crop offset
+    is added, resampled index ``r`` sits at canonical index ``r * zoom``, and the reorientation is undone
+    (:func:`_orientation_matrix`). The map is exact and per axis (a permutation with flips and scales,
+    never a rotation), so a box on the volume's grid maps to a box on the file's grid.
+
+    Args:
+        volume: the :class:`Volume` whose grid the positions are on.
+        index: ``[..., 3]`` positions (fractional allowed) in ``volume.data``'s index space.
+    Returns: float64 ``[..., 3]`` indices into the file's array (``volume.original_affine`` maps them
+        to world mm).
+    """
+    if not isinstance(volume, Volume):
+        raise TypeError(f"volume must be a Volume, got {type(volume).__name__}")
+    positions = np.asarray(index, dtype=np.float64)
+    if positions.shape[-1:] != (3,):
+        raise ValueError(f"index must have shape [..., 3], got {positions.shape}")
+    canonical = (positions + np.asarray(volume.crop_start, dtype=np.float64)) * np.asarray(volume.zoom)
+    to_file = _orientation_matrix(volume.orientation, volume.original_shape)
+    return canonical @ to_file[:3, :3].T + to_file[:3, 3]
 
 
 def save_like(
