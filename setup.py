@@ -16,7 +16,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["deepatlas_fast", "deepatlas_fast.ops", "deepatlas_fast.reference", "deepatlas_fast.data", "deepatlas_fast.kernels"]
+PACKAGES = ["deepatlas_fast", "deepatlas_fast.ops", "deepatlas_fast.reference", "deepatlas_fast.data",
+            "deepatlas_fast.commands", "deepatlas_fast.kernels"]
 PACKAGE_DIR = {"deepatlas_fast.kernels": "kernels"}
 
 
