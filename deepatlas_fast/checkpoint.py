@@ -202,7 +202,9 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", with_me
     from .model import DeepAtlas
 
     obj = read_model(path)
-    model = DeepAtlas(**obj["model_config"])
+    config = dict(obj["model_config"])
+    config.setdefault("locate", False)  # model files written before the anchor head existed
+    model = DeepAtlas(**config)
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(

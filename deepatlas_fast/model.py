@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .coords import identity_coords
 
-__all__ = ["bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
+__all__ = ["anchor_shift", "bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -49,6 +49,20 @@ def bound_coords(raw: Tensor) -> Tensor:
     the objective's ``bound`` term penalises ``relu(|raw| - 1)^2`` instead.
     """
     return _StraightThroughClamp.apply(raw)
+
+
+def anchor_shift(logits: Tensor, grid: Tensor) -> Tensor:
+    """Offset ``[N, 3, 1, 1, 1]`` of the softmax-weighted centroid of a heatmap from the grid's centre.
+
+    ``logits [N, 1, *S]`` is a learned heatmap on the grid whose coordinates are ``grid [N, 3, *S]``.
+    The centroid moves with whatever the heatmap fires on, so subtracting the offset from the identity
+    makes the coordinate map follow the anatomy when it moves within the field of view, rather than the
+    grid (a convolutional map alone is pinned to the grid by the padding). Zero for a flat heatmap.
+    """
+    weights = torch.softmax(logits.flatten(2), dim=2)
+    # (w - 1/S) is exactly 0 for a flat heatmap, so a fresh network stays exactly the identity
+    excess = weights - 1.0 / weights.shape[2]
+    return (excess * grid.flatten(2)).sum(dim=2).view(-1, 3, 1, 1, 1)
 
 
 def _groups(channels: int) -> int:
@@ -100,6 +114,10 @@ class CoordNet(nn.Module):
             at zero, and with Adam-type optimisers the first steps move each weight by about ``lr``
             whatever the gradient, so an unscaled head moves coordinates by several voxels per step
             and folds the map; the factor sets the size of those steps.
+        locate: anchor the map on the anatomy (default True): a 1x1 head on the bottleneck gives a
+            heatmap whose softmax centroid is subtracted from the identity (:func:`anchor_shift`), so
+            coordinates move with the anatomy when the field of view moves. Zero-initialised (no effect
+            at the start).
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
@@ -114,7 +132,8 @@ class CoordNet(nn.Module):
     ``find_unused_parameters=True`` (or train all levels).
     """
 
-    def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01):
+    def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01,
+                 locate: bool = True):
         super().__init__()
         for name, value, minimum in (("in_channels", in_channels, 1), ("base", base, 1), ("levels", levels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -138,6 +157,11 @@ class CoordNet(nn.Module):
         for head in self.heads:  # exact identity at initialisation
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        self.locator = None
+        if locate:
+            self.locator = nn.Conv3d(widths[-1], 1, 1)
+            nn.init.zeros_(self.locator.weight)
+            nn.init.zeros_(self.locator.bias)
 
     def forward(
         self, x: Tensor, levels: Optional[int] = None, bound: bool = True, return_levels: bool = False
@@ -161,18 +185,23 @@ class CoordNet(nn.Module):
         shape = skips[top].shape[2:]
         ident = identity_coords(shape, batch=x.shape[0], device=x.device)
         h = self.bottleneck(torch.cat([h, ident.to(h.dtype)], dim=1))
+        if self.locator is not None:
+            shift = anchor_shift(self.locator(h).float(), ident)
+        else:
+            shift = torch.zeros(1, 3, 1, 1, 1, device=x.device)
+        ident = ident - shift
         disp = self.residual_scale * self.heads[top](h).float()
         maps = [ident + disp]
         for level in range(top - 1, top - levels, -1):
             shape = skips[level].shape[2:]
             disp = _upsample(disp, shape)
-            ident = identity_coords(shape, batch=x.shape[0], device=x.device)
+            ident = identity_coords(shape, batch=x.shape[0], device=x.device) - shift
             coarse = (ident + disp).to(h.dtype)
             h = self.decoders[level](torch.cat([_upsample(h, shape), skips[level], coarse], dim=1))
             disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)
         disp = _upsample(disp, x.shape[2:])
-        coords = identity_coords(x.shape[2:], batch=x.shape[0], device=x.device) + disp
+        coords = identity_coords(x.shape[2:], batch=x.shape[0], device=x.device) - shift + disp
         if bound:
             coords = bound_coords(coords)
         return (coords, maps) if return_levels else coords
@@ -244,7 +273,7 @@ class DeepAtlas(nn.Module):
             inverts coordinate maps onto this grid.
         preprocessing: free-form dict saved with the model (spacing, intensity normalisation ...),
             for inference.
-        residual_scale: :class:`CoordNet` head output factor (default 0.01).
+        residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default True).
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -266,6 +295,7 @@ class DeepAtlas(nn.Module):
         template_shape: Sequence[int] = (32, 32, 32),
         preprocessing: Optional[dict] = None,
         residual_scale: float = 0.01,
+        locate: bool = True,
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 0:
@@ -285,10 +315,11 @@ class DeepAtlas(nn.Module):
             "template_shape": list(template_shape),
             "preprocessing": dict(preprocessing or {}),
             "residual_scale": float(residual_scale),
+            "locate": bool(locate),
         }
         self.in_channels = in_channels
         self.template_shape = template_shape
-        self.coordnet = CoordNet(in_channels, base, levels, residual_scale)
+        self.coordnet = CoordNet(in_channels, base, levels, residual_scale, locate)
         self.features = FeatureNet(in_channels, features, feature_width) if features > 0 else None
         channels = features + in_channels
         # a smooth random pattern: never constant (a constant atlas gives LNCC no gradient at all)

@@ -84,15 +84,41 @@ def test_spatial_augmentation_keeps_labels_aligned_and_coords_exact():
 
 def test_intensity_augmentation_changes_values_but_stays_near_unit_range():
     subjects = _subjects()
-    base = ImageDataset([s[0] for s in subjects], (12, 12, 12), normalize=None, rotation=0, scale=0,
+    base = ImageDataset([s[0] for s in subjects], (12, 12, 12), normalize=None, rotation=0, scale=0, translate=0,
                         gamma=0, contrast=0, shift=0, noise=0, bias=0)
-    aug = ImageDataset([s[0] for s in subjects], (12, 12, 12), normalize=None, rotation=0, scale=0)
+    aug = ImageDataset([s[0] for s in subjects], (12, 12, 12), normalize=None, rotation=0, scale=0, translate=0)
     diffs = []
     for draw in range(4):
         a, b = base[(0, draw)]["image"], aug[(0, draw)]["image"]
         diffs.append(float((a - b).abs().mean()))
         assert -0.3 < float(b.min()) and float(b.max()) < 1.6
     assert min(diffs) > 1e-3
+
+
+@pytest.mark.parametrize("translate", [0.0, 0.2])
+def test_translation_augmentation_moves_the_anatomy_within_the_crop(translate):
+    subjects = _subjects()
+    crop = (24, 24, 24)  # centred crops (random_crop=False): without translation the body sits at one place
+    ds = ImageDataset([s[0] for s in subjects], crop, normalize=None, random_crop=False, rotation=0, scale=0, translate=translate,
+                      gamma=0, contrast=0, shift=0, noise=0, bias=0, return_coords=True)
+    offsets = []
+    for draw in range(6):
+        item = ds[(1, draw)]
+        coords, image = item["coords"], item["image"][0]
+        assert torch.allclose(da.sample(subjects[1][0][None, None], coords[None], "zeros")[0, 0], image, atol=1e-5)
+        # a pure shift: coords - identity (in source voxels) is one constant per axis
+        half = torch.tensor([(n - 1) / 2 for n in subjects[1][0].shape]).view(3, 1, 1, 1)
+        index = (coords + 1) * half
+        step = index[:, 1:, 1:, 1:] - index[:, :-1, :-1, :-1]
+        assert torch.allclose(step, torch.ones_like(step), atol=1e-4)
+        offsets.append(index[:, 0, 0, 0])
+    offsets = torch.stack(offsets)
+    centred = offsets - offsets.mean(0)
+    if translate == 0:
+        assert float(centred.abs().max()) < 1e-4
+    else:
+        assert float(centred.abs().max()) > 1.0  # the body moved by voxels between draws
+        assert float((offsets - offsets[0]).abs().max()) <= 2 * translate * crop[0] + 1e-4
 
 
 def test_normalisation_and_volume_inputs():

@@ -143,3 +143,47 @@ def test_deepatlas_rejects_bad_arguments():
         DeepAtlas(features=-1)
     with pytest.raises(ValueError, match="images must have shape"):
         DeepAtlas(base=4, levels=2, features=2, template_shape=(4, 4, 4)).feature_stack(torch.rand(1, 8, 8, 8))
+
+
+def test_anchor_shift_follows_the_heatmap_and_is_zero_when_flat():
+    from deepatlas_fast.model import anchor_shift
+
+    grid = da.identity_coords((5, 6, 7), batch=2)
+    assert anchor_shift(torch.zeros(2, 1, 5, 6, 7), grid).abs().max() == 0
+    logits = torch.full((2, 1, 5, 6, 7), -1e4)
+    logits[0, 0, 4, 0, 3] = 0.0  # a peak: the centroid is that grid point
+    logits[1, 0, 1, 5, 6] = 0.0
+    shift = anchor_shift(logits, grid)
+    centre = grid.flatten(2).mean(2)
+    assert torch.allclose(shift[0].flatten(), grid[0, :, 4, 0, 3] - centre[0], atol=1e-6)
+    assert torch.allclose(shift[1].flatten(), grid[1, :, 1, 5, 6] - centre[1], atol=1e-6)
+    # moving the peak by one cell moves the shift by one cell: what makes the map follow the anatomy
+    moved = torch.roll(logits, 1, dims=2)
+    step = 2.0 / (5 - 1)
+    assert torch.allclose(anchor_shift(moved, grid)[1, 0] - shift[1, 0], torch.tensor(step), atol=1e-6)
+
+
+def test_anchor_head_moves_the_whole_map_and_can_be_turned_off():
+    x = torch.rand(1, 1, 16, 16, 16)
+    net = CoordNet(base=4, levels=3)
+    with torch.no_grad():
+        net.locator.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    anchored = net(x, bound=False)
+    # without residual heads the map is the identity minus one constant offset per axis
+    offset = anchored - da.identity_coords((16, 16, 16))
+    assert offset.flatten(2).std(dim=2).max() < 1e-5 and offset.abs().max() > 1e-3
+    plain = CoordNet(base=4, levels=3, locate=False)
+    assert plain.locator is None
+    assert torch.equal(plain(x), da.identity_coords((16, 16, 16)))
+
+
+def test_model_files_from_before_the_anchor_head_still_load(tmp_path):
+    from deepatlas_fast.checkpoint import load_model, read_model, save_model
+
+    old = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8), locate=False)
+    path = save_model(tmp_path / "model.pt", old, preprocessing={"spacing": 4.0})
+    payload = read_model(path)
+    del payload["model_config"]["locate"]  # as written by earlier versions
+    torch.save(payload, path)
+    model = load_model(path)
+    assert model.coordnet.locator is None

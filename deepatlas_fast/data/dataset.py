@@ -112,7 +112,10 @@ class ImageDataset(torch.utils.data.Dataset):
         random_crop: crops centred on random foreground voxels (default True; foreground from
             :func:`~deepatlas_fast.data.io.foreground_mask`); False: centred on the foreground box.
         rotation: max rotation per axis in degrees (default 10); scale: max relative zoom (default 0.1);
-            both in voxel space, around the crop centre (spatial augmentation, ``augment=True`` only).
+            both in voxel space, around the crop centre; translate: max shift of the crop centre per axis
+            as a fraction of the crop side (default 0.1), so that the anatomy sits at different places in
+            the crop as it does in exams with different fields of view, and the network learns coordinates
+            that follow the anatomy rather than the grid (spatial augmentation, ``augment=True`` only).
         gamma: std of log-gamma (default 0.3); contrast: max relative contrast change (0.1); shift: max
             brightness shift (0.05); noise: max Gaussian noise std (0.03); bias: max std of a smooth log
             bias field (0.1). Intensity augmentation, ``augment=True`` only.
@@ -134,6 +137,7 @@ class ImageDataset(torch.utils.data.Dataset):
         random_crop: bool = True,
         rotation: float = 10.0,
         scale: float = 0.1,
+        translate: float = 0.1,
         gamma: float = 0.3,
         contrast: float = 0.1,
         shift: float = 0.05,
@@ -168,7 +172,7 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             self.labels = None
         self.crop_shape = None if crop_shape is None else _shape3(crop_shape, "crop_shape")
-        for name, value in (("rotation", rotation), ("scale", scale), ("gamma", gamma), ("contrast", contrast),
+        for name, value in (("rotation", rotation), ("scale", scale), ("translate", translate), ("gamma", gamma), ("contrast", contrast),
                             ("shift", shift), ("noise", noise), ("bias", bias)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -177,7 +181,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.random_crop = bool(random_crop)
-        self.rotation, self.scale = float(rotation), float(scale)
+        self.rotation, self.scale, self.translate = float(rotation), float(scale), float(translate)
         self.gamma, self.contrast, self.shift = float(gamma), float(contrast), float(shift)
         self.noise, self.bias = float(noise), float(bias)
         self.samples_per_epoch = len(images) if samples_per_epoch is None else int(samples_per_epoch)
@@ -278,6 +282,9 @@ class ImageDataset(torch.utils.data.Dataset):
                     c = (shape[a] - 1) / 2.0
             else:
                 c = min(max(float(point[a]), half), shape[a] - 1 - half)
+            if self.augment and self.translate > 0:
+                # the anatomy moves within the crop (as fields of view differ between exams)
+                c += self.translate * out_shape[a] * (2.0 * float(torch.rand((), generator=g, dtype=torch.float64)) - 1.0)
             if not self.augment:
                 # integer crops when not resampling: exact voxel values
                 c = math.floor(c - half + 0.5) + half
