@@ -56,3 +56,63 @@ def covering_map(src, generator, *, batch=1, amplitude=0.03, dtype=torch.float64
     """A smooth map whose image strictly contains the target cube [-1, 1]^3 (every target point valid)."""
     base = affine_coords(rotation([0.05, -0.04, 0.03]) * 1.3, [0.02, -0.03, 0.01], src)
     return (base.expand(batch, -1, -1, -1, -1) + smooth_displacement(src, generator, amplitude, batch=batch)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ NIfTI test files
+def write_nifti(path, array, affine, dtype=None) -> str:
+    """Write ``array`` with ``affine`` (sform and qform, code 1) as NIfTI; returns the path."""
+    import nibabel as nib
+    import numpy as np
+
+    data = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype)
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def identity_model_file(path, spacing, shift=None) -> str:
+    """An untrained (exactly identity) DeepAtlas saved at ``spacing`` mm; ``shift``: a constant added to
+    the coordinates (normalised units, per template axis) through the coarsest head's bias."""
+    from deepatlas_fast.checkpoint import save_model
+    from deepatlas_fast.model import DeepAtlas
+
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8))
+    if shift is not None:
+        with torch.no_grad():
+            model.coordnet.heads[-1].bias.copy_(torch.tensor(shift) / model.coordnet.residual_scale)
+    save_model(path, model, preprocessing={"spacing": spacing, "modality": "ct"})
+    return str(path)
+
+
+def rotation4(ax, ay, az):
+    """4x4 homogeneous rotation (radians about x, then y, then z)."""
+    import numpy as np
+
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    r = np.eye(4)
+    r[:3, :3] = (np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+                 @ np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]))
+    return r
+
+
+def stored_variant(kind, array, affine):
+    """The same exam stored another way: ``(array, affine)`` of the file (ras, flipped = LPS, lia,
+    oblique = grid rotated in the scanner, anisotropic = every other S slice)."""
+    import nibabel as nib
+    import numpy as np
+
+    if kind == "ras":
+        return array, affine
+    if kind in ("flipped", "lia"):  # same world positions
+        codes = {"flipped": "LPS", "lia": "LIA"}[kind]
+        axcodes2ornt = nib.orientations.axcodes2ornt
+        ornt = nib.orientations.ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(codes))
+        img = nib.Nifti1Image(array, affine).as_reoriented(ornt)
+        return np.asarray(img.dataobj), img.affine
+    if kind == "oblique":
+        return array, rotation4(0.3, -0.2, 0.25) @ affine
+    if kind == "anisotropic":
+        return array[:, :, ::2], affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+    raise ValueError(kind)

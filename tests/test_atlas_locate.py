@@ -18,7 +18,7 @@ import torch.nn.functional as F
 nib = pytest.importorskip("nibabel")
 
 from deepatlas_fast.atlas import reconstruct_atlas  # noqa: E402
-from deepatlas_fast.checkpoint import load_model, save_model  # noqa: E402
+from deepatlas_fast.checkpoint import load_model  # noqa: E402
 from deepatlas_fast.cli import main  # noqa: E402
 from deepatlas_fast.coords import identity_coords  # noqa: E402
 from deepatlas_fast.data.io import (  # noqa: E402
@@ -40,30 +40,15 @@ from deepatlas_fast.locate import (  # noqa: E402
     template_box,
     template_boxes,
 )
-from deepatlas_fast.model import DeepAtlas  # noqa: E402
+from helpers import identity_model_file, rotation4, stored_variant, write_nifti  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes: R, A, S
 SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32
 LIVER = 1  # voxels i 10..16, j 6..11, k 10..13 of the seed-3 phantom at SHAPE / SPACING
 
 
-def _write(path, array, affine, dtype=None):
-    img = nib.Nifti1Image(np.asarray(array) if dtype is None else np.asarray(array).astype(dtype), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
 
 
-def _model(path, spacing, shift=None):
-    """An untrained (identity) model at ``spacing`` mm; ``shift``: a constant added to the coordinates
-    (normalised units, per template axis) through the coarsest head's bias."""
-    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8))
-    if shift is not None:
-        with torch.no_grad():
-            model.coordnet.heads[-1].bias.copy_(torch.tensor(shift) / model.coordnet.residual_scale)
-    save_model(path, model, preprocessing={"spacing": spacing, "modality": "ct"})
-    return str(path)
 
 
 def _voxels(shift_voxels, axis=0):
@@ -73,29 +58,8 @@ def _voxels(shift_voxels, axis=0):
     return shift
 
 
-def _rotation4(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    r = np.eye(4)
-    r[:3, :3] = (np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-                 @ np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]))
-    return r
 
 
-def _variant(kind, array, affine):
-    """The same exam stored another way: ``(array, affine)`` of the file."""
-    if kind == "ras":
-        return array, affine
-    if kind in ("flipped", "lia"):  # axes flipped (LPS) / permuted and flipped (LIA), same world positions
-        axcodes2ornt = nib.orientations.axcodes2ornt
-        codes = {"flipped": "LPS", "lia": "LIA"}[kind]
-        ornt = nib.orientations.ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(codes))
-        img = nib.Nifti1Image(array, affine).as_reoriented(ornt)
-        return np.asarray(img.dataobj), img.affine
-    if kind == "oblique":  # the grid rotated in the scanner (closest orientation still RAS)
-        return array, _rotation4(0.3, -0.2, 0.25) @ affine
-    if kind == "anisotropic":  # every other slice: 2x thicker along S
-        return array[:, :, ::2], affine @ np.diag([1.0, 1.0, 2.0, 1.0])
-    raise ValueError(kind)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +72,9 @@ def phantom():
 def files(tmp_path, phantom):
     image, labels, affine = phantom
     return {
-        "image": _write(tmp_path / "ref.nii.gz", image, affine),
-        "labels": _write(tmp_path / "ref_labels.nii.gz", labels, affine),
-        "model": _model(tmp_path / "model.pt", list(SPACING)),
+        "image": write_nifti(tmp_path / "ref.nii.gz", image, affine),
+        "labels": write_nifti(tmp_path / "ref_labels.nii.gz", labels, affine),
+        "model": identity_model_file(tmp_path / "model.pt", list(SPACING)),
         "tmp": tmp_path,
     }
 
@@ -134,8 +98,8 @@ def test_atlas_of_one_exam_on_its_own_grid_is_the_exam(tmp_path, phantom, kind):
     """Identity model, template grid = the exam's network grid: every voxel lands on its own template
     node, so the template image is the exam's normalised intensities and its grid is the exam's."""
     array, _, affine = phantom
-    path = _write(tmp_path / "e.nii.gz", *_variant(kind, array, affine))
-    model = load_model(_model(tmp_path / "m.pt", list(SPACING)))
+    path = write_nifti(tmp_path / "e.nii.gz", *stored_variant(kind, array, affine))
+    model = load_model(identity_model_file(tmp_path / "m.pt", list(SPACING)))
     atlas = reconstruct_atlas(model, [path], template_shape=SHAPE)
     assert atlas.intensity.shape == SHAPE and atlas.intensity.data.dtype == torch.float32
     torch.testing.assert_close(atlas.intensity.data, _normalised(array), atol=1e-5, rtol=0)
@@ -148,9 +112,9 @@ def test_atlas_averages_exams_and_their_frames(tmp_path):
     """Two subjects (different anatomy and table positions): the template image is the mean of their
     normalised intensities, the weight 2, the affine their mean grid."""
     exams = [phantom_subject(seed, shape=SHAPE, spacing=SPACING) for seed in (3, 8)]
-    paths = [_write(tmp_path / f"e{i}.nii.gz", image.numpy(), affine) for i, (image, _, affine) in enumerate(exams)]
+    paths = [write_nifti(tmp_path / f"e{i}.nii.gz", image.numpy(), affine) for i, (image, _, affine) in enumerate(exams)]
     assert not np.allclose(exams[0][2], exams[1][2])
-    model = load_model(_model(tmp_path / "m.pt", list(SPACING)))
+    model = load_model(identity_model_file(tmp_path / "m.pt", list(SPACING)))
     atlas = reconstruct_atlas(model, iter(paths), template_shape=SHAPE)
     expected = (_normalised(exams[0][0]) + _normalised(exams[1][0])) / 2
     torch.testing.assert_close(atlas.intensity.data, expected, atol=1e-5, rtol=0)
@@ -191,7 +155,7 @@ def test_atlas_of_shifted_coordinates_stays_in_register_with_the_exam(tmp_path, 
     filled from its covered neighbours, on node 4), and the affine puts every template node at the world
     position of the exam voxel splatted onto it."""
     array, _, affine = phantom
-    model = load_model(_model(tmp_path / "s.pt", list(SPACING), _voxels(4)))
+    model = load_model(identity_model_file(tmp_path / "s.pt", list(SPACING), _voxels(4)))
     atlas = reconstruct_atlas(model, [files["image"]], template_shape=SHAPE)
     normalised = _normalised(array)
     torch.testing.assert_close(atlas.intensity.data[4:], normalised[:-4], atol=1e-5, rtol=0)
@@ -221,8 +185,8 @@ def test_cli_atlas_writes_the_template_its_weights_and_a_png(files, phantom, cap
     array, _, affine = phantom
     folder = files["tmp"] / "exams"
     folder.mkdir()
-    _write(folder / "a.nii.gz", array, affine)
-    _write(folder / "b.nii", array, affine)
+    write_nifti(folder / "a.nii.gz", array, affine)
+    write_nifti(folder / "b.nii", array, affine)
     (folder / "notes.txt").write_text("not an exam")
     out, weights, png = files["tmp"] / "out" / "atlas.nii.gz", files["tmp"] / "w.nii.gz", files["tmp"] / "a.png"
     assert main(["atlas", "--model", files["model"], "--images", str(folder), "-o", str(out),
@@ -274,7 +238,7 @@ def test_original_index_agrees_with_the_affines(tmp_path, phantom, kind):
     """A position on a reoriented, resampled and cropped grid and its original file index are the same
     world point."""
     array, _, affine = phantom
-    volume = crop_volume(load_volume(_write(tmp_path / "v.nii.gz", *_variant(kind, array, affine)), spacing=31.0),
+    volume = crop_volume(load_volume(write_nifti(tmp_path / "v.nii.gz", *stored_variant(kind, array, affine)), spacing=31.0),
                          (1, 2, 0), (5, 4, 6))
     index = np.array([[0.0, 0.0, 0.0], [4.0, 3.0, 5.0], [-0.5, 2.25, 1.5]])
     world = index @ volume.affine[:3, :3].T + volume.affine[:3, 3]
@@ -315,10 +279,10 @@ def test_crop_of_the_reference_itself_is_its_own_bounding_box(tmp_path, phantom,
     bounding box in the file's own voxel order (+ the margin), and the crop holds the file's voxels at
     their world positions."""
     array, labels, affine = phantom
-    image_path = _write(tmp_path / "r.nii.gz", *_variant(kind, array, affine))
-    labels_file, file_affine = _variant(kind, labels, affine)
-    labels_path = _write(tmp_path / "rl.nii.gz", labels_file, file_affine)
-    model = load_model(_model(tmp_path / "m.pt", list(load_volume(image_path).spacing)))
+    image_path = write_nifti(tmp_path / "r.nii.gz", *stored_variant(kind, array, affine))
+    labels_file, file_affine = stored_variant(kind, labels, affine)
+    labels_path = write_nifti(tmp_path / "rl.nii.gz", labels_file, file_affine)
+    model = load_model(identity_model_file(tmp_path / "m.pt", list(load_volume(image_path).spacing)))
     box = template_box(model, image_path, labels_path, LIVER)
     region = locate(model, image_path, box, margin_mm=margin)
     file_spacing = np.linalg.norm(nib.load(image_path).affine[:3, :3], axis=0)
@@ -366,7 +330,7 @@ def test_located_box_follows_the_coordinates(files, phantom, tmp_path):
     reference's voxel i + 2, so the liver is found 2 voxels further left."""
     _, labels, _ = phantom
     box = template_box(load_model(files["model"]), files["image"], files["labels"], LIVER)
-    shifted = load_model(_model(tmp_path / "s.pt", list(SPACING), _voxels(2)))
+    shifted = load_model(identity_model_file(tmp_path / "s.pt", list(SPACING), _voxels(2)))
     region = locate(shifted, files["image"], box)
     first, last = _bbox(labels == LIVER)
     assert region.start == (first[0] - 2, first[1], first[2]) and region.stop == (last[0] - 1, last[1] + 1, last[2] + 1)
@@ -377,7 +341,7 @@ def test_located_box_through_a_coarser_network_grid_holds_the_structure(files, p
     resampling, holds the structure's bounding box once grown by one network voxel, and is at most one
     more network voxel larger on each side."""
     _, labels, _ = phantom
-    model = load_model(_model(tmp_path / "c.pt", 31.0))
+    model = load_model(identity_model_file(tmp_path / "c.pt", 31.0))
     box = template_box(model, files["image"], files["labels"], LIVER)
     region = locate(model, files["image"], box, margin_mm=31.0)
     first, last = _bbox(labels == LIVER)
@@ -403,14 +367,14 @@ def test_locate_and_crop_errors(files, phantom, tmp_path):
         template_box(model, files["image"], files["labels"], LIVER, percentile=50)
     box = template_box(model, files["image"], files["labels"], LIVER)
     # every target coordinate clamped onto the cube's R face (+1): none inside the liver's box (R < 1)
-    away = load_model(_model(tmp_path / "far.pt", list(SPACING), [3.0, 0.0, 0.0]))
+    away = load_model(identity_model_file(tmp_path / "far.pt", list(SPACING), [3.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match=r"no voxel has template coordinates inside the box of label 1"):
         locate(away, files["image"], box)
     with pytest.raises(ValueError, match="margin_mm"):
         locate(model, files["image"], box, margin_mm=-1.0)
     region = locate(model, files["image"], box)
     assert isinstance(region, Region)
-    small = _write(tmp_path / "small.nii.gz", labels[:10], affine)
+    small = write_nifti(tmp_path / "small.nii.gz", labels[:10], affine)
     with pytest.raises(ValueError, match="is not the one the region was located on"):
         crop(small, region, tmp_path / "c.nii.gz")
     with pytest.raises(ValueError, match="no such file"):
@@ -476,7 +440,7 @@ def _upper_half(tmp_path, array, affine, name="upper.nii.gz"):
     """The exam's upper (superior) half, from slice 7 of 15, written with its own correct affine."""
     affine_half = affine.copy()
     affine_half[:3, 3] = (affine @ np.array([0.0, 0.0, 7.0, 1.0]))[:3]
-    return _write(tmp_path / name, array[:, :, 7:], affine_half)
+    return write_nifti(tmp_path / name, array[:, :, 7:], affine_half)
 
 
 def _expected_status(labels):
@@ -519,7 +483,7 @@ def test_coverage_with_a_model_that_places_the_half_exam_in_the_upper_half(files
     full = coverage(load_model(files["model"]), half)
     assert full["low"][2] == pytest.approx(-1.0) and full["high"][2] == pytest.approx(1.0)
     assert full["exam"] == half
-    placed = coverage(load_model(_model(tmp_path / "up.pt", list(SPACING), [0.0, 0.0, 1.0])), half)
+    placed = coverage(load_model(identity_model_file(tmp_path / "up.pt", list(SPACING), [0.0, 0.0, 1.0])), half)
     assert placed["low"][2] == pytest.approx(0.0, abs=1e-6) and placed["high"][2] == pytest.approx(1.0)
     assert placed["fraction"][2] == pytest.approx(0.5, abs=1e-6)
     assert placed["low"][:2] == full["low"][:2] and placed["high"][:2] == full["high"][:2]

@@ -19,6 +19,7 @@ from deepatlas_fast.data.io import volume_from_array  # noqa: E402
 from deepatlas_fast.data.phantoms import phantom_subject  # noqa: E402
 from deepatlas_fast.evaluate import resample_to_grid  # noqa: E402
 from deepatlas_fast.propagate import dice, mean_dice  # noqa: E402
+from helpers import write_nifti  # noqa: E402
 from deepatlas_fast.register import (  # noqa: E402
     AffineResult,
     affine_register,
@@ -222,12 +223,6 @@ def test_bad_arguments_raise_clear_errors(phantom):
 # the command
 
 
-def _save(path, array, affine):
-    img = nib.Nifti1Image(np.asarray(array), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +237,11 @@ def files(tmp_path_factory, phantom):
     img = _resample_world(image, affine, truth, out_affine, out_shape, "bilinear", AIR)
     lab = _resample_world(labels, affine, truth, out_affine, out_shape, "nearest", 0)
     return {
-        "fixed": _save(folder / "fixed.nii.gz", image.numpy(), affine),
+        "fixed": write_nifti(folder / "fixed.nii.gz", image.numpy(), affine),
         "fixed_labels": labels,
-        "moving": _save(folder / "moving.nii.gz", img.numpy(), out_affine),
-        "moving_labels": _save(folder / "moving_labels.nii.gz", lab.numpy().astype(np.int16), out_affine),
-        "other_grid_labels": _save(folder / "other.nii.gz", labels.numpy().astype(np.int16), affine),
+        "moving": write_nifti(folder / "moving.nii.gz", img.numpy(), out_affine),
+        "moving_labels": write_nifti(folder / "moving_labels.nii.gz", lab.numpy().astype(np.int16), out_affine),
+        "other_grid_labels": write_nifti(folder / "other.nii.gz", labels.numpy().astype(np.int16), affine),
     }
 
 

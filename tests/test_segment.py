@@ -28,6 +28,7 @@ from deepatlas_fast.data.io import (  # noqa: E402
 )
 from deepatlas_fast.data.phantoms import phantom_subject  # noqa: E402
 from deepatlas_fast.model import DeepAtlas  # noqa: E402
+from helpers import identity_model_file, rotation4, stored_variant, write_nifti  # noqa: E402
 from deepatlas_fast.propagate import dice, mean_dice  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes
@@ -35,48 +36,12 @@ SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32 (NIfTI stores the 
 NAMES = {1: "liver", 2: "spleen", 7: "spine", 300: "unused"}
 
 
-def _write(path, array, affine):
-    img = nib.Nifti1Image(np.asarray(array), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
 
 
-def _model(path, spacing, shift=None):
-    """An untrained (identity) model running at ``spacing`` mm; ``shift``: a constant added to the
-    coordinates (normalised units, per template axis) by the coarsest head's bias."""
-    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8))
-    if shift is not None:
-        with torch.no_grad():
-            model.coordnet.heads[-1].bias.copy_(torch.tensor(shift) / model.coordnet.residual_scale)
-    save_model(path, model, preprocessing={"spacing": spacing, "modality": "ct"})
-    return str(path)
 
 
-def _rotation4(ax, ay, az):
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    r = np.eye(4)
-    r[:3, :3] = (np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-                 @ np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]))
-    return r
 
 
-def _variant(kind, array, affine):
-    """The same exam stored another way: ``(array, affine)`` of the file."""
-    if kind == "ras":
-        return array, affine
-    if kind in ("flipped", "lia"):  # axes flipped (LPS) / permuted and flipped (LIA), same world positions
-        codes = {"flipped": "LPS", "lia": "LIA"}[kind]
-        axcodes2ornt = nib.orientations.axcodes2ornt
-        ornt = nib.orientations.ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(codes))
-        img = nib.Nifti1Image(array, affine).as_reoriented(ornt)
-        return np.asarray(img.dataobj), img.affine
-    if kind == "oblique":  # the grid rotated in the scanner (closest orientation still RAS)
-        return array, _rotation4(0.3, -0.2, 0.25) @ affine
-    if kind == "anisotropic":  # every other slice: 2x thicker along S
-        return array[:, :, ::2], affine @ np.diag([1.0, 1.0, 2.0, 1.0])
-    raise ValueError(kind)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +54,9 @@ def phantom():
 def files(tmp_path, phantom):
     image, labels, affine = phantom
     return {
-        "image": _write(tmp_path / "ref.nii.gz", image, affine),
-        "labels": _write(tmp_path / "ref_labels.nii.gz", labels, affine),
-        "model": _model(tmp_path / "model.pt", list(SPACING)),
+        "image": write_nifti(tmp_path / "ref.nii.gz", image, affine),
+        "labels": write_nifti(tmp_path / "ref_labels.nii.gz", labels, affine),
+        "model": identity_model_file(tmp_path / "model.pt", list(SPACING)),
         "tmp": tmp_path,
     }
 
@@ -114,10 +79,10 @@ def _mean_dice(pred, truth) -> float:
 @pytest.mark.parametrize("kind", ["ras", "flipped", "lia", "oblique"])
 def test_reference_onto_itself_gives_back_its_labels_exactly(tmp_path, phantom, kind):
     array, labels, affine = phantom
-    image_path = _write(tmp_path / "r.nii.gz", *_variant(kind, array, affine))
-    labels_path = _write(tmp_path / "rl.nii.gz", *_variant(kind, labels, affine))
+    image_path = write_nifti(tmp_path / "r.nii.gz", *stored_variant(kind, array, affine))
+    labels_path = write_nifti(tmp_path / "rl.nii.gz", *stored_variant(kind, labels, affine))
     # the model runs at the file's own (anisotropic) spacing, in canonical axis order
-    model = load_model(_model(tmp_path / "m.pt", list(load_volume(image_path).spacing)))
+    model = load_model(identity_model_file(tmp_path / "m.pt", list(load_volume(image_path).spacing)))
     atlas = seg.build_reference(model, [(image_path, labels_path)])
     assert atlas.template_shape == SHAPE  # default: the reference's network grid
     assert atlas.classes.tolist() == sorted(np.unique(labels).tolist())
@@ -131,7 +96,7 @@ def test_reference_onto_itself_gives_back_its_labels_exactly(tmp_path, phantom, 
 
 def test_to_original_grid_is_what_save_like_writes(tmp_path, phantom):
     array, _, affine = phantom
-    path = _write(tmp_path / "lia.nii.gz", *_variant("lia", array, affine))
+    path = write_nifti(tmp_path / "lia.nii.gz", *stored_variant("lia", array, affine))
     volume = load_volume(path, spacing=31.0)
     back = to_original_grid(volume.data, volume)
     assert tuple(back.shape) == nib.load(path).shape
@@ -147,7 +112,7 @@ def test_world_position_is_ignored_by_the_identity_model(files, phantom):
     array, labels, affine = phantom
     moved = affine.copy()
     moved[:3, 3] += [40.0, -25.0, 61.0]
-    target = _write(files["tmp"] / "moved.nii.gz", array, moved)
+    target = write_nifti(files["tmp"] / "moved.nii.gz", array, moved)
     model = load_model(files["model"])
     atlas = seg.build_reference(model, [(files["image"], files["labels"])])
     result = seg.segment(model, atlas, target)
@@ -159,7 +124,7 @@ def test_labels_follow_the_coordinates(files, phantom):
     """A model whose coordinates are shifted by 2 voxels along R reads the reference 2 voxels further."""
     _, labels, _ = phantom
     identity = load_model(files["model"])
-    shifted = load_model(_model(files["tmp"] / "shift.pt", list(SPACING), [4.0 / (SHAPE[0] - 1), 0, 0]))
+    shifted = load_model(identity_model_file(files["tmp"] / "shift.pt", list(SPACING), [4.0 / (SHAPE[0] - 1), 0, 0]))
     atlas = seg.build_reference(identity, [(files["image"], files["labels"])])
     result = seg.segment(shifted, atlas, files["image"])
     assert torch.equal(result.labels.data[:-2], torch.as_tensor(labels[2:], dtype=torch.int64))
@@ -170,7 +135,7 @@ def test_few_shot_votes_are_pooled(files, phantom):
     _, labels, affine = phantom
     other = labels.copy()
     other[labels == 1] = 12
-    other_path = _write(files["tmp"] / "other_labels.nii.gz", other, affine)
+    other_path = write_nifti(files["tmp"] / "other_labels.nii.gz", other, affine)
     model = load_model(files["model"])
     atlas = seg.build_reference(model, [(files["image"], files["labels"]), (files["image"], other_path)])
     assert atlas.classes.tolist() == sorted(set(np.unique(labels).tolist()) | {12})
@@ -186,8 +151,8 @@ def test_few_shot_votes_are_pooled(files, phantom):
 def test_references_of_different_shapes_share_one_template(files, phantom, tmp_path):
     image, labels, affine = phantom
     image2, labels2, affine2 = phantom_subject(5, shape=(21, 13, 16), spacing=SPACING)
-    second = (_write(tmp_path / "r2.nii.gz", image2.numpy(), affine2),
-              _write(tmp_path / "r2l.nii.gz", labels2.numpy().astype(np.uint8), affine2))
+    second = (write_nifti(tmp_path / "r2.nii.gz", image2.numpy(), affine2),
+              write_nifti(tmp_path / "r2l.nii.gz", labels2.numpy().astype(np.uint8), affine2))
     model = load_model(files["model"])
     atlas = seg.build_reference(model, [(files["image"], files["labels"]), second])
     assert atlas.template_shape == (21, 17, 16)  # per axis the largest network grid
@@ -219,7 +184,7 @@ def test_api_errors_are_clear(files, phantom, tmp_path):
     model = load_model(files["model"])
     shifted = affine.copy()
     shifted[0, 3] += 5.0
-    off_grid = _write(tmp_path / "off.nii.gz", labels, shifted)
+    off_grid = write_nifti(tmp_path / "off.nii.gz", labels, shifted)
     with pytest.raises(ValueError, match=r"references\[0\]: path .*off.nii.gz.*differs from the image's grid"):
         seg.build_reference(model, [(files["image"], off_grid)])
     with pytest.raises(ValueError, match=r"references\[0\]: image .*spacing .* differs from the model's"):
@@ -270,10 +235,10 @@ def test_cli_output_is_on_the_target_grid(tmp_path, phantom, kind, capsys):
     at a coarser spacing than the files: every output has exactly its target's shape and affine, and
     equals the reference's own segmentation carried along (the canonical data is the same)."""
     array, labels, affine = phantom
-    files = {"image": _write(tmp_path / "r.nii.gz", array, affine),
-             "labels": _write(tmp_path / "rl.nii.gz", labels, affine),
-             "model": _model(tmp_path / "m.pt", 31.0)}
-    target = _write(tmp_path / f"{kind}.nii.gz", *_variant(kind, array, affine))
+    files = {"image": write_nifti(tmp_path / "r.nii.gz", array, affine),
+             "labels": write_nifti(tmp_path / "rl.nii.gz", labels, affine),
+             "model": identity_model_file(tmp_path / "m.pt", 31.0)}
+    target = write_nifti(tmp_path / f"{kind}.nii.gz", *stored_variant(kind, array, affine))
     own, out = tmp_path / "own.nii.gz", tmp_path / "out.nii.gz"
     assert _run(files, "-i", files["image"], "-o", str(own), "-i", target, "-o", str(out), "--quiet") == 0
     assert capsys.readouterr().out == ""
@@ -283,16 +248,16 @@ def test_cli_output_is_on_the_target_grid(tmp_path, phantom, kind, capsys):
     mine = _file_array(own)
     assert _mean_dice(mine, labels) > 0.6  # the information a 31 mm grid keeps of these 20-24 mm organs
     if kind == "anisotropic":
-        assert _mean_dice(_file_array(out), _variant(kind, labels, affine)[0]) > 0.6
+        assert _mean_dice(_file_array(out), stored_variant(kind, labels, affine)[0]) > 0.6
     else:
-        np.testing.assert_array_equal(_file_array(out), _variant(kind, mine, affine)[0])
+        np.testing.assert_array_equal(_file_array(out), stored_variant(kind, mine, affine)[0])
 
 
 def test_large_label_ids_are_written_as_uint16(files, phantom):
     _, labels, affine = phantom
     big = labels.astype(np.int32)
     big[labels == 1] = 300
-    reference = (files["image"], _write(files["tmp"] / "big.nii.gz", big, affine))
+    reference = (files["image"], write_nifti(files["tmp"] / "big.nii.gz", big, affine))
     out = files["tmp"] / "big_out.nii.gz"
     assert _run(files, "-i", files["image"], "-o", str(out), "--quiet", reference=reference) == 0
     assert nib.load(out).get_data_dtype() == np.uint16
@@ -329,7 +294,7 @@ def test_folder_mode(files, phantom, monkeypatch, capsys):
     folder = files["tmp"] / "targets"
     folder.mkdir()
     for kind in ("ras", "lia", "anisotropic"):
-        _write(folder / f"{kind}.nii.gz", *_variant(kind, array, affine))
+        write_nifti(folder / f"{kind}.nii.gz", *stored_variant(kind, array, affine))
     (folder / "notes.txt").write_text("not an exam")
     calls = _spy(monkeypatch)
     out, prob = files["tmp"] / "segs", files["tmp"] / "probs"
@@ -338,17 +303,17 @@ def test_folder_mode(files, phantom, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["anisotropic.nii.gz", "lia.nii.gz", "ras.nii.gz"]
     assert sorted(p.name for p in prob.iterdir()) == ["anisotropic.nii.gz", "lia.nii.gz", "ras.nii.gz"]
     for kind in ("ras", "lia"):
-        np.testing.assert_array_equal(_file_array(out / f"{kind}.nii.gz"), _variant(kind, labels, affine)[0])
+        np.testing.assert_array_equal(_file_array(out / f"{kind}.nii.gz"), stored_variant(kind, labels, affine)[0])
         assert nib.load(prob / f"{kind}.nii.gz").shape == nib.load(folder / f"{kind}.nii.gz").shape
 
 
 def test_cli_errors_exit_2_naming_the_option(files, phantom, capsys):
     _, labels, affine = phantom
     tmp = files["tmp"]
-    fractional = _write(tmp / "frac.nii.gz", np.full(SHAPE, 0.5, np.float32), affine)
+    fractional = write_nifti(tmp / "frac.nii.gz", np.full(SHAPE, 0.5, np.float32), affine)
     moved = affine.copy()
     moved[:3, 3] += 3.0
-    off_grid = _write(tmp / "off.nii.gz", labels, moved)
+    off_grid = write_nifti(tmp / "off.nii.gz", labels, moved)
     not_a_model = tmp / "model.txt"
     not_a_model.write_text("hello")
     no_spacing = tmp / "no_spacing.pt"
