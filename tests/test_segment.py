@@ -355,3 +355,26 @@ def test_cli_errors_exit_2_naming_the_option(files, phantom, capsys):
         err = capsys.readouterr().err
         assert err.startswith("deepatlas-fast segment: error: ") and message in err, (argv, err)
     assert not (tmp / "o.nii.gz").exists()
+
+
+def test_few_shot_pools_references_and_beats_one_shot_on_phantoms(tmp_path):
+    """Few-shot >= one-shot on the phantom cohort: K references' votes, pooled in the template, against
+    each reference alone, on held-out targets (an identity model: the pooling itself is what is tested)."""
+    spacing = (24.0, 24.0, 24.0)
+    model = load_model(identity_model_file(tmp_path / "m.pt", list(spacing)))
+    subjects = []
+    for i in range(7):
+        image, labels, affine = phantom_subject(100 + i, shape=(16, 16, 16), spacing=spacing)
+        subjects.append((write_nifti(tmp_path / f"img{i}.nii.gz", image.numpy(), affine),
+                         write_nifti(tmp_path / f"lab{i}.nii.gz", labels.numpy().astype(np.int16), affine),
+                         labels))
+    references, targets = subjects[:3], subjects[3:]
+
+    def mean_target_dice(atlas):
+        scores = [mean_dice(dice(seg.segment(model, atlas, img).labels.data, truth, range(1, 12)))
+                  for img, _, truth in targets]
+        return sum(scores) / len(scores)
+
+    one_shot = [mean_target_dice(seg.build_reference(model, [(img, lab)])) for img, lab, _ in references]
+    few_shot = mean_target_dice(seg.build_reference(model, [(img, lab) for img, lab, _ in references]))
+    assert few_shot >= sum(one_shot) / len(one_shot) + 0.01, (few_shot, one_shot)
