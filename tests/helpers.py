@@ -116,3 +116,16 @@ def stored_variant(kind, array, affine):
     if kind == "anisotropic":
         return array[:, :, ::2], affine @ np.diag([1.0, 1.0, 2.0, 1.0])
     raise ValueError(kind)
+
+
+def reference_files(folder, image, labels, affine, spacing) -> dict:
+    """A labelled reference written as NIfTI (image, labels as int16) plus an identity model file at
+    ``spacing``: ``{"image", "labels", "model", "tmp"}``."""
+    import numpy as np
+
+    return {
+        "image": write_nifti(folder / "ref.nii.gz", image, affine),
+        "labels": write_nifti(folder / "ref_labels.nii.gz", np.asarray(labels).astype(np.int16), affine),
+        "model": identity_model_file(folder / "model.pt", list(spacing)),
+        "tmp": folder,
+    }

@@ -40,15 +40,11 @@ from deepatlas_fast.locate import (  # noqa: E402
     template_box,
     template_boxes,
 )
-from helpers import identity_model_file, rotation4, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes: R, A, S
 SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32
 LIVER = 1  # voxels i 10..16, j 6..11, k 10..13 of the seed-3 phantom at SHAPE / SPACING
-
-
-
-
 
 
 def _voxels(shift_voxels, axis=0):
@@ -56,10 +52,6 @@ def _voxels(shift_voxels, axis=0):
     shift = [0.0, 0.0, 0.0]
     shift[axis] = 2.0 * shift_voxels / (SHAPE[axis] - 1)
     return shift
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +62,7 @@ def phantom():
 
 @pytest.fixture
 def files(tmp_path, phantom):
-    image, labels, affine = phantom
-    return {
-        "image": write_nifti(tmp_path / "ref.nii.gz", image, affine),
-        "labels": write_nifti(tmp_path / "ref_labels.nii.gz", labels, affine),
-        "model": identity_model_file(tmp_path / "model.pt", list(SPACING)),
-        "tmp": tmp_path,
-    }
+    return reference_files(tmp_path, *phantom, SPACING)
 
 
 def _normalised(array):
