@@ -26,6 +26,7 @@ from deepatlas_fast.data.io import (  # noqa: E402
     volume_from_array,
     write_label_table,
 )
+from helpers import write_nifti  # noqa: E402
 
 SHARED_CT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ct", "patient_a")
 
@@ -58,14 +59,6 @@ def _affine(kind):
 KINDS = ["ras", "flipped_aniso", "lia", "oblique", "oblique_permuted"]
 
 
-def _write(path, array, affine):
-    img = nib.Nifti1Image(array, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
-
-
 def _blobs(shape, seed=0):
     g = np.random.default_rng(seed)
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
@@ -81,7 +74,7 @@ def _blobs(shape, seed=0):
 def test_canonical_orientation_matches_nibabel(tmp_path, kind):
     shape = (7, 9, 11)
     array = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    path = _write(tmp_path / "a.nii.gz", array, _affine(kind))
+    path = write_nifti(tmp_path / "a.nii.gz", array, _affine(kind))
     vol = load_volume(path)
     canon = nib.as_closest_canonical(nib.load(path))
     assert vol.data.dtype == torch.float32
@@ -98,8 +91,8 @@ def test_roundtrip_exact_without_resampling(tmp_path, kind):
     aff = _affine(kind)
     array = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     labels = _blobs(shape).astype(np.uint8)
-    img_path = _write(tmp_path / "img.nii.gz", array, aff)
-    lab_path = _write(tmp_path / "lab.nii.gz", labels, aff)
+    img_path = write_nifti(tmp_path / "img.nii.gz", array, aff)
+    lab_path = write_nifti(tmp_path / "lab.nii.gz", labels, aff)
     vol = load_volume(img_path)
     lab = load_labels(lab_path, like=vol)
     assert lab.data.dtype == torch.int64
@@ -128,7 +121,7 @@ def test_resampling_geometry_exact(tmp_path, kind, spacing):
     shape = (9, 8, 10)
     aff = _affine(kind)
     field = _linear_field(shape, aff)
-    path = _write(tmp_path / "lin.nii.gz", field.astype(np.float32), aff)
+    path = write_nifti(tmp_path / "lin.nii.gz", field.astype(np.float32), aff)
     vol = load_volume(path, spacing=spacing, antialias=False)
     target = (spacing,) * 3 if isinstance(spacing, float) else spacing
     np.testing.assert_allclose(vol.spacing, target, rtol=1e-9)
@@ -154,7 +147,7 @@ def test_roundtrip_with_resampling(tmp_path, kind):
     aff = _affine(kind)
     idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
     smooth = np.sin(idx[..., 0] / 3.0) + np.cos(idx[..., 1] / 4.0) * np.sin(idx[..., 2] / 5.0)
-    img_path = _write(tmp_path / "s.nii.gz", smooth.astype(np.float32), aff)
+    img_path = write_nifti(tmp_path / "s.nii.gz", smooth.astype(np.float32), aff)
     vol = load_volume(img_path, spacing=0.5)  # upsampling: interpolation only
     out = nib.load(save_like(vol.data, vol, tmp_path / "back.nii.gz"))
     assert out.shape == shape
@@ -164,12 +157,12 @@ def test_roundtrip_with_resampling(tmp_path, kind):
     assert np.abs(back - smooth).max() < 0.05
     # a linear field survives the round trip exactly (edges included: linear up to half a voxel out)
     field = _linear_field(shape, aff)
-    vol = load_volume(_write(tmp_path / "f.nii.gz", field.astype(np.float32), aff), spacing=0.5)
+    vol = load_volume(write_nifti(tmp_path / "f.nii.gz", field.astype(np.float32), aff), spacing=0.5)
     back = np.asanyarray(nib.load(save_like(vol.data, vol, tmp_path / "fb.nii.gz")).dataobj)
     np.testing.assert_allclose(back, field, atol=1e-4)
     # labels: nearest both ways; an integer upsampling factor round-trips exactly
     labels = _blobs(shape, seed=3).astype(np.int16)
-    lab_path = _write(tmp_path / "l.nii.gz", labels, aff)
+    lab_path = write_nifti(tmp_path / "l.nii.gz", labels, aff)
     spacings = np.linalg.norm(aff[:3, :3], axis=0)
     canon_spacing = [spacings[[i for i in range(3) if vol.orientation[i][0] == k][0]] for k in range(3)]
     lab_vol = load_labels(lab_path, spacing=[s / 2 for s in canon_spacing])
@@ -184,13 +177,13 @@ def test_downsampling_antialias_and_labels_follow_image(tmp_path):
     aff = _affine("lia")
     g = np.random.default_rng(0)
     noise = g.normal(size=shape).astype(np.float32)
-    path = _write(tmp_path / "n.nii.gz", noise, aff)
+    path = write_nifti(tmp_path / "n.nii.gz", noise, aff)
     plain = load_volume(path, spacing=3.0, antialias=False)
     smooth = load_volume(path, spacing=3.0)
     assert plain.shape == smooth.shape
     assert float(smooth.data.std()) < 0.7 * float(plain.data.std())  # the anti-alias filter removed noise
     labels = _blobs(shape).astype(np.uint8)
-    lab = load_labels(_write(tmp_path / "l.nii.gz", labels, aff), like=smooth)
+    lab = load_labels(write_nifti(tmp_path / "l.nii.gz", labels, aff), like=smooth)
     assert lab.shape == smooth.shape
     np.testing.assert_allclose(lab.affine, smooth.affine)
     # equivalent to loading the labels with the same spacing directly
@@ -203,7 +196,7 @@ def test_crop_and_save_like_pads_back(tmp_path):
     aff = _affine("oblique")
     array = np.zeros(shape, np.float32)
     array[3:7, 4:9, 2:6] = np.random.default_rng(4).uniform(1, 2, (4, 5, 4))
-    path = _write(tmp_path / "c.nii.gz", array, aff)
+    path = write_nifti(tmp_path / "c.nii.gz", array, aff)
     vol = load_volume(path)
     cropped = crop_to_foreground(vol, vol.data > 0, margin=1)
     assert cropped.shape < vol.shape
@@ -248,20 +241,20 @@ def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="garbage.nii.gz.*cannot read"):
         load_volume(garbage)
     truncated = tmp_path / "trunc.nii.gz"
-    _write(tmp_path / "full.nii.gz", np.zeros((20, 20, 20), np.float32), np.eye(4))
+    write_nifti(tmp_path / "full.nii.gz", np.zeros((20, 20, 20), np.float32), np.eye(4))
     truncated.write_bytes((tmp_path / "full.nii.gz").read_bytes()[:60])
     with pytest.raises(ValueError, match="trunc.nii.gz"):
         load_volume(truncated)
-    flat = _write(tmp_path / "flat.nii.gz", np.zeros((8, 9), np.float32), np.eye(4))
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 9), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="flat.nii.gz.*2-D"):
         load_volume(flat)
-    slab = _write(tmp_path / "slab.nii.gz", np.zeros((8, 9, 1), np.float32), np.eye(4))
+    slab = write_nifti(tmp_path / "slab.nii.gz", np.zeros((8, 9, 1), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="slab.nii.gz.*2-D"):
         load_volume(slab)
-    series = _write(tmp_path / "series.nii.gz", np.zeros((5, 5, 5, 3), np.float32), np.eye(4))
+    series = write_nifti(tmp_path / "series.nii.gz", np.zeros((5, 5, 5, 3), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="series.nii.gz.*4-D"):
         load_volume(series)
-    single = _write(tmp_path / "single.nii.gz", np.ones((5, 5, 5, 1), np.float32), np.eye(4))
+    single = write_nifti(tmp_path / "single.nii.gz", np.ones((5, 5, 5, 1), np.float32), np.eye(4))
     assert load_volume(single).shape == (5, 5, 5)
     with pytest.raises(ValueError, match="spacing"):
         load_volume(single, spacing=-1)
@@ -273,20 +266,20 @@ def test_load_errors_name_the_path(tmp_path):
 
 def test_label_errors(tmp_path):
     aff = _affine("lia")
-    frac = _write(tmp_path / "frac.nii.gz", np.full((5, 5, 5), 1.5, np.float32), aff)
+    frac = write_nifti(tmp_path / "frac.nii.gz", np.full((5, 5, 5), 1.5, np.float32), aff)
     with pytest.raises(ValueError, match="frac.nii.gz.*non-integer"):
         load_labels(frac)
-    neg = _write(tmp_path / "neg.nii.gz", np.full((5, 5, 5), -2, np.int16), aff)
+    neg = write_nifti(tmp_path / "neg.nii.gz", np.full((5, 5, 5), -2, np.int16), aff)
     with pytest.raises(ValueError, match="negative"):
         load_labels(neg)
-    whole = _write(tmp_path / "whole.nii.gz", np.full((5, 5, 5), 3.0, np.float32), aff)
+    whole = write_nifti(tmp_path / "whole.nii.gz", np.full((5, 5, 5), 3.0, np.float32), aff)
     assert load_labels(whole).data.dtype == torch.int64
-    image = load_volume(_write(tmp_path / "img.nii.gz", np.zeros((5, 5, 6), np.float32), aff))
+    image = load_volume(write_nifti(tmp_path / "img.nii.gz", np.zeros((5, 5, 6), np.float32), aff))
     with pytest.raises(ValueError, match="whole.nii.gz.*differs from the image's grid"):
         load_labels(whole, like=image)
     shifted = aff.copy()
     shifted[0, 3] += 1.0
-    other = load_volume(_write(tmp_path / "img2.nii.gz", np.zeros((5, 5, 5), np.float32), shifted))
+    other = load_volume(write_nifti(tmp_path / "img2.nii.gz", np.zeros((5, 5, 5), np.float32), shifted))
     with pytest.raises(ValueError, match="differs"):
         load_labels(whole, like=other)
     with pytest.raises(ValueError, match="spacing must be None"):
@@ -297,7 +290,7 @@ def test_non_finite_voxels_replaced_with_warning(tmp_path):
     array = np.zeros((5, 5, 5), np.float32)
     array[1, 1, 1] = np.nan
     array[2, 2, 2] = -7.0
-    path = _write(tmp_path / "nan.nii.gz", array, np.eye(4))
+    path = write_nifti(tmp_path / "nan.nii.gz", array, np.eye(4))
     with pytest.warns(UserWarning, match="non-finite"):
         vol = load_volume(path)
     assert bool(torch.isfinite(vol.data).all())

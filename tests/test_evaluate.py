@@ -16,16 +16,9 @@ from deepatlas_fast.cli import main  # noqa: E402
 from deepatlas_fast.data.io import Volume, volume_from_array, write_label_table  # noqa: E402
 from deepatlas_fast.evaluate import EMPTY_LABEL_RULE, evaluate_labels, hd95, resample_to_grid  # noqa: E402
 from deepatlas_fast.pictures import BACKGROUND, label_colour, overlay_png, write_png  # noqa: E402
+from helpers import write_nifti  # noqa: E402
 
 SPACING = (0.7, 1.3, 2.1)
-
-
-def _write(path, array, affine):
-    img = nib.Nifti1Image(array, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
 
 
 def _labels(array, affine=None):
@@ -212,12 +205,12 @@ def test_reoriented_file_gives_the_same_result(tmp_path):
     pred, truth = _pair()
     affine = np.diag([1.5, 1.0, 2.0, 1.0])
     affine[:3, 3] = [-8.0, 3.0, 11.0]
-    truth_path = _write(tmp_path / "truth.nii.gz", truth, affine)
-    same = evaluate_labels(_write(tmp_path / "pred.nii.gz", pred, affine), truth_path)
+    truth_path = write_nifti(tmp_path / "truth.nii.gz", truth, affine)
+    same = evaluate_labels(write_nifti(tmp_path / "pred.nii.gz", pred, affine), truth_path)
     ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt("LIP"))
     lip = nib.Nifti1Image(pred, affine).as_reoriented(ornt)
     assert nib.aff2axcodes(lip.affine) == ("L", "I", "P")
-    other = evaluate_labels(_write(tmp_path / "pred_lip.nii.gz", np.asarray(lip.dataobj), lip.affine), truth_path)
+    other = evaluate_labels(write_nifti(tmp_path / "pred_lip.nii.gz", np.asarray(lip.dataobj), lip.affine), truth_path)
     assert other["resampled"] is False
     assert other["labels"] == same["labels"]
 
@@ -293,13 +286,13 @@ def test_oblique_prediction_grid_agrees_within_resampling():
 
 
 def test_bad_inputs_name_the_argument(tmp_path):
-    good = _write(tmp_path / "good.nii.gz", np.ones((4, 4, 4), np.uint8), np.eye(4))
+    good = write_nifti(tmp_path / "good.nii.gz", np.ones((4, 4, 4), np.uint8), np.eye(4))
     with pytest.raises(ValueError, match=r"pred: path .*missing.nii.gz.*no such file"):
         evaluate_labels(tmp_path / "missing.nii.gz", good)
-    fractional = _write(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 1.5, np.float32), np.eye(4))
+    fractional = write_nifti(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 1.5, np.float32), np.eye(4))
     with pytest.raises(ValueError, match=r"truth: .*non-integer values"):
         evaluate_labels(good, fractional)
-    four_d = _write(tmp_path / "4d.nii.gz", np.ones((4, 4, 4, 2), np.uint8), np.eye(4))
+    four_d = write_nifti(tmp_path / "4d.nii.gz", np.ones((4, 4, 4, 2), np.uint8), np.eye(4))
     with pytest.raises(ValueError, match=r"pred: .*4-D"):
         evaluate_labels(four_d, good)
     image = volume_from_array(np.ones((4, 4, 4), np.float32))
@@ -331,9 +324,9 @@ def case(tmp_path):
     affine[:3, 3] = [20.0, 15.0, -30.0]
     names = write_label_table(tmp_path / "names.json", {1: "liver", 2: "spleen"})
     return {
-        "pred": _write(tmp_path / "pred.nii.gz", pred, affine),
-        "truth": _write(tmp_path / "truth.nii.gz", truth, affine),
-        "image": _write(tmp_path / "image.nii.gz", np.random.default_rng(0).normal(size=truth.shape).astype(np.float32),
+        "pred": write_nifti(tmp_path / "pred.nii.gz", pred, affine),
+        "truth": write_nifti(tmp_path / "truth.nii.gz", truth, affine),
+        "image": write_nifti(tmp_path / "image.nii.gz", np.random.default_rng(0).normal(size=truth.shape).astype(np.float32),
                         affine),
         "names": names,
         "tmp": tmp_path,
@@ -381,7 +374,7 @@ def test_cli_errors_exit_2_naming_the_option(case, capsys, tmp_path):
     png_dir.mkdir()
     bad_json = tmp_path / "bad.json"
     bad_json.write_text('{"1": {"name": "liver"}}')
-    fractional = _write(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 0.5, np.float32), np.eye(4))
+    fractional = write_nifti(tmp_path / "frac.nii.gz", np.full((4, 4, 4), 0.5, np.float32), np.eye(4))
     cases = [
         (["--pred", str(tmp_path / "nope.nii.gz"), "--truth", case["truth"]], "--pred: path"),
         (["--pred", case["pred"], "--truth", fractional], "--truth: path"),
