@@ -79,6 +79,23 @@ def _load_model_option(args):
     return model
 
 
+def _reference_pairs(args, model) -> list:
+    """The repeated ``--reference`` / ``--reference-labels`` pairs, loaded on the model's network grid:
+    ``[(image Volume, labels Volume)]``; errors name the option (count mismatch, unreadable file, labels on
+    another grid than their image)."""
+    from .. import segment as seg
+    from ..data.io import load_labels
+
+    if len(args.reference_labels) != len(args.reference):
+        raise ValueError(f"--reference-labels: got {len(args.reference_labels)} label map(s) for "
+                         f"{len(args.reference)} --reference image(s); give one per reference, in the same order")
+    pairs = []
+    for image_path, labels_path in zip(args.reference, args.reference_labels):
+        image = _option("--reference", seg.load_exam, model, image_path)
+        pairs.append((image, _option("--reference-labels", load_labels, labels_path, image)))
+    return pairs
+
+
 def _template_shape(sizes: Optional[Sequence[int]]) -> Optional[tuple]:
     """``--template-shape`` as 3 sizes (one size: a cube); None when not given."""
     if sizes is None:

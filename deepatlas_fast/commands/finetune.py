@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import os
 
-from ._common import _add_device_argument, _add_model_argument, _fail, _nifti_path, _option, _positive_int
+from ._common import (_add_device_argument, _add_model_argument, _fail, _nifti_path, _option, _positive_int,
+                      _reference_pairs)
 
 
 def _labelled(args, model) -> list:
-    """The ``--reference`` / ``--reference-labels`` pairs loaded on the model's grid (errors naming the option)."""
-    from .. import segment as seg
-    from ..data.io import load_labels
-
-    if len(args.reference_labels) != len(args.reference):
-        raise ValueError(f"--reference-labels: got {len(args.reference_labels)} label map(s) for "
-                         f"{len(args.reference)} --reference image(s); give one per reference, in the same order")
-    if len(args.reference) < 2:
+    """The labelled exams: at least 2 ``--reference`` / ``--reference-labels`` pairs."""
+    if len(args.reference_labels) == len(args.reference) < 2:
         raise ValueError(f"--reference: fine-tuning needs at least 2 labelled exams (labels are propagated from "
                          f"one to another), got {len(args.reference)}")
-    pairs = []
-    for image_path, labels_path in zip(args.reference, args.reference_labels):
-        image = _option("--reference", seg.load_exam, model, image_path)
-        pairs.append((image, _option("--reference-labels", load_labels, labels_path, image)))
-    return pairs
+    return _reference_pairs(args, model)
 
 
 def run(args) -> int:

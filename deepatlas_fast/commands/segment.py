@@ -16,6 +16,7 @@ from ._common import (
     _nifti_stem,
     _option,
     _positive_int,
+    _reference_pairs,
     _template_shape,
 )
 
@@ -91,15 +92,8 @@ def _segment_jobs(args) -> list:
 def _segment_atlas(args, model, template: Optional[tuple]):
     """The references loaded on the model's grid (errors naming their option) and splatted once."""
     from .. import segment as seg
-    from ..data.io import load_labels
 
-    if len(args.reference_labels) != len(args.reference):
-        raise ValueError(f"--reference-labels: got {len(args.reference_labels)} label map(s) for "
-                         f"{len(args.reference)} --reference image(s); give one per reference, in the same order")
-    references = []
-    for image_path, labels_path in zip(args.reference, args.reference_labels):
-        image = _option("--reference", seg.load_exam, model, image_path)
-        references.append((image, _option("--reference-labels", load_labels, labels_path, image)))
+    references = _reference_pairs(args, model)
     return seg.build_reference(model, references, template_shape=template)
 
 
