@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import deepatlas_fast as da
 from deepatlas_fast.checkpoint import load_model
 from deepatlas_fast.data.io import volume_from_array
-from deepatlas_fast.model import bound_coords as bound_coords
+from deepatlas_fast.model import bound_coords
 from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
 from deepatlas_fast.segment import network_coordinates
 from deepatlas_fast.register import affine_register, deformable_register, warp_labels
