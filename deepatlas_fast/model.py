@@ -3,7 +3,8 @@ learnable atlas (DESIGN §5).
 
 * :class:`CoordNet`: a 3-D U-Net whose decoder emits, at every level ``s`` (coarsest first), a
   coordinate map refined as ``c_s = up(c_{s+1}) + Δ_s``. It is implemented on displacements from
-  the identity of each level's grid (``up`` is trilinear with ``align_corners=True``, which maps an
+  the identity of each level's grid (level ``s``'s voxel ``j`` is the input's voxel ``j * 2^s``, where
+  the stride-2 convolutions centre it; ``up`` interpolates linearly in that geometry, which maps an
   identity grid exactly onto the finer identity grid), and every residual head is zero-initialised,
   so a fresh network returns **exactly** ``identity_coords`` of its input grid. Each decoder level
   also sees the current coordinate estimate as 3 extra input channels (it has to place voxels in an
@@ -98,9 +99,45 @@ def _check_images(name: str, x, in_channels: int) -> None:
 
 
 def _upsample(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize with ``align_corners=True`` (the "corners" grid geometry: first and last voxels of every
+    level coincide)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=True)
+
+
+GRIDS = ("strided", "corners")
+"""Where a U-Net level's voxels sit on the input grid (:class:`CoordNet` ``grid``)."""
+
+
+def _upsample_strided(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Level ``l + 1`` -> level ``l`` in the "strided" geometry: fine voxel ``j`` reads coarse index ``j / 2``
+    (a stride-2 convolution's output ``i`` is centred on its input ``2 i``), linearly, for any sizes.
+
+    ``align_corners=True`` resizing of ``n`` voxels to ``2 n - 1`` puts output ``k`` exactly at input
+    ``k / 2``. An even fine size needs one more coarse voxel: the last fine voxel sits half a coarse
+    voxel past the last coarse centre, where the field is extended linearly (so a linear field, e.g. an
+    identity or an affine map, stays exactly linear).
+    """
+    for axis, (n, c) in enumerate(zip(size, x.shape[2:])):
+        if n >= 2 * c:
+            last = x.narrow(axis + 2, c - 1, 1)
+            extra = 2 * last - x.narrow(axis + 2, c - 2, 1) if c >= 2 else last
+            x = torch.cat([x, extra], dim=axis + 2)
+    full = [2 * c - 1 for c in x.shape[2:]]
+    if tuple(full) != tuple(x.shape[2:]):
+        x = F.interpolate(x, size=full, mode="trilinear", align_corners=True)
+    return x[:, :, : size[0], : size[1], : size[2]]
+
+
+def _level_identity(shape: Sequence[int], input_shape: Sequence[int], step: int, batch: int, device) -> Tensor:
+    """Identity coordinates ``[batch, 3, *shape]`` of a level whose voxel ``j`` sits on input voxel ``j * step``."""
+    axes = []
+    for n, size in zip(shape, input_shape):
+        position = torch.arange(n, dtype=torch.float32, device=device) * step
+        axes.append(position * (2.0 / (size - 1)) - 1.0 if size > 1 else torch.zeros(n, device=device))
+    field = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+    return field.unsqueeze(0).expand(batch, 3, *shape).contiguous()
 
 
 class CoordNet(nn.Module):
@@ -118,6 +155,13 @@ class CoordNet(nn.Module):
             heatmap whose softmax centroid is subtracted from the identity (:func:`anchor_shift`), so
             coordinates move with the anatomy when the field of view moves. Zero-initialised (no effect
             at the start).
+        grid: where each level's voxels sit on the input grid. "strided" (default): level ``l``'s voxel
+            ``j`` is input voxel ``j * 2^l``, where the stride-2 convolutions centre it, for every input
+            size; levels are upsampled accordingly (:func:`_upsample_strided`). "corners" (model files
+            written before this option): every level spans the input's first to last voxel
+            (``align_corners=True``), which matches the convolutions only for sizes ``k * 2^(levels-1) + 1``
+            and otherwise moves coarse-level displacements by up to ``2^(levels-2)`` voxels, so the same
+            anatomy got different coordinates on grids of different sizes.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
@@ -128,21 +172,33 @@ class CoordNet(nn.Module):
     regularises). Any input size >= 2 works (odd sizes included). A fresh network returns exactly
     the identity.
 
+    ``init`` (``[N, 3, D, H, W]``, coordinates on the input's grid) replaces the maps of the levels
+    ``init_level`` (default: the coarsest) and coarser by ``init`` read at their voxels (no anchor, no
+    heads there; their decoders still run for the features); the finer active levels refine it as
+    usual. The cascade's fine pass on a crop starts this way from the whole exam's coarse-pass
+    coordinates (``init_level`` 1 when the coarse pass ran at twice the spacing: its finest level is
+    the fine pass's level 1), so the crop's own, smaller field of view does not decide where it lies
+    in the template. With zero refinement heads the output is ``init`` read down and interpolated back
+    up (exactly ``init`` where it is linear, given at least two voxels per axis on ``init_level``).
+
     Staged training leaves the inactive levels' parameters unused: under DDP pass
     ``find_unused_parameters=True`` (or train all levels).
     """
 
     def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01,
-                 locate: bool = True):
+                 locate: bool = True, grid: str = "strided"):
         super().__init__()
         for name, value, minimum in (("in_channels", in_channels, 1), ("base", base, 1), ("levels", levels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if isinstance(residual_scale, bool) or not isinstance(residual_scale, (int, float)) or not residual_scale > 0:
             raise ValueError(f"residual_scale must be a number > 0, got {residual_scale!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
         self.in_channels = in_channels
         self.residual_scale = float(residual_scale)
         self.num_levels = levels
+        self.grid = grid
         widths = [min(base * 2**l, 8 * base) for l in range(levels)]
         self.encoders = nn.ModuleList(
             [_ConvBlock(in_channels, widths[0])]
@@ -164,7 +220,13 @@ class CoordNet(nn.Module):
             nn.init.zeros_(self.locator.bias)
 
     def forward(
-        self, x: Tensor, levels: Optional[int] = None, bound: bool = True, return_levels: bool = False
+        self,
+        x: Tensor,
+        levels: Optional[int] = None,
+        bound: bool = True,
+        return_levels: bool = False,
+        init: Optional[Tensor] = None,
+        init_level: Optional[int] = None,
     ):
         """``x [N, in_channels, D, H, W]`` -> coordinates ``[N, 3, D, H, W]`` (float32).
 
@@ -172,39 +234,76 @@ class CoordNet(nn.Module):
         each active level's grid).
         """
         _check_images("x", x, self.in_channels)
+        if init is not None and (
+            not isinstance(init, Tensor) or tuple(init.shape) != (x.shape[0], 3, *x.shape[2:])
+        ):
+            shape = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+            raise ValueError(f"init must be coordinates [N, 3, D, H, W] on x's grid {tuple(x.shape[2:])}, got {shape}")
         if levels is None:
             levels = self.num_levels
         if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= self.num_levels:
             raise ValueError(f"levels must be an int in [1, {self.num_levels}] or None, got {levels!r}")
+        top = self.num_levels - 1
+        if init_level is None:
+            init_level = top if init is not None else self.num_levels
+        elif init is None:
+            raise ValueError("init_level needs init")
+        elif isinstance(init_level, bool) or not isinstance(init_level, int) or not 0 <= init_level <= top:
+            raise ValueError(f"init_level must be an int in [0, {top}], got {init_level!r}")
         skips = []
         h = x
         for encoder in self.encoders:
             h = encoder(h)
             skips.append(h)
-        top = self.num_levels - 1
         shape = skips[top].shape[2:]
-        ident = identity_coords(shape, batch=x.shape[0], device=x.device)
+        ident = self._identity(top, shape, x)
         h = self.bottleneck(torch.cat([h, ident.to(h.dtype)], dim=1))
-        if self.locator is not None:
+        if self.locator is not None and init is None:
             shift = anchor_shift(self.locator(h).float(), ident)
         else:
             shift = torch.zeros(1, 3, 1, 1, 1, device=x.device)
         ident = ident - shift
-        disp = self.residual_scale * self.heads[top](h).float()
+        if init is None:
+            disp = self.residual_scale * self.heads[top](h).float()
+        else:
+            disp = self._to_level(init.to(x.device, torch.float32), top, shape) - ident
         maps = [ident + disp]
         for level in range(top - 1, top - levels, -1):
             shape = skips[level].shape[2:]
-            disp = _upsample(disp, shape)
-            ident = identity_coords(shape, batch=x.shape[0], device=x.device) - shift
+            disp = self._up(disp, shape)
+            ident = self._identity(level, shape, x) - shift
+            if level >= init_level:  # still given by init: the decoder runs for its features only
+                disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
-            h = self.decoders[level](torch.cat([_upsample(h, shape), skips[level], coarse], dim=1))
-            disp = disp + self.residual_scale * self.heads[level](h).float()
+            h = self.decoders[level](torch.cat([self._up(h, shape), skips[level], coarse], dim=1))
+            if level < init_level:
+                disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)
-        disp = _upsample(disp, x.shape[2:])
+        if self.grid == "corners":
+            disp = _upsample(disp, x.shape[2:])
+        else:  # through the inactive finer levels, one factor 2 at a time
+            for level in range(top - levels, -1, -1):
+                disp = _upsample_strided(disp, skips[level].shape[2:])
         coords = identity_coords(x.shape[2:], batch=x.shape[0], device=x.device) - shift + disp
         if bound:
             coords = bound_coords(coords)
         return (coords, maps) if return_levels else coords
+
+    def _identity(self, level: int, shape: Sequence[int], x: Tensor) -> Tensor:
+        if self.grid == "corners":
+            return identity_coords(shape, batch=x.shape[0], device=x.device)
+        return _level_identity(shape, x.shape[2:], 2**level, x.shape[0], x.device)
+
+    def _up(self, t: Tensor, shape: Sequence[int]) -> Tensor:
+        """One level finer (the "corners" geometry resizes straight to ``shape``)."""
+        return _upsample(t, shape) if self.grid == "corners" else _upsample_strided(t, shape)
+
+    def _to_level(self, field: Tensor, level: int, shape: Sequence[int]) -> Tensor:
+        """An input-grid field read at a level's voxels."""
+        if self.grid == "corners":
+            return _upsample(field, shape)
+        step = 2**level
+        return field[:, :, ::step, ::step, ::step][:, :, : shape[0], : shape[1], : shape[2]]
 
 
 class FeatureNet(nn.Module):
@@ -273,7 +372,8 @@ class DeepAtlas(nn.Module):
             inverts coordinate maps onto this grid.
         preprocessing: free-form dict saved with the model (spacing, intensity normalisation ...),
             for inference.
-        residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default True).
+        residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default
+            True); grid: its levels' geometry (default "strided").
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -296,6 +396,7 @@ class DeepAtlas(nn.Module):
         preprocessing: Optional[dict] = None,
         residual_scale: float = 0.01,
         locate: bool = True,
+        grid: str = "strided",
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 0:
@@ -316,10 +417,11 @@ class DeepAtlas(nn.Module):
             "preprocessing": dict(preprocessing or {}),
             "residual_scale": float(residual_scale),
             "locate": bool(locate),
+            "grid": grid,
         }
         self.in_channels = in_channels
         self.template_shape = template_shape
-        self.coordnet = CoordNet(in_channels, base, levels, residual_scale, locate)
+        self.coordnet = CoordNet(in_channels, base, levels, residual_scale, locate, grid)
         self.features = FeatureNet(in_channels, features, feature_width) if features > 0 else None
         channels = features + in_channels
         # a smooth random pattern: never constant (a constant atlas gives LNCC no gradient at all)

@@ -187,3 +187,88 @@ def test_model_files_from_before_the_anchor_head_still_load(tmp_path):
     torch.save(payload, path)
     model = load_model(path)
     assert model.coordnet.locator is None
+
+
+# ------------------------------------------------------------------------------ level geometry ("grid")
+SIZES = [(16, 16, 16), (13, 17, 11), (6, 9, 12), (33, 10, 7)]
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_strided_levels_sit_on_the_input_voxels_the_convolutions_centre(shape):
+    """Level l's voxel j is the input's voxel j * 2^l for every input size: each level's identity map is
+    the input's identity read every 2^l voxels (with "corners" only for sizes k * 2^l + 1)."""
+    net = CoordNet(base=4, levels=3)
+    x = torch.rand(1, 1, *shape, generator=g(4))
+    out, maps = net(x, return_levels=True)
+    full = da.identity_coords(shape)
+    for level, m in zip((2, 1, 0), maps):
+        step = 2**level
+        torch.testing.assert_close(m, full[:, :, ::step, ::step, ::step], atol=1e-6, rtol=0)
+    assert torch.equal(out, full)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_strided_upsampling_keeps_linear_fields_exactly_linear(shape):
+    from deepatlas_fast.model import _upsample_strided
+
+    gen = g(5)
+    matrix, offset = torch.randn(3, 3, generator=gen), torch.randn(3, generator=gen)
+    linear = torch.einsum("ij,njdhw->nidhw", matrix, da.identity_coords(shape)) + offset.view(1, 3, 1, 1, 1)
+    coarse = linear[:, :, ::2, ::2, ::2]
+    torch.testing.assert_close(_upsample_strided(coarse, shape), linear, atol=2e-6, rtol=0)
+    features = torch.randn(2, 5, *coarse.shape[2:], generator=gen)
+    up = _upsample_strided(features, shape)
+    assert up.shape == (2, 5, *shape)
+    torch.testing.assert_close(up[:, :, ::2, ::2, ::2], features)  # coarse voxel i sits on fine voxel 2 i
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_init_replaces_the_coarsest_map_and_the_finer_levels_refine_it(shape):
+    """The cascade's fine pass: with zero refinement heads a linear ``init`` comes back exactly, on any
+    size; the anchor and coarsest head are not used; finer heads refine it."""
+    torch.manual_seed(0)
+    net = CoordNet(base=4, levels=3)
+    with torch.no_grad():
+        net.locator.weight.normal_(0, 1.0, generator=g(6))
+        net.heads[2].bias.fill_(5.0)  # the coarsest head: ignored with init
+    x = torch.rand(1, 1, *shape, generator=g(7))
+    init = 0.8 * da.identity_coords(shape).flip(1) + 0.1
+    torch.testing.assert_close(net(x, bound=False, init=init), init, atol=2e-6, rtol=0)
+    _perturb(net.heads[0], 0.05)
+    refined = net(x, bound=False, init=init)
+    assert (refined - init).abs().max() > 1e-4
+    for bad in (init[:, :2], init[..., :-1], "coords"):
+        with pytest.raises(ValueError, match="init must be coordinates"):
+            net(x, init=bad)
+    # from init_level 1 the coarsest two levels come from init; only the finest head refines
+    _perturb(net.heads[1], 0.05, seed=1)
+    finest_only = net(x, bound=False, init=init, init_level=1)
+    with torch.no_grad():
+        net.heads[0].weight.zero_()
+        net.heads[0].bias.zero_()
+    torch.testing.assert_close(net(x, bound=False, init=init, init_level=1), init, atol=2e-6, rtol=0)
+    assert (finest_only - init).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="init_level needs init"):
+        net(x, init_level=1)
+    for bad in (-1, 3, 1.0):
+        with pytest.raises(ValueError, match="init_level must be an int in"):
+            net(x, init=init, init_level=bad)
+
+
+def test_model_files_from_before_the_strided_grid_load_with_their_geometry(tmp_path):
+    from deepatlas_fast.checkpoint import load_model, read_model, save_model
+
+    assert DeepAtlas(base=4, levels=2, features=0).config["grid"] == "strided"
+    old = DeepAtlas(base=4, levels=3, features=0, template_shape=(8, 8, 8), grid="corners")
+    _perturb(old.coordnet.heads, 0.05)
+    x = torch.rand(1, 1, 12, 10, 14, generator=g(8))
+    expected = old.coordnet(x)
+    path = save_model(tmp_path / "model.pt", old, preprocessing={"spacing": 4.0})
+    payload = read_model(path)
+    del payload["model_config"]["grid"]  # as written by earlier versions
+    torch.save(payload, path)
+    model = load_model(path)
+    assert model.coordnet.grid == "corners"
+    torch.testing.assert_close(model.coordnet(x), expected)
+    with pytest.raises(ValueError, match="grid must be one of"):
+        CoordNet(grid="centres")
