@@ -102,7 +102,9 @@ def model_spacing(model) -> tuple[float, float, float]:
     return _spacing3(spacing, "model: preprocessing spacing")
 
 
-def network_coordinates(model, image: Tensor, *, bound: bool = True) -> Tensor:
+def network_coordinates(
+    model, image: Tensor, *, bound: bool = True, init: Optional[Tensor] = None, init_level: Optional[int] = None
+) -> Tensor:
     """Run the CoordNet on a normalised image on its own grid, without gradient.
 
     Args:
@@ -110,12 +112,16 @@ def network_coordinates(model, image: Tensor, *, bound: bool = True) -> Tensor:
             levels active at the end of training, is used when present).
         image: ``[D, H, W]`` intensities already normalised to [0, 1], at the model's spacing.
         bound: clamp to the template cube ``[-1, 1]^3`` (default); False returns the raw map.
+        init, init_level: ``[1, 3, D, H, W]`` coordinates that replace the network's maps from level
+            ``init_level`` (default the coarsest) up, for the finer levels to refine (the cascade's fine
+            pass; see :class:`~deepatlas_fast.model.CoordNet`).
     Returns: ``[1, 3, D, H, W]`` float32 coordinates on the model's device.
     """
     device = next(model.parameters()).device
     levels = _preprocessing(model).get("levels")
     with torch.no_grad():
-        return model.coordnet(image.to(device, torch.float32)[None, None], levels=levels, bound=bound)
+        return model.coordnet(image.to(device, torch.float32)[None, None], levels=levels, bound=bound, init=init,
+                              init_level=init_level)
 
 
 def load_exam(model, image: Exam) -> Volume:

@@ -15,6 +15,7 @@ from ._common import (
     _nifti_path,
     _nifti_stem,
     _option,
+    _positive_float,
     _positive_int,
     _reference_pairs,
     _template_shape,
@@ -63,13 +64,48 @@ def _side_file(option: str, value: Optional[str], output: str, name: str, severa
     return value
 
 
-def _segment_summary(output: str, labels, names: Optional[dict], seconds: float) -> str:
-    """``OUT: N label(s) (names or ids) in S s`` for one target."""
+def _segment_summary(output: str, labels, names: Optional[dict], seconds: float, crops=None) -> str:
+    """``OUT: N label(s) (names or ids) in S s`` for one target (plus the cascade's fine passes)."""
     import torch
 
     present = [i for i in torch.unique(labels.data).tolist() if i != 0]
     described = ", ".join(names.get(i, str(i)) if names else str(i) for i in present)
-    return f"{output}: {len(present)} label(s){f' ({described})' if present else ''} in {seconds:.2f} s"
+    line = f"{output}: {len(present)} label(s){f' ({described})' if present else ''} in {seconds:.2f} s"
+    if crops is not None:
+        boxes = "; ".join(
+            f"{'all' if c.label is None else (names or {}).get(c.label, str(c.label))} "
+            f"{'x'.join(map(str, c.shape))} at {tuple(c.file_start)}" for c in crops
+        )
+        line += f", {len(crops)} fine pass(es){f' ({boxes})' if crops else ''}"
+    return line
+
+
+def _check_cascade_options(args, model, atlas, names) -> None:
+    """--structures, --coarse-spacing and --margin checked once, before any target (errors name the option)."""
+    from ..cascade import check_cascade_options
+
+    try:
+        check_cascade_options(model, atlas, args.structures, names, args.coarse_spacing, args.margin)
+    except ValueError as exc:
+        message = str(exc)
+        for name, option in (("structures", "--structures"), ("coarse_spacing", "--coarse-spacing"),
+                             ("margin_mm", "--margin")):
+            if message.startswith(name):
+                message = option + message[len(name):]
+        raise ValueError(message) from None
+
+
+def _segment_one(args, model, atlas, names, inp):
+    """Labels of one target: the plain pass, or ``--cascade``'s coarse pass and crops."""
+    from .. import segment as seg
+    from ..cascade import cascade_segment
+
+    exam = _option("-i", seg.load_exam, model, inp)
+    if not args.cascade:
+        return seg.segment(model, atlas, exam, min_weight=args.min_weight), None
+    result = cascade_segment(model, atlas, exam, args.structures, names=names, coarse_spacing=args.coarse_spacing,
+                             margin_mm=args.margin, min_weight=args.min_weight)
+    return result, result.crops
 
 
 def _segment_jobs(args) -> list:
@@ -110,17 +146,24 @@ def run(args) -> int:
         template = _template_shape(args.template_shape)
         if not args.min_weight >= 0:
             raise ValueError(f"--min-weight: must be >= 0, got {args.min_weight}")
+        if not args.cascade:
+            for option, value in (("--structures", args.structures), ("--coarse-spacing", args.coarse_spacing),
+                                  ("--margin", args.margin)):
+                if value is not None:
+                    raise ValueError(f"{option}: only used with --cascade")
         jobs = _segment_jobs(args)
         names = _label_names(args.labels)
         model = _load_model_option(args)
         atlas = _segment_atlas(args, model, template)
+        if args.cascade:
+            _check_cascade_options(args, model, atlas, names)
         if not args.quiet:
             print(f"reference: {len(args.reference)} exam(s), {len(atlas.classes) - 1} label(s), "
                   f"template grid {'x'.join(map(str, atlas.template_shape))}")
         with tqdm(jobs, disable=args.quiet, unit="exam", file=sys.stderr, dynamic_ncols=True) as bar:
             for inp, out, probability, png in bar:
                 start = time.perf_counter()
-                result = seg.segment(model, atlas, _option("-i", seg.load_exam, model, inp), min_weight=args.min_weight)
+                result, crops = _segment_one(args, model, atlas, names, inp)
                 try:
                     save_like(result.labels.data, result.labels, out, dtype=atlas.dtype)
                     if names is not None:
@@ -133,7 +176,8 @@ def run(args) -> int:
                 except OSError as exc:
                     raise ValueError(f"cannot write the results of {inp!r} ({exc})") from None
                 if not args.quiet:
-                    bar.write(_segment_summary(out, result.labels, names, time.perf_counter() - start), file=sys.stdout)
+                    summary = _segment_summary(out, result.labels, names, time.perf_counter() - start, crops)
+                    bar.write(summary, file=sys.stdout)
     except (ValueError, TypeError) as exc:
         return _fail("segment", exc)
     return 0
@@ -176,6 +220,17 @@ def add_parser(sub) -> None:
     segment.add_argument("--min-weight", type=float, default=MIN_WEIGHT, metavar="F",
                          help="coverage threshold, a fraction of the mean splatted weight (default "
                          f"{MIN_WEIGHT}); below it a target voxel is background")
+    cascade = segment.add_argument_group(
+        "cascade", "coarse pass on the whole exam, then fine passes at the model's spacing on crops around the "
+        "structures the coarse pass finds (the network never runs on the whole exam at full resolution)")
+    cascade.add_argument("--cascade", action="store_true", help="segment with the cascade")
+    cascade.add_argument("--structures", nargs="+", metavar="S",
+                         help="ids or names (--labels) of the structures to crop, one fine pass each "
+                         "(default: one crop around every structure found)")
+    cascade.add_argument("--coarse-spacing", type=_positive_float, metavar="MM",
+                         help="voxel size of the coarse pass (default: twice the model's spacing)")
+    cascade.add_argument("--margin", type=float, metavar="MM",
+                         help="added around each structure's coarse box (default: two coarse voxels)")
     _add_device_argument(segment)
     segment.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     segment.set_defaults(run=run)

@@ -53,6 +53,7 @@ __all__ = [
     "foreground_mask",
     "gaussian_smooth",
     "resample_to_spacing",
+    "resample_back",
     "write_label_table",
     "read_label_table",
     "label_names",
@@ -590,11 +591,19 @@ def to_original_grid(array: ArrayLike, reference: Volume, *, mode: Optional[str]
         d, h, w = reference.shape
         padded[..., s[0] : s[0] + d, s[1] : s[1] + h, s[2] : s[2] + w] = data
         data = padded
-    # undo the resampling: canonical index c sits at resampled index c / zoom
     if reference.resampled:
-        positions = [torch.arange(n, dtype=torch.float64) / z for n, z in zip(reference.canonical_shape, reference.zoom)]
-        data = _resample(data, positions, mode)
+        data = resample_back(data, reference.zoom, reference.canonical_shape, mode)
     return _from_canonical(data, reference.orientation)
+
+
+def resample_back(data: Tensor, zoom: Sequence[float], shape: Sequence[int], mode: str = "linear") -> Tensor:
+    """Undo :func:`resample_to_spacing`: ``data [..., d, h, w]``, resampled from a grid of ``shape`` with
+    ``zoom`` (new spacing / old spacing), read back on that grid (index ``i`` sits at resampled index
+    ``i / zoom``; linear or nearest, see :func:`_resample_axis` for the ends)."""
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    positions = [torch.arange(int(n), dtype=torch.float64) / float(z) for n, z in zip(shape, zoom)]
+    return _resample(data, positions, mode)
 
 
 def original_index(volume: Volume, index: ArrayLike) -> np.ndarray:
