@@ -3,9 +3,9 @@ learnable atlas (DESIGN §5).
 
 * :class:`CoordNet`: a 3-D U-Net whose decoder emits, at every level ``s`` (coarsest first), a
   coordinate map refined as ``c_s = up(c_{s+1}) + Δ_s``. It is implemented on displacements from
-  the identity of each level's grid (level ``s``'s voxel ``j`` is the input's voxel ``j * 2^s``, where
-  the stride-2 convolutions centre it; ``up`` interpolates linearly in that geometry, which maps an
-  identity grid exactly onto the finer identity grid), and every residual head is zero-initialised,
+  the identity of each level's grid (``up`` is trilinear with ``align_corners=True``, which maps an
+  identity grid exactly onto the finer identity grid; ``grid="strided"`` places level voxels where
+  the stride-2 convolutions centre them instead), and every residual head is zero-initialised,
   so a fresh network returns **exactly** ``identity_coords`` of its input grid. Each decoder level
   also sees the current coordinate estimate as 3 extra input channels (it has to place voxels in an
   absolute frame). The output is bounded to the template cube ``[-1, 1]^3`` by
@@ -155,13 +155,12 @@ class CoordNet(nn.Module):
             heatmap whose softmax centroid is subtracted from the identity (:func:`anchor_shift`), so
             coordinates move with the anatomy when the field of view moves. Zero-initialised (no effect
             at the start).
-        grid: where each level's voxels sit on the input grid. "strided" (default): level ``l``'s voxel
-            ``j`` is input voxel ``j * 2^l``, where the stride-2 convolutions centre it, for every input
-            size; levels are upsampled accordingly (:func:`_upsample_strided`). "corners" (model files
-            written before this option): every level spans the input's first to last voxel
-            (``align_corners=True``), which matches the convolutions only for sizes ``k * 2^(levels-1) + 1``
-            and otherwise moves coarse-level displacements by up to ``2^(levels-2)`` voxels, so the same
-            anatomy got different coordinates on grids of different sizes.
+        grid: where each level's voxels sit on the input grid. "corners" (default): every level spans the
+            input's first to last voxel (``align_corners=True`` resizing), which matches where the stride-2
+            convolutions centre the voxels only for sizes ``k * 2^(levels-1) + 1``. "strided": level ``l``'s
+            voxel ``j`` is input voxel ``j * 2^l`` for every size (:func:`_upsample_strided`). Measured
+            on phantoms (800 steps, one seed each), "strided" gave one-shot Dice 0.394 against 0.432, so
+            it is not the default.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
@@ -186,7 +185,7 @@ class CoordNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01,
-                 locate: bool = True, grid: str = "strided"):
+                 locate: bool = True, grid: str = "corners"):
         super().__init__()
         for name, value, minimum in (("in_channels", in_channels, 1), ("base", base, 1), ("levels", levels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -373,7 +372,7 @@ class DeepAtlas(nn.Module):
         preprocessing: free-form dict saved with the model (spacing, intensity normalisation ...),
             for inference.
         residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default
-            True); grid: its levels' geometry (default "strided").
+            True); grid: its levels' geometry (default "corners").
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -396,7 +395,7 @@ class DeepAtlas(nn.Module):
         preprocessing: Optional[dict] = None,
         residual_scale: float = 0.01,
         locate: bool = True,
-        grid: str = "strided",
+        grid: str = "corners",
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 0:

@@ -197,7 +197,7 @@ SIZES = [(16, 16, 16), (13, 17, 11), (6, 9, 12), (33, 10, 7)]
 def test_strided_levels_sit_on_the_input_voxels_the_convolutions_centre(shape):
     """Level l's voxel j is the input's voxel j * 2^l for every input size: each level's identity map is
     the input's identity read every 2^l voxels (with "corners" only for sizes k * 2^l + 1)."""
-    net = CoordNet(base=4, levels=3)
+    net = CoordNet(base=4, levels=3, grid="strided")
     x = torch.rand(1, 1, *shape, generator=g(4))
     out, maps = net(x, return_levels=True)
     full = da.identity_coords(shape)
@@ -222,12 +222,13 @@ def test_strided_upsampling_keeps_linear_fields_exactly_linear(shape):
     torch.testing.assert_close(up[:, :, ::2, ::2, ::2], features)  # coarse voxel i sits on fine voxel 2 i
 
 
+@pytest.mark.parametrize("grid", ["corners", "strided"])
 @pytest.mark.parametrize("shape", SIZES)
-def test_init_replaces_the_coarsest_map_and_the_finer_levels_refine_it(shape):
+def test_init_replaces_the_coarsest_map_and_the_finer_levels_refine_it(shape, grid):
     """The cascade's fine pass: with zero refinement heads a linear ``init`` comes back exactly, on any
     size; the anchor and coarsest head are not used; finer heads refine it."""
     torch.manual_seed(0)
-    net = CoordNet(base=4, levels=3)
+    net = CoordNet(base=4, levels=3, grid=grid)
     with torch.no_grad():
         net.locator.weight.normal_(0, 1.0, generator=g(6))
         net.heads[2].bias.fill_(5.0)  # the coarsest head: ignored with init
@@ -255,10 +256,10 @@ def test_init_replaces_the_coarsest_map_and_the_finer_levels_refine_it(shape):
             net(x, init=init, init_level=bad)
 
 
-def test_model_files_from_before_the_strided_grid_load_with_their_geometry(tmp_path):
+def test_model_files_from_before_the_grid_option_load_with_their_geometry(tmp_path):
     from deepatlas_fast.checkpoint import load_model, read_model, save_model
 
-    assert DeepAtlas(base=4, levels=2, features=0).config["grid"] == "strided"
+    assert DeepAtlas(base=4, levels=2, features=0).config["grid"] == "corners"
     old = DeepAtlas(base=4, levels=3, features=0, template_shape=(8, 8, 8), grid="corners")
     _perturb(old.coordnet.heads, 0.05)
     x = torch.rand(1, 1, 12, 10, 14, generator=g(8))
