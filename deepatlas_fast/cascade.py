@@ -4,11 +4,8 @@ Running the network on a whole exam at the model's spacing is what memory limits
 of view (the U-Net's activations scale with the grid). The cascade runs it there only on crops:
 
 1. **Coarse pass**: the exam, on its network grid (the model's spacing) and normalised as for
-   :func:`~deepatlas_fast.segment.segment`, is downsampled to ``coarse_spacing``
-   (:func:`default_coarse_spacing`: the second spacing the model was trained at, a training stage's
-   ``mix_spacing``, else twice the model's spacing); the network maps it to coordinates and the
-   references' labels are read there. A network trained at one spacing only maps a coarser grid less
-   well, and the cascade is then worse than the plain pass (train with ``mix_spacing``).
+   :func:`~deepatlas_fast.segment.segment`, is downsampled to ``coarse_spacing`` (default twice the
+   model's spacing); the network maps it to coordinates and the references' labels are read there.
 2. **Crops**: for each requested structure, the box of the coarse voxels labelled with it (each coarse
    voxel counted with its physical extent) on the network grid, grown by ``margin_mm`` (default two
    coarse voxels) and to at least the crop shape the network was trained on (:func:`min_crop_shape`: a
@@ -26,6 +23,12 @@ of view (the U-Net's activations scale with the grid). The cascade runs it there
 
 A structure the coarse pass does not find in the exam gets no crop (a warning says so); it can still
 appear in the output where the coarse pass or another crop labels it.
+
+What limits it: the network's maps are normalised by the grid it sees (identity over the field of view,
+regularisers relative to that identity), so a network trained at one spacing maps the coarser grid less
+well, and the fine passes cannot undo the coarse pass's errors. With the models trained so far the
+cascade is markedly worse than the plain pass (README, Limits); it bounds the network's memory, not its
+error. Training at two spacings at once did not fix it (the per-crop regularisers pull against it).
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ __all__ = [
     "CascadeSegmentation",
     "cascade_segment",
     "check_cascade_options",
-    "default_coarse_spacing",
     "handover_level",
     "min_crop_shape",
     "structure_ids",
@@ -135,22 +137,13 @@ def check_cascade_options(
     """The checks :func:`cascade_segment` makes before touching a target: ``(structure ids or None, coarse
     spacing, margin per axis in mm)``; a ValueError naming the argument otherwise."""
     wanted = structure_ids(structures, atlas, names)
-    coarse = _coarse_spacing(coarse_spacing, model_spacing(model), model)
+    coarse = _coarse_spacing(coarse_spacing, model_spacing(model))
     return wanted, coarse, _margin(margin_mm, coarse)
 
 
-def default_coarse_spacing(model) -> tuple:
-    """The coarse pass's default voxel size: the second spacing the model was trained at
-    (``preprocessing["coarse_spacing"]``, from a stage's ``mix_spacing``), else twice its spacing."""
-    trained = (getattr(model, "preprocessing", None) or {}).get("coarse_spacing")
-    if trained:
-        return _spacing3(trained, "model: preprocessing coarse_spacing")
-    return tuple(2.0 * s for s in model_spacing(model))
-
-
-def _coarse_spacing(coarse_spacing, fine: tuple, model) -> tuple:
+def _coarse_spacing(coarse_spacing, fine: tuple) -> tuple:
     if coarse_spacing is None:
-        return default_coarse_spacing(model)
+        return tuple(2.0 * s for s in fine)
     coarse = _spacing3(coarse_spacing, "coarse_spacing")
     if any(c < f * (1 - 1e-6) for c, f in zip(coarse, fine)):
         raise ValueError(
@@ -235,7 +228,7 @@ def cascade_segment(
             around every structure the coarse pass finds.
         names: ``{id: name}`` for structures given by name.
         coarse_spacing: the coarse pass's voxel size in mm (1 or 3 numbers), not finer than the model's
-            spacing; default :func:`default_coarse_spacing`.
+            spacing; default twice the model's spacing.
         margin_mm: grown on every side of a structure's coarse box (default: two coarse voxels).
         min_weight: coverage threshold (:data:`~deepatlas_fast.segment.MIN_WEIGHT`).
     Returns: a :class:`CascadeSegmentation` on exactly the target file's grid and affine.

@@ -69,10 +69,6 @@ class Stage:
         levels: how many CoordNet decoder levels are active (passed as ``levels=`` to the model;
             coarse stages use fewer); ``None`` (default) = all.
         lr: learning rate of this stage; ``None`` (default) = ``TrainConfig.lr``.
-        mix_spacing: a second voxel size in mm: every other step of the stage (the odd ones) draws its
-            crops at this spacing instead, same crop size and levels, so that one network serves both
-            scales (the cascade's coarse pass runs at a coarser spacing than its fine passes). ``None``
-            (default): one spacing.
     """
 
     steps: int
@@ -80,7 +76,6 @@ class Stage:
     spacing: Optional[float] = None
     levels: Optional[int] = None
     lr: Optional[float] = None
-    mix_spacing: Optional[float] = None
 
 
 def _default_stages() -> list:
@@ -176,8 +171,6 @@ class TrainConfig:
                 spacing=None if stage.spacing is None else _float(stage.spacing, f"{name}.spacing", positive=True),
                 levels=None if stage.levels is None else _int(stage.levels, f"{name}.levels", minimum=1),
                 lr=None if stage.lr is None else _float(stage.lr, f"{name}.lr", positive=True),
-                mix_spacing=None if stage.mix_spacing is None
-                else _float(stage.mix_spacing, f"{name}.mix_spacing", positive=True),
             )
             stages.append(stage)
         self.stages = stages
@@ -929,25 +922,21 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     else:
         volumes = phantom_volumes(phantoms, config)
         modality = "ct"
-    stage_data, mix_data = [], []
-    for index, stage in enumerate(config.stages):  # built up front: errors surface early, threads may read them
+    stage_data = []
+    for stage in config.stages:  # built up front: errors surface before training, and threads may read them
         spacing = stage.spacing if stage.spacing is not None else config.spacing
-        stage_data.append(_StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed, index))
-        mix_data.append(None if stage.mix_spacing is None else _StageData(
-            volumes, stage.size, config.spacing / stage.mix_spacing, config.augment, config.seed, 1000 + index))
+        stage_data.append(_StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed,
+                                     len(stage_data)))
 
     def data_for(stage_index: int) -> _StageData:
         """Crops of ``config.stages[stage_index]``."""
         return stage_data[stage_index]
 
     def data_of(at_step: int) -> Optional[_StageData]:
-        phase, stage_no, _, in_stage = _phase_of(at_step, config)
+        phase, stage_no, _, _ = _phase_of(at_step, config)
         if phase == "features":
             return data_for(at_step % len(config.stages))  # every stage's resolution in turn
-        if phase != "coords":
-            return None
-        mixed = mix_data[stage_no - 1]
-        return mixed if mixed is not None and in_stage % 2 == 1 else data_for(stage_no - 1)
+        return data_for(stage_no - 1) if phase == "coords" else None
 
     batches = _Prefetcher(data_of, config.batch_size, rank, config.grad_accumulation, config.total_steps, dev,
                           threaded=dev.type == "cuda")
@@ -1088,7 +1077,6 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 "modality": modality,
                 "size": list(final_stage.size),
                 "levels": final_stage.levels,
-                "coarse_spacing": final_stage.mix_spacing,
                 "orientation": "RAS",
             },
             metadata={

@@ -163,9 +163,3 @@ def test_handover_level_is_log2_of_the_spacing_ratio(files):
     assert cascade.handover_level(model, (1.0, 1.0, 1.0)) == 0
     assert cascade.handover_level(model, (1.5, 3.0, 3.0)) == 0
 
-
-def test_default_coarse_spacing_is_the_second_spacing_the_model_was_trained_at(files):
-    model = load_model(files["model"])
-    assert cascade.default_coarse_spacing(model) == tuple(2 * s for s in SPACING)
-    model.preprocessing["coarse_spacing"] = 30.0  # a training stage's mix_spacing
-    assert cascade.default_coarse_spacing(model) == (30.0, 30.0, 30.0)

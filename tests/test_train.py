@@ -55,7 +55,6 @@ def test_config_partial_yaml_keeps_defaults(tmp_path):
         ({"lr": "fast"}, r"config.lr must be a number"),
         ({"augment": "yes"}, r"config.augment must be true or false"),
         ({"model": [1, 2]}, r"config.model must be a mapping"),
-        ({"stages": [{"steps": 2, "mix_spacing": 0}]}, r"config.stages\[0\].mix_spacing must be > 0"),
     ],
 )
 def test_config_errors_name_the_key(data, match):
@@ -295,30 +294,6 @@ def test_intensity_only_model_stock_ops_accumulation(tmp_path):
     rows = _rows(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 3 and "reconstruction" not in rows[0]
     assert all(float(r["grad_norm"]) > 0 for r in rows)
-
-
-def test_mix_spacing_draws_every_other_step_at_the_second_spacing(tmp_path, monkeypatch):
-    from deepatlas_fast.checkpoint import load_model
-    from deepatlas_fast.train import _StageData, train
-
-    drawn = []
-    original = _StageData.batch
-
-    def spy(self, batch_size, step, rank, micro):
-        drawn.append((step, self.stage_index, tuple(self.volumes[0].shape)))
-        return original(self, batch_size, step, rank, micro)
-
-    monkeypatch.setattr(_StageData, "batch", spy)
-    config = tiny_config(model=dict(tiny_config()["model"], features=0), feature_steps=0,
-                         stages=[{"steps": 4, "size": 16, "spacing": 24.0, "mix_spacing": 48.0}])
-    result = train(TrainConfig.from_dict(config), phantoms=2, out_dir=tmp_path / "run", quiet=True)
-    assert result.status == "completed"
-    steps = [(step, index) for step, index, _ in sorted(drawn) if step < 4]  # (not the atlas initialisation's)
-    assert steps == [(0, 0), (1, 1000), (2, 0), (3, 1000)]
-    fine, coarse = drawn[0][2], [shape for step, _, shape in drawn if step == 1][0]
-    assert all(abs(f - 2 * c) <= 2 for f, c in zip(fine, coarse))  # the exams at half the resolution
-    model = load_model(tmp_path / "run" / "model.pt")
-    assert model.preprocessing["spacing"] == 24.0 and model.preprocessing["coarse_spacing"] == 48.0
 
 
 def test_max_minutes_stops_and_checkpoints(tmp_path):
