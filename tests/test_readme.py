@@ -24,6 +24,12 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci_lines
 
 
+def test_the_first_command_installs_and_runs_the_demo():
+    """The README's first command is the main job: ``deepatlas-fast demo`` (tests/test_demo.py runs it)."""
+    first = re.findall(r"```bash\n(.*?)```", read("README.md"), flags=re.S)[0].strip()
+    assert first.startswith("python3 -m venv .venv") and first.endswith(".venv/bin/deepatlas-fast demo")
+
+
 @pytest.mark.parametrize("index", range(len(re.findall(r"```python\n", read("README.md")))))
 def test_readme_python_examples_run(index):
     block = re.findall(r"```python\n(.*?)```", read("README.md"), flags=re.S)[index]
