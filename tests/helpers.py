@@ -118,6 +118,16 @@ def stored_variant(kind, array, affine):
     raise ValueError(kind)
 
 
+def phantom_arrays(shape, spacing, seed=3):
+    """A phantom as stored in a file: ``(image float32 HU, labels int16, affine)`` numpy arrays."""
+    import numpy as np
+
+    from deepatlas_fast.data.phantoms import phantom_subject
+
+    image, labels, affine = phantom_subject(seed, shape=shape, spacing=spacing)
+    return image.numpy(), labels.numpy().astype(np.int16), affine
+
+
 def reference_files(folder, image, labels, affine, spacing) -> dict:
     """A labelled reference written as NIfTI (image, labels as int16) plus an identity model file at
     ``spacing``: ``{"image", "labels", "model", "tmp"}``."""

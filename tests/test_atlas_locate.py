@@ -40,7 +40,7 @@ from deepatlas_fast.locate import (  # noqa: E402
     template_box,
     template_boxes,
 )
-from helpers import identity_model_file, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, phantom_arrays, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes: R, A, S
 SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32
@@ -56,8 +56,7 @@ def _voxels(shift_voxels, axis=0):
 
 @pytest.fixture(scope="module")
 def phantom():
-    image, labels, affine = phantom_subject(3, shape=SHAPE, spacing=SPACING)
-    return image.numpy(), labels.numpy().astype(np.int16), affine
+    return phantom_arrays(SHAPE, SPACING)
 
 
 @pytest.fixture

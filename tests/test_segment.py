@@ -28,7 +28,7 @@ from deepatlas_fast.data.io import (  # noqa: E402
 )
 from deepatlas_fast.data.phantoms import phantom_subject  # noqa: E402
 from deepatlas_fast.model import DeepAtlas  # noqa: E402
-from helpers import identity_model_file, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, phantom_arrays, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
 from deepatlas_fast.propagate import dice, mean_dice  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes
@@ -38,8 +38,7 @@ NAMES = {1: "liver", 2: "spleen", 7: "spine", 300: "unused"}
 
 @pytest.fixture(scope="module")
 def phantom():
-    image, labels, affine = phantom_subject(3, shape=SHAPE, spacing=SPACING)
-    return image.numpy(), labels.numpy().astype(np.int16), affine
+    return phantom_arrays(SHAPE, SPACING)
 
 
 @pytest.fixture
