@@ -11,10 +11,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .commands import atlas, demo, evaluate, finetune, info, locate, register, segment, tour, train
+from .commands import atlas, bench, demo, evaluate, finetune, info, locate, register, segment, tour, train
 
 # In the order of the ``--help`` listing (locate adds ``crop`` and ``locate``).
-COMMANDS = (demo, tour, info, train, evaluate, segment, finetune, register, atlas, locate)
+COMMANDS = (demo, bench, tour, info, train, evaluate, segment, finetune, register, atlas, locate)
 
 
 def build_parser() -> argparse.ArgumentParser:
