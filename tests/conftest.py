@@ -57,3 +57,20 @@ def backend(request):
     if reason is not None:
         pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def phantom(request):
+    """A phantom as stored in files, of the test module's ``SHAPE`` and ``SPACING``: ``(image, labels, affine)``."""
+    from helpers import phantom_arrays
+
+    return phantom_arrays(request.module.SHAPE, request.module.SPACING)
+
+
+@pytest.fixture
+def files(tmp_path, phantom, request):
+    """That phantom written as a labelled reference plus an identity model at the module's ``SPACING``
+    (``helpers.reference_files``)."""
+    from helpers import reference_files
+
+    return reference_files(tmp_path, *phantom, request.module.SPACING)

@@ -40,7 +40,7 @@ from deepatlas_fast.locate import (  # noqa: E402
     template_box,
     template_boxes,
 )
-from helpers import identity_model_file, phantom_arrays, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, rotation4, stored_variant, write_nifti  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes: R, A, S
 SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32
@@ -52,16 +52,6 @@ def _voxels(shift_voxels, axis=0):
     shift = [0.0, 0.0, 0.0]
     shift[axis] = 2.0 * shift_voxels / (SHAPE[axis] - 1)
     return shift
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return phantom_arrays(SHAPE, SPACING)
-
-
-@pytest.fixture
-def files(tmp_path, phantom):
-    return reference_files(tmp_path, *phantom, SPACING)
 
 
 def _normalised(array):

@@ -18,21 +18,11 @@ import deepatlas_fast.segment as seg  # noqa: E402
 from deepatlas_fast.checkpoint import load_model  # noqa: E402
 from deepatlas_fast.cli import main  # noqa: E402
 from deepatlas_fast.data.io import load_labels, load_volume, to_original_grid, write_label_table  # noqa: E402
-from helpers import identity_model_file, phantom_arrays, reference_files, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, stored_variant, write_nifti  # noqa: E402
 
 SHAPE = (41, 37, 33)  # 2k + 1: the coarse grid (twice the spacing) lines up with the fine one
 SPACING = (8.0, 9.0, 10.0)
 NAMES = {1: "liver", 2: "spleen", 3: "kidney_left"}
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return phantom_arrays(SHAPE, SPACING)
-
-
-@pytest.fixture
-def files(tmp_path, phantom):
-    return reference_files(tmp_path, *phantom, SPACING)
 
 
 def _atlas(files):

@@ -28,22 +28,12 @@ from deepatlas_fast.data.io import (  # noqa: E402
 )
 from deepatlas_fast.data.phantoms import phantom_subject  # noqa: E402
 from deepatlas_fast.model import DeepAtlas  # noqa: E402
-from helpers import identity_model_file, phantom_arrays, reference_files, rotation4, stored_variant, write_nifti  # noqa: E402
+from helpers import identity_model_file, rotation4, stored_variant, write_nifti  # noqa: E402
 from deepatlas_fast.propagate import dice, mean_dice  # noqa: E402
 
 SHAPE = (19, 17, 15)  # odd sizes
 SPACING = (20.0, 22.0, 24.0)  # anisotropic, exact in float32 (NIfTI stores the affine as float32)
 NAMES = {1: "liver", 2: "spleen", 7: "spine", 300: "unused"}
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return phantom_arrays(SHAPE, SPACING)
-
-
-@pytest.fixture
-def files(tmp_path, phantom):
-    return reference_files(tmp_path, *phantom, SPACING)
 
 
 def _file_array(path):
