@@ -18,7 +18,9 @@ Formulation (one step):
    ``L = preprocessing["levels"]`` as in :func:`~deepatlas_fast.segment.network_coordinates`, and
    ``c = bound_coords(raw)`` (the clamp with straight-through gradient inference uses).
 3. **Soft label template of a**: a's one-hot labels are splatted (trilinear,
-   :func:`~deepatlas_fast.propagate.splat`, built from torch ops, so differentiable in ``c_a``) into a
+   :func:`~deepatlas_fast.propagate.splat_labels` with ``differentiable=True``: each voxel's weights go
+   to its own label's channel only, so the cost does not grow with the label count; built from torch
+   ops, so differentiable in ``c_a``) into a
    template grid (default :func:`~deepatlas_fast.segment.default_template_shape` of the labelled
    exams, as ``segment`` uses) and normalised by the splatted weight:
    ``P = total / (weight + eps)``.
@@ -52,7 +54,7 @@ from torch import Tensor
 from .model import bound_coords
 from .objective import LossWeights, bound_term, deepatlas_loss, jacobian_terms
 from .ops import sample
-from .propagate import splat
+from .propagate import splat_labels
 from .segment import (
     _preprocessing,
     _reference_volumes,
@@ -101,8 +103,9 @@ def propagation_loss(
         coords_a, coords_b: ``[1, 3, *grid]`` bounded template coordinates.
         onehot_a, onehot_b: ``[1, C, *grid]`` one-hot labels (same C, channel 0 background).
     """
-    c = onehot_a.shape[1]
-    weight, total = splat(coords_a.reshape(1, 3, -1), onehot_a.reshape(1, c, -1), template_shape)
+    # each voxel splats into its own label's channel only: the cost does not grow with the label count
+    channels = onehot_a[0].argmax(0)
+    weight, total = splat_labels(coords_a, channels, onehot_a.shape[1], template_shape, differentiable=True)
     probs = (total / (weight + 1e-6)).unsqueeze(0)  # [1, C, *template], 0 in empty cells
     read = sample(probs, coords_b.float(), "zeros")
     return soft_dice_loss(read, onehot_b)

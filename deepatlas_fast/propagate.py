@@ -113,12 +113,19 @@ def _check_labels(labels_ref, coords_ref, num_labels: int) -> Tensor:
 
 
 def splat_labels(
-    coords_ref: Tensor, labels_ref: Tensor, num_labels: int, template_shape: Sequence[int]
+    coords_ref: Tensor,
+    labels_ref: Tensor,
+    num_labels: int,
+    template_shape: Sequence[int],
+    *,
+    differentiable: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Splat the one-hot labels of one or more references into the template grid (unnormalised).
 
     Equals :func:`splat` of the one-hot map, without building it: each voxel adds its trilinear
     weights to its own label's channel only, so the cost does not grow with ``num_labels``.
+    ``differentiable``: keep the gradient with respect to ``coords_ref`` (fine-tuning); by default the
+    coordinates are detached.
 
     Args:
         coords_ref: ``[K, 3, D, H, W]`` template coordinates of K references of equal shape.
@@ -135,7 +142,8 @@ def splat_labels(
     weight = torch.zeros(cells, dtype=torch.float32, device=coords_ref.device)
     total = torch.zeros(num_labels * cells, dtype=torch.float32, device=coords_ref.device)
     offset = labels.reshape(-1).long() * cells
-    for flat, w in _corners(coords_ref.detach().reshape(k, 3, -1), shape):
+    coords = coords_ref if differentiable else coords_ref.detach()
+    for flat, w in _corners(coords.reshape(k, 3, -1), shape):
         weight.scatter_add_(0, flat, w)
         total.scatter_add_(0, offset + flat, w)
     return weight.view(1, *shape), total.view(num_labels, *shape)

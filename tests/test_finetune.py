@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import deepatlas_fast as da
+
 nib = pytest.importorskip("nibabel")
 
 import deepatlas_fast.segment as seg  # noqa: E402
@@ -134,3 +136,25 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert main(["finetune", "--model", model, "--reference", x0, "--reference-labels", l0, "--reference", x1,
                  "--reference-labels", other, "-o", out, "--quiet", "--device", "cpu"]) == 2
     assert "--reference-labels:" in capsys.readouterr().err
+
+
+def test_propagation_loss_equals_the_dense_one_hot_splat():
+    """The label-indexed splat gives the dense one-hot splat's loss and gradients (it only skips the zeros)."""
+    from deepatlas_fast import sample
+    from deepatlas_fast.finetune import soft_dice_loss
+    from deepatlas_fast.propagate import splat
+
+    gen = torch.Generator().manual_seed(0)
+    grid, template, classes = (7, 6, 5), (5, 6, 4), 4
+    ids = [torch.randint(0, classes, grid, generator=gen) for _ in range(2)]
+    onehot = [torch.nn.functional.one_hot(i, classes).permute(3, 0, 1, 2)[None].float() for i in ids]
+    coords = [(0.9 * identity + 0.05 * torch.randn(identity.shape, generator=gen)).requires_grad_()
+              for identity in (da.identity_coords(grid), da.identity_coords(grid))]
+    loss = propagation_loss(coords[0], onehot[0], coords[1], onehot[1], template)
+    grads = torch.autograd.grad(loss, coords)
+
+    weight, total = splat(coords[0].reshape(1, 3, -1), onehot[0].reshape(1, classes, -1), template)
+    dense = soft_dice_loss(sample((total / (weight + 1e-6)).unsqueeze(0), coords[1], "zeros"), onehot[1])
+    torch.testing.assert_close(loss, dense)
+    for ours, theirs in zip(grads, torch.autograd.grad(dense, coords)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
