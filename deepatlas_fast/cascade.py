@@ -254,7 +254,7 @@ def cascade_segment(
     for label, mask in masks.items():
         if not bool(mask.any()):
             what = "no structure" if label is None else f"structure {label}"
-            warnings.warn(f"cascade: the coarse pass finds {what} in {getattr(volume, 'path', None) or 'the target'}; "
+            warnings.warn(f"cascade: the coarse pass finds {what} in {volume.path or 'the target'}; "
                           "no fine pass for it")
             continue
         start, stop = _box(mask, zoom, margin_voxels, volume.shape, min_crop_shape(model))

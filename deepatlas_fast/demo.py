@@ -88,6 +88,7 @@ def run_demo(
     from .register import affine_register, deformable_register, warp_labels
     from .segment import build_reference, segment
     from .train import train
+    from tqdm.auto import tqdm
 
     _check(minutes, targets, subjects)
     out = os.fspath(out)
@@ -117,30 +118,30 @@ def run_demo(
     atlas = build_reference(model, [(reference, reference_labels)])
     moving, moving_labels = load_volume(reference), load_labels(reference_labels)
     rows = {name: [] for name in ("deepatlas one-shot", "no alignment", "affine", "iterative")}
-    from tqdm.auto import tqdm
-
     pairs = list(zip(cohort["images"][1:], cohort["labels"][1:]))
     for image, labels in tqdm(pairs, disable=quiet, unit="target", desc="segment + register", file=sys.stderr):
         truth, fixed = load_labels(labels).data, load_volume(image)
+
+        def record(method: str, predicted, seconds: float) -> None:
+            rows[method].append((mean_dice(dice(predicted.cpu(), truth)), seconds))
+
         name = os.path.basename(image)
         start = time.perf_counter()
         found = segment(model, atlas, image)
-        seconds = time.perf_counter() - start
+        record("deepatlas one-shot", found.labels.data, time.perf_counter() - start)
         save_like(found.labels.data, found.labels, os.path.join(out, "segmentations", name), dtype=atlas.dtype)
         overlay_png(fixed.data, found.labels.data, os.path.join(out, "pictures", name.split(".nii")[0] + ".png"),
                     spacing=fixed.spacing)
-        rows["deepatlas one-shot"].append((found.labels.data, seconds))
-        rows["no alignment"].append((resample_to_grid(moving_labels, fixed), 0.0))  # where they lie in the world
+        record("no alignment", resample_to_grid(moving_labels, fixed), 0.0)  # where they lie in the world
         start = time.perf_counter()
         affine = affine_register(fixed, moving, device=device, quiet=True)
-        rows["affine"].append((warp_labels(affine, moving_labels, device=device), time.perf_counter() - start))
+        affine_labels = warp_labels(affine, moving_labels, device=device)
+        affine_seconds = time.perf_counter() - start
+        record("affine", affine_labels, affine_seconds)
         start = time.perf_counter()
         deformable = deformable_register(fixed, moving, affine, device=device, quiet=True)
-        rows["iterative"].append((warp_labels(deformable, moving_labels, device=device),
-                                  time.perf_counter() - start + rows["affine"][-1][1]))
-        for method, found_rows in rows.items():
-            predicted, seconds = found_rows[-1]
-            found_rows[-1] = (mean_dice(dice(predicted.cpu(), truth)), seconds)
+        record("iterative", warp_labels(deformable, moving_labels, device=device),
+               affine_seconds + time.perf_counter() - start)
 
     results = {
         "training": {"steps": result.step, "status": result.status, "minutes": budget, "device": device,
