@@ -7,6 +7,8 @@ Subject 0 is the labelled reference; its labels are propagated to every other su
 * ``deepatlas``: through the model's coordinates (splat into the template grid, sample at the target's
   coordinates; :func:`deepatlas_fast.propagate.propagate_labels`);
 * ``identity``: the reference's label map read on the target's grid as it is (same world frame);
+* ``frame only`` (models with the "moments" frame): through the frame alone, where an untrained network
+  puts each exam (:func:`deepatlas_fast.frame.moment_frame`), so what training adds shows;
 * ``affine``: after :func:`deepatlas_fast.register.affine_register` of the reference to the target
   (12 parameters, Adam on local NCC over a 3-level pyramid, started from the foreground centres of
   mass), labels carried by :func:`deepatlas_fast.register.warp_labels` (one-hot sampling + argmax);
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -104,26 +107,41 @@ def model_coordinates(model, image: torch.Tensor, spacing: float) -> torch.Tenso
     return raw
 
 
+def relative_to_frame(model, raw: torch.Tensor, image: torch.Tensor, spacing: float) -> torch.Tensor:
+    """The map taken back through the inverse of ``image``'s frame (unchanged for the "grid" frame), as
+    the objective's regularisers see it: exam-grid units, so det J and displacements read in voxels."""
+    if model.coordnet.frame == "grid":
+        return raw
+    from deepatlas_fast.frame import apply_frame, invert_frame, moment_frame
+    from deepatlas_fast.train import rescale_volume
+
+    model_spacing = float(model.preprocessing.get("spacing") or spacing)
+    x = image if abs(model_spacing - spacing) < 1e-6 else rescale_volume(image, spacing / model_spacing)
+    return apply_frame(invert_frame(moment_frame(x[None, None])), raw)
+
+
 def grid_pinning(model, image: torch.Tensor, labels: torch.Tensor, spacing: float, shift: int = 2) -> float:
     """How much the coordinates of the same anatomy change (in voxels of the exam grid) when the anatomy
     moves by ``shift`` voxels along the last axis inside the field of view: 0 for coordinates that follow
-    the anatomy, ``shift`` for coordinates pinned to the grid."""
+    the anatomy, ``shift`` for coordinates pinned to the grid. With a "moments" frame both maps are read
+    through the unshifted image's frame, so a frame that follows the body counts as following it."""
     moved = torch.zeros_like(image)
     moved[..., shift:] = image[..., :-shift]
     with torch.no_grad():
-        before = model_coordinates(model, image, spacing)[0, ..., :-shift]
-        after = model_coordinates(model, moved, spacing)[0, ..., shift:]
+        before = relative_to_frame(model, model_coordinates(model, image, spacing), image, spacing)[0, ..., :-shift]
+        after = relative_to_frame(model, model_coordinates(model, moved, spacing), image, spacing)[0, ..., shift:]
     half = torch.tensor([(n - 1) / 2 for n in image.shape]).view(3, 1, 1, 1)
     body = (labels > 0)[..., :-shift]
     return float(((after - before) * half).norm(dim=0)[body].mean())
 
 
-def jacobian_stats(raw: torch.Tensor) -> tuple[float, float, float, float]:
-    """det J mean, std and folding fraction (det <= 0) of the raw (unclamped) map, and the share of
-    voxels mapped outside the template cube. The bounded map is flat (det 0) where it is clamped, which
-    is not a fold, so folding is measured on the raw map."""
+def jacobian_stats(raw: torch.Tensor, relative: Optional[torch.Tensor] = None) -> tuple[float, float, float, float]:
+    """det J mean, std and folding fraction (det <= 0) of the raw (unclamped) map, or of ``relative`` (the
+    map relative to its frame, :func:`relative_to_frame`) when given, and the share of voxels ``raw`` maps
+    outside the template cube. The bounded map is flat (det 0) where it is clamped, which is not a fold,
+    so folding is measured on the raw map."""
     scale = [(s - 1) / 2 for s in raw.shape[2:]]
-    det = da.jacobian_det(raw.double(), scale=scale)
+    det = da.jacobian_det((raw if relative is None else relative).double(), scale=scale)
     outside = (raw.abs() > 1).any(dim=1)
     return float(det.mean()), float(det.std()), float((det <= 0).double().mean()), float(outside.double().mean())
 
@@ -156,6 +174,17 @@ def main(argv=None):
     with torch.no_grad():
         raw = [model_coordinates(model, img, args.spacing) for img, _ in subjects]
     coords = [bound_coords(r) for r in raw]
+    frame_coords = None
+    if model.coordnet.frame != "grid":  # where an untrained network with the same frame puts each exam
+        from deepatlas_fast.frame import apply_frame, moment_frame
+        from deepatlas_fast.train import rescale_volume
+
+        def framed(img):
+            model_spacing = float(model.preprocessing.get("spacing") or args.spacing)
+            x = img if abs(model_spacing - args.spacing) < 1e-6 else rescale_volume(img, args.spacing / model_spacing)
+            return bound_coords(apply_frame(moment_frame(x[None, None]), da.identity_coords(img.shape)))
+
+        frame_coords = [framed(img) for img, _ in subjects]
     ref_img, ref_lab = subjects[0]
     rows = []
     template = (args.template,) * 3
@@ -176,10 +205,13 @@ def main(argv=None):
         deformed = warp_labels(deformable, moving_labels)
         t_iterative = t_affine + time.perf_counter() - t0
         labels = range(1, num_labels)
+        if frame_coords is not None:
+            framed_pred, _ = propagate_labels(frame_coords[0], ref_lab, frame_coords[i], num_labels, template_shape=template)
         row = {
             "target": i,
             "deepatlas": mean_dice(dice(pred, lab, labels)),
             "identity": mean_dice(dice(ref_lab, lab, labels)),
+            "frame only": mean_dice(dice(framed_pred, lab, labels)) if frame_coords is not None else None,
             "affine": mean_dice(dice(pulled, lab, labels)),
             "iterative": mean_dice(dice(deformed, lab, labels)),
             "t_deepatlas_s": t_deep,
@@ -192,8 +224,10 @@ def main(argv=None):
               f"affine {row['affine']:.3f} iterative {row['iterative']:.3f} "
               f"({t_deep:.2f} s / {t_affine:.2f} s / {t_iterative:.2f} s)", flush=True)
     print("\n| method | mean Dice | min | max | s per target |\n|---|---|---|---|---|")
-    for method, timing in (("deepatlas", "t_deepatlas_s"), ("identity", None), ("affine", "t_affine_s"),
-                           ("iterative", "t_iterative_s")):
+    methods = [("deepatlas", "t_deepatlas_s"), ("identity", None), ("affine", "t_affine_s"), ("iterative", "t_iterative_s")]
+    if frame_coords is not None:
+        methods.insert(1, ("frame only", None))
+    for method, timing in methods:
         values = [r[method] for r in rows]
         seconds = statistics.mean(r[timing] for r in rows) if timing else 0.0
         print(f"| {method} | {statistics.mean(values):.3f} | {min(values):.3f} | {max(values):.3f} | {seconds:.2f} |")
@@ -201,7 +235,7 @@ def main(argv=None):
     pinning = [grid_pinning(model, img, lab, args.spacing) for img, lab in subjects]
     print(f"\nanatomy shifted by 2 voxels in the field of view: its coordinates move by "
           f"{statistics.mean(pinning):.2f} voxels (0 = they follow the anatomy, 2 = pinned to the grid)")
-    stats = [jacobian_stats(r) for r in raw]
+    stats = [jacobian_stats(r, relative_to_frame(model, r, img, args.spacing)) for r, (img, _) in zip(raw, subjects)]
     print(f"\ndet J of the coordinate maps: mean {statistics.mean(s[0] for s in stats):.3f}, "
           f"std {statistics.mean(s[1] for s in stats):.3f}, folding fraction max {max(s[2] for s in stats):.4f}; "
           f"share of voxels mapped outside the template cube: mean {statistics.mean(s[3] for s in stats):.3f}")

@@ -205,6 +205,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", with_me
     config = dict(obj["model_config"])
     config.setdefault("locate", False)  # model files written before the anchor head existed
     config.setdefault("grid", "corners")  # ... and before the grid option
+    config.setdefault("frame", "grid")  # ... and before the frame option
     model = DeepAtlas(**config)
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     if missing or unexpected:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .coords import identity_coords
+from .frame import FRAMES, apply_frame, moment_frame
 
 __all__ = ["anchor_shift", "bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
 
@@ -161,6 +162,12 @@ class CoordNet(nn.Module):
             voxel ``j`` is input voxel ``j * 2^l`` for every size (:func:`_upsample_strided`). Measured
             on phantoms (800 steps, one seed each), "strided" gave one-shot Dice 0.394 against 0.432, so
             it is not the default.
+        frame: where a fresh network places the exam in the template cube (:mod:`deepatlas_fast.frame`).
+            "grid": the field of view fills the cube (the identity). "moments" (the image's
+            intensity-weighted centre and principal axes, scaled by their spread, onto the cube's centre
+            and axes, :func:`~deepatlas_fast.frame.moment_frame`): the starting map already follows the
+            body's position, size and modest rotations. Every level's identity is replaced by the frame
+            applied to it, so a fresh network returns exactly the frame.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
@@ -185,7 +192,7 @@ class CoordNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, base: int = 16, levels: int = 4, residual_scale: float = 0.01,
-                 locate: bool = True, grid: str = "corners"):
+                 locate: bool = True, grid: str = "corners", frame: str = "grid"):
         super().__init__()
         for name, value, minimum in (("in_channels", in_channels, 1), ("base", base, 1), ("levels", levels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -194,6 +201,9 @@ class CoordNet(nn.Module):
             raise ValueError(f"residual_scale must be a number > 0, got {residual_scale!r}")
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {', '.join(map(repr, FRAMES))}, got {frame!r}")
+        self.frame = frame
         self.in_channels = in_channels
         self.residual_scale = float(residual_scale)
         self.num_levels = levels
@@ -226,11 +236,13 @@ class CoordNet(nn.Module):
         return_levels: bool = False,
         init: Optional[Tensor] = None,
         init_level: Optional[int] = None,
+        frame: Optional[Tensor] = None,
     ):
         """``x [N, in_channels, D, H, W]`` -> coordinates ``[N, 3, D, H, W]`` (float32).
 
         With ``return_levels`` returns ``(coords, [c_coarsest, ..., c_finest_active])`` (raw maps on
-        each active level's grid).
+        each active level's grid). ``frame`` (``[N, 3, 4]``): the value of :meth:`frame_of` when the
+        caller has it already.
         """
         _check_images("x", x, self.in_channels)
         if init is not None and (
@@ -249,13 +261,15 @@ class CoordNet(nn.Module):
             raise ValueError("init_level needs init")
         elif isinstance(init_level, bool) or not isinstance(init_level, int) or not 0 <= init_level <= top:
             raise ValueError(f"init_level must be an int in [0, {top}], got {init_level!r}")
+        if frame is None:
+            frame = self.frame_of(x)
         skips = []
         h = x
         for encoder in self.encoders:
             h = encoder(h)
             skips.append(h)
         shape = skips[top].shape[2:]
-        ident = self._identity(top, shape, x)
+        ident = self._identity(top, shape, x, frame)
         h = self.bottleneck(torch.cat([h, ident.to(h.dtype)], dim=1))
         if self.locator is not None and init is None:
             shift = anchor_shift(self.locator(h).float(), ident)
@@ -270,7 +284,7 @@ class CoordNet(nn.Module):
         for level in range(top - 1, top - levels, -1):
             shape = skips[level].shape[2:]
             disp = self._up(disp, shape)
-            ident = self._identity(level, shape, x) - shift
+            ident = self._identity(level, shape, x, frame) - shift
             if level >= init_level:  # still given by init: the decoder runs for its features only
                 disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
@@ -283,15 +297,25 @@ class CoordNet(nn.Module):
         else:  # through the inactive finer levels, one factor 2 at a time
             for level in range(top - levels, -1, -1):
                 disp = _upsample_strided(disp, skips[level].shape[2:])
-        coords = identity_coords(x.shape[2:], batch=x.shape[0], device=x.device) - shift + disp
+        coords = self._framed(identity_coords(x.shape[2:], batch=x.shape[0], device=x.device), frame) - shift + disp
         if bound:
             coords = bound_coords(coords)
         return (coords, maps) if return_levels else coords
 
-    def _identity(self, level: int, shape: Sequence[int], x: Tensor) -> Tensor:
+    def frame_of(self, x: Tensor) -> Optional[Tensor]:
+        """The exam's frame ``[N, 3, 4]`` (None for the "grid" frame, the identity)."""
+        return moment_frame(x) if self.frame == "moments" else None
+
+    @staticmethod
+    def _framed(ident: Tensor, frame: Optional[Tensor]) -> Tensor:
+        return ident if frame is None else apply_frame(frame, ident)
+
+    def _identity(self, level: int, shape: Sequence[int], x: Tensor, frame: Optional[Tensor]) -> Tensor:
         if self.grid == "corners":
-            return identity_coords(shape, batch=x.shape[0], device=x.device)
-        return _level_identity(shape, x.shape[2:], 2**level, x.shape[0], x.device)
+            ident = identity_coords(shape, batch=x.shape[0], device=x.device)
+        else:
+            ident = _level_identity(shape, x.shape[2:], 2**level, x.shape[0], x.device)
+        return self._framed(ident, frame)
 
     def _up(self, t: Tensor, shape: Sequence[int]) -> Tensor:
         """One level finer (the "corners" geometry resizes straight to ``shape``)."""
@@ -372,7 +396,8 @@ class DeepAtlas(nn.Module):
         preprocessing: free-form dict saved with the model (spacing, intensity normalisation ...),
             for inference.
         residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default
-            True); grid: its levels' geometry (default "corners").
+            True); grid: its levels' geometry (default "corners"); frame: where a fresh network places an
+            exam (default "grid", see :class:`CoordNet`).
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -381,7 +406,8 @@ class DeepAtlas(nn.Module):
 
     ``forward(images, levels=None)`` returns a dict (the one call a DDP wrapper needs):
     ``coords_raw`` ``[N, 3, D, H, W]`` float32 unbounded, ``coords`` (bounded, straight-through),
-    ``features`` ``[N, F + 1, D, H, W]`` float32 (E(x) ++ x, no gradient once frozen) and ``atlas``.
+    ``features`` ``[N, F + 1, D, H, W]`` float32 (E(x) ++ x, no gradient once frozen), ``atlas`` and
+    ``frame`` (``[N, 3, 4]``, :mod:`deepatlas_fast.frame`; None for the "grid" frame).
     """
 
     def __init__(
@@ -396,6 +422,7 @@ class DeepAtlas(nn.Module):
         residual_scale: float = 0.01,
         locate: bool = True,
         grid: str = "corners",
+        frame: str = "grid",
     ):
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 0:
@@ -417,10 +444,11 @@ class DeepAtlas(nn.Module):
             "residual_scale": float(residual_scale),
             "locate": bool(locate),
             "grid": grid,
+            "frame": frame,
         }
         self.in_channels = in_channels
         self.template_shape = template_shape
-        self.coordnet = CoordNet(in_channels, base, levels, residual_scale, locate, grid)
+        self.coordnet = CoordNet(in_channels, base, levels, residual_scale, locate, grid, frame)
         self.features = FeatureNet(in_channels, features, feature_width) if features > 0 else None
         channels = features + in_channels
         # a smooth random pattern: never constant (a constant atlas gives LNCC no gradient at all)
@@ -469,18 +497,40 @@ class DeepAtlas(nn.Module):
     def init_atlas(self, images: Tensor) -> None:
         """Set the atlas to the batch mean of :meth:`feature_stack` resampled onto the template grid
         (the identity map a fresh CoordNet starts from). Call once before coordinate training, and
-        before wrapping in DDP (which then broadcasts rank 0's atlas)."""
-        feats = self.feature_stack(images).mean(dim=0, keepdim=True)
-        self.atlas.copy_(F.interpolate(feats, size=self.template_shape, mode="trilinear", align_corners=True))
+        before wrapping in DDP (which then broadcasts rank 0's atlas).
+
+        With the "moments" frame the exams are splatted into the template at their frame coordinates
+        instead (trilinear weights, normalised); template voxels no exam reaches get the features' mean."""
+        feats = self.feature_stack(images)
+        if self.coordnet.frame == "grid":
+            atlas = F.interpolate(feats.mean(dim=0, keepdim=True), size=self.template_shape, mode="trilinear",
+                                  align_corners=True)
+        else:
+            from .propagate import splat
+
+            coords = bound_coords(self._framed_identity(images))
+            weight, total = splat(coords.flatten(2), feats.flatten(2), self.template_shape)
+            fill = feats.mean(dim=(0, 2, 3, 4)).view(-1, 1, 1, 1)
+            reached = weight > 1e-3 * weight.max().clamp_min(1e-30)
+            atlas = torch.where(reached, total / weight.clamp_min(1e-30), fill)[None]
+        self.atlas.copy_(atlas)
         self.atlas_initialized.fill_(True)
+
+    def _framed_identity(self, images: Tensor) -> Tensor:
+        """Where a fresh CoordNet puts each voxel of ``images``: its frame applied to the identity."""
+        ident = identity_coords(images.shape[2:], batch=images.shape[0], device=images.device)
+        frame = self.coordnet.frame_of(images)
+        return ident if frame is None else apply_frame(frame, ident)
 
     def coordinates(self, images: Tensor, levels: Optional[int] = None) -> Tensor:
         """Bounded template coordinates ``[N, 3, D, H, W]`` of ``images`` (inference helper)."""
         return self.coordnet(images, levels=levels)
 
     def forward(self, images: Tensor, levels: Optional[int] = None) -> dict:
-        raw = self.coordnet(images, levels=levels, bound=False)
+        frame = self.coordnet.frame_of(images)
+        raw = self.coordnet(images, levels=levels, bound=False, frame=frame)
         return {
+            "frame": frame,
             "coords_raw": raw,
             "coords": bound_coords(raw),
             "features": self.feature_stack(images),

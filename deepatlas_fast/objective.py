@@ -21,6 +21,10 @@ similarity features ``f = E(x) ++ x`` (frozen autoencoder features plus the norm
 * ``bound``: ``mean relu(|c_raw| - 1)^2``: the raw map's excursion beyond the template cube (the
   output itself is clamped with a straight-through gradient, see :func:`deepatlas_fast.model.bound_coords`).
 
+With a "moments" frame (:mod:`deepatlas_fast.frame`) ``jacobian``, ``logdet``, ``folding`` and
+``collapse`` see the map taken back through the inverse of the exam's frame (the deformation the
+network adds to the frame): the frame's own scale and rotation cost nothing.
+
 Trivial solutions and their guards: collapse to a point -> ``collapse`` and ``logdet``; intensity
 look-up (each voxel sent to an atlas location of like intensity, spatially incoherent) -> it needs
 folds and wildly varying det J, which ``jacobian`` and ``folding`` price; leaving the cube -> ``bound``.
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .coords import identity_coords
+from .frame import apply_frame, invert_frame
 from .stock import get_ops
 
 __all__ = [
@@ -283,10 +288,13 @@ def deepatlas_loss(
             )
         else:
             terms["implicit"], valid_fraction = zero, zero
-        jac = jacobian_terms(raw, weights, ops) if (weights.jacobian or weights.logdet or weights.folding) else None
+        # the regularisers measure the map relative to the exam's frame (the identity for "grid")
+        frame = outputs.get("frame")
+        rel = raw if frame is None else apply_frame(invert_frame(frame), raw)
+        jac = jacobian_terms(rel, weights, ops) if (weights.jacobian or weights.logdet or weights.folding) else None
         for name in ("jacobian", "logdet", "folding"):
             terms[name] = jac[name] if jac is not None and getattr(weights, name) > 0 else zero
-        terms["collapse"] = collapse_term(raw, weights.collapse_ratio) if weights.collapse > 0 else zero
+        terms["collapse"] = collapse_term(rel, weights.collapse_ratio) if weights.collapse > 0 else zero
         terms["bound"] = bound_term(raw) if weights.bound > 0 else zero
         total = sum(getattr(weights, name) * terms[name] for name in TERMS)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:

@@ -115,6 +115,12 @@ class TrainConfig:
         grad_accumulation: micro-batches per optimiser step (1).
         lr: AdamW learning rate of the coordinate stages (1e-3); ``atlas_lr`` that of the atlas volume
             (``None`` = ``lr``); ``weight_decay`` AdamW decay of the network (not the atlas) (1e-4).
+        atlas_momentum: ``None`` (default): the atlas is a parameter trained by the objective's
+            gradient. A number in [0, 1): the atlas is instead a running mean of the exams themselves,
+            after every step ``atlas = m * atlas + (1 - m) * mean`` where ``mean`` is the step's exam
+            features splatted into the template at their coordinates (template voxels the step's exams
+            reach with less than half a voxel's weight each keep their value); the atlas then gets no
+            gradient (:func:`update_atlas`).
         warmup_steps: linear learning-rate warm-up at the start of every stage (20).
         grad_clip: gradient-norm clipping (1.0; 0 disables).
         amp: ``"auto"`` (bf16 autocast on a GPU that supports it, off on CPU) | ``"bf16"`` | ``"off"``.
@@ -137,6 +143,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     lr: float = 1e-3
     atlas_lr: Optional[float] = None
+    atlas_momentum: Optional[float] = None
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -191,6 +198,10 @@ class TrainConfig:
         self.grad_accumulation = _int(self.grad_accumulation, "config.grad_accumulation", minimum=1)
         self.lr = _float(self.lr, "config.lr", positive=True)
         self.atlas_lr = None if self.atlas_lr is None else _float(self.atlas_lr, "config.atlas_lr", positive=True)
+        if self.atlas_momentum is not None:
+            self.atlas_momentum = _float(self.atlas_momentum, "config.atlas_momentum", minimum=0.0)
+            if not self.atlas_momentum < 1.0:
+                raise ConfigError(f"config.atlas_momentum must be in [0, 1) or null, got {self.atlas_momentum!r}")
         self.weight_decay = _float(self.weight_decay, "config.weight_decay", minimum=0.0)
         self.warmup_steps = _int(self.warmup_steps, "config.warmup_steps", minimum=0)
         self.grad_clip = _float(self.grad_clip, "config.grad_clip", minimum=0.0)
@@ -522,6 +533,35 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
         self.pending.clear()
+
+
+@torch.no_grad()
+def update_atlas(model, coords: list, features: list, momentum: float, world: int = 1) -> None:
+    """Move ``model.atlas`` towards the mean of exams splatted at their coordinates (running mean).
+
+    ``coords``/``features``: the step's ``[N, 3, *S]`` bounded coordinates and ``[N, C, *S]`` features
+    (one entry per micro-batch). Under DDP the splatted sums are all-reduced, so every rank keeps the
+    same atlas. Template voxels with less than half a voxel's weight per exam keep their value.
+    """
+    import torch.distributed as dist
+
+    from .propagate import splat
+
+    atlas = model.atlas
+    weight = torch.zeros(1, *atlas.shape[2:], device=atlas.device)
+    total = torch.zeros(atlas.shape[1], *atlas.shape[2:], device=atlas.device)
+    exams = torch.zeros((), device=atlas.device)
+    for c, f in zip(coords, features):
+        w, t = splat(c.flatten(2), f.flatten(2), atlas.shape[2:])
+        weight += w
+        total += t
+        exams += c.shape[0]
+    if world > 1:
+        for value in (weight, total, exams):
+            dist.all_reduce(value)
+    reached = weight > 0.5 * exams
+    mean = total / weight.clamp_min(1e-12)
+    atlas.copy_(torch.where(reached, momentum * atlas[0] + (1.0 - momentum) * mean, atlas[0])[None])
 
 
 class _LossModule(torch.nn.Module):
@@ -955,12 +995,15 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     feature_params = list(model.features.parameters()) if model.features is not None else []
     net_params = [p for n, p in model.named_parameters() if not n.startswith("features.") and n != "atlas"]
     coord_params = net_params + [model.atlas]
+    if config.atlas_momentum is not None:  # a running mean, not a trained parameter
+        model.atlas.requires_grad_(False)
+        coord_params = net_params
     feat_opt = torch.optim.AdamW(feature_params, lr=config.feature_lr, weight_decay=0.0) if feature_params else None
     coord_opt = torch.optim.AdamW(
         [
             {"params": net_params, "weight_decay": config.weight_decay, "lr_scale": 1.0},
             {"params": [model.atlas], "weight_decay": 0.0, "lr_scale": (config.atlas_lr or config.lr) / config.lr},
-        ],
+        ][: 2 if config.atlas_momentum is None else 1],
         lr=config.lr,
     )
 
@@ -1002,6 +1045,15 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     wrappers: dict = {}
     model_levels = _model_levels(model)
 
+    seen: dict = {"coords": [], "features": []}  # this step's maps, for a running-mean atlas
+
+    def coordinate_loss(m, x, levels):
+        outputs = m(x, levels=levels)
+        if config.atlas_momentum is not None:
+            seen["coords"].append(outputs["coords"].detach().float())
+            seen["features"].append(outputs["features"].detach().float())
+        return deepatlas_loss(m, x, weights, ops=ops, levels=levels, outputs=outputs)
+
     def wrapper_for(phase: str, stage: Optional[Stage]):
         """The loss module of a phase (DDP-wrapped under torchrun). One wrapper lives at a time: two
         live DDP wrappers over the same parameters would both reduce; a dropped one unhooks itself."""
@@ -1014,7 +1066,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                     _as_terms(reconstruction_loss(m, x, generator=generator), "reconstruction")))
                 wrappers[key] = distributed(module, find_unused=False)
             else:
-                module = _LossModule(model, lambda m, x, levels: deepatlas_loss(m, x, weights, ops=ops, levels=levels))
+                module = _LossModule(model, coordinate_loss)
                 # inactive decoder levels (coarse stages) and a zero-weight atlas get no gradient
                 partial = levels is not None and model_levels is not None and levels < model_levels
                 wrappers[key] = distributed(module, find_unused=partial or weights.explicit == 0)
@@ -1161,6 +1213,8 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 module = None  # drop the previous phase's wrapper before building the next
                 module = wrapper_for(phase, stage)
                 optimizer.zero_grad(set_to_none=True)
+                seen["coords"].clear()
+                seen["features"].clear()
                 step_loss = torch.zeros((), dtype=torch.float64)
                 step_terms: dict = {}
                 for micro in range(config.grad_accumulation):
@@ -1190,6 +1244,8 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 grad_norm = float(grad_norm)
                 if math.isfinite(grad_norm) and bool(torch.isfinite(step_loss)):
                     optimizer.step()
+                    if phase != "features" and config.atlas_momentum is not None:
+                        update_atlas(model, seen["coords"], seen["features"], config.atlas_momentum, world)
                     consecutive_skips = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)

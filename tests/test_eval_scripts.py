@@ -24,9 +24,9 @@ def _script(name: str):
     return module
 
 
-def _tiny_model(path: Path, spacing: float) -> Path:
+def _tiny_model(path: Path, spacing: float, frame: str = "grid") -> Path:
     torch.manual_seed(0)
-    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8))
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8), frame=frame)
     save_model(path, model, preprocessing={"spacing": spacing, "modality": "ct"})
     return path
 
@@ -59,9 +59,10 @@ def test_model_runs_at_its_own_spacing_and_coordinates_come_back_on_the_eval_gri
 
 
 @pytest.mark.slow
-def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys):
+@pytest.mark.parametrize("frame", ["grid", "moments"])
+def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys, frame):
     one_shot = _script("one_shot_dice")
-    model = _tiny_model(tmp_path / "model.pt", spacing=32.0)
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0, frame=frame)
     rows = one_shot.main(["--model", str(model), "--phantoms", "3", "--spacing", "32", "--template", "12"])
     assert len(rows) == 2
     for row in rows:
@@ -69,6 +70,11 @@ def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys):
             assert 0.0 <= row[method] <= 1.0
     out = capsys.readouterr().out
     assert "| deepatlas |" in out and "folding fraction max 0.0000" in out
+    if frame == "moments":  # an untrained network is its frame: same Dice, det J 1 relative to the frame
+        assert all(row["frame only"] == pytest.approx(row["deepatlas"], abs=1e-9) for row in rows)
+        assert "det J of the coordinate maps: mean 1.000" in out
+    else:
+        assert "| frame only |" not in out
 
 
 @pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")

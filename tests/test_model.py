@@ -97,7 +97,7 @@ def test_deepatlas_forward_config_and_round_trip():
     assert model.atlas.std() > 0  # never a constant atlas
     x = torch.rand(2, 1, 10, 10, 10, generator=g(5))
     out = model(x)
-    assert set(out) == {"coords_raw", "coords", "features", "atlas"}
+    assert set(out) == {"coords_raw", "coords", "features", "atlas", "frame"} and out["frame"] is None
     assert out["features"].shape == (2, 4, 10, 10, 10)
     torch.testing.assert_close(out["features"][:, 3:], x)  # last channel: the intensity
     _perturb(model.coordnet.heads, 0.05)

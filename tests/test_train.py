@@ -55,6 +55,8 @@ def test_config_partial_yaml_keeps_defaults(tmp_path):
         ({"lr": "fast"}, r"config.lr must be a number"),
         ({"augment": "yes"}, r"config.augment must be true or false"),
         ({"model": [1, 2]}, r"config.model must be a mapping"),
+        ({"atlas_momentum": 1.0}, r"config.atlas_momentum must be in \[0, 1\)"),
+        ({"atlas_momentum": -0.5}, r"config.atlas_momentum must be >= 0"),
     ],
 )
 def test_config_errors_name_the_key(data, match):
@@ -294,6 +296,45 @@ def test_intensity_only_model_stock_ops_accumulation(tmp_path):
     rows = _rows(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 3 and "reconstruction" not in rows[0]
     assert all(float(r["grad_norm"]) > 0 for r in rows)
+
+
+def test_update_atlas_moves_reached_voxels_towards_the_splatted_exams():
+    from deepatlas_fast.coords import identity_coords
+    from deepatlas_fast.model import DeepAtlas
+    from deepatlas_fast.train import update_atlas
+
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(6, 7, 5))
+    before = model.atlas.detach().clone()
+    features = torch.rand(2, 1, 6, 7, 5, generator=torch.Generator().manual_seed(1))
+    coords = identity_coords((6, 7, 5), batch=3)
+    coords[1:, 0] = -5.0  # two exams land outside the template: they add nothing
+    features = torch.cat([features, features[:1]])
+    update_atlas(model, [coords[:1], coords[1:]], [features[:1], features[1:]], momentum=0.25)
+    # exam 1 alone reaches each voxel with weight 1 < 0.5 per exam x 3 exams: nothing moves
+    torch.testing.assert_close(model.atlas.detach(), before)
+    update_atlas(model, [coords[:1]], [features[:1]], momentum=0.25)
+    torch.testing.assert_close(model.atlas.detach(), 0.25 * before + 0.75 * features[:1])
+
+
+def test_running_mean_atlas_gets_no_gradient_and_follows_the_exams(tmp_path):
+    from deepatlas_fast.checkpoint import load_model
+    from deepatlas_fast.train import train
+
+    config = tiny_config(model=dict(tiny_config()["model"], features=0, frame="moments"), feature_steps=0,
+                         stages=[{"steps": 3, "size": 16}], log_every=1, atlas_momentum=0.5)
+    atlases = []
+    for steps in (1, 3):
+        out = tmp_path / f"run{steps}"
+        result = train(TrainConfig.from_dict(config), phantoms=2, out_dir=out, max_steps=steps, quiet=True)
+        assert result.step == steps
+        model = load_model(out / "model.pt")
+        assert model.coordnet.frame == "moments"
+        atlases.append(model.atlas.detach())
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        groups = state["optimizers"]["coords"]["param_groups"]
+        assert len(groups) == 1  # the atlas is not an optimised parameter
+    assert torch.isfinite(atlases[1]).all()
+    assert not torch.allclose(atlases[0], atlases[1])  # ... but it moves with the exams
 
 
 def test_max_minutes_stops_and_checkpoints(tmp_path):
