@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--levels", type=int, default=4, help="CoordNet levels (default 4)")
     p.add_argument("--features", type=int, default=8, help="autoencoder channels (default 8)")
     p.add_argument("--template", type=int, default=64, help="template cube side (default 64)")
+    p.add_argument("--frame", default="moments", choices=["moments", "grid"],
+                   help="CoordNet frame (default moments, what train uses)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case, after one warm-up (default 3)")
     p.add_argument("--loss-side", dest="loss_side", action="store_true", default=True,
                    help="also time the loss side alone (objective fwd+bwd from fixed network outputs; default on)")
@@ -79,7 +81,7 @@ class Case:
     def __init__(self, args, device, checkpointing: bool):
         torch.manual_seed(0)
         self.model = DeepAtlas(base=args.base, levels=args.levels, features=args.features,
-                               template_shape=(args.template,) * 3).to(device)
+                               template_shape=(args.template,) * 3, frame=args.frame).to(device)
         self.model.freeze_features()
         if checkpointing:
             enable_activation_checkpointing(self.model)
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
         f"- device: {name}",
         f"- torch {torch.__version__}, deepatlas-fast {deepatlas_fast.__version__}, "
         f"date {datetime.date.today().isoformat()}",
-        f"- model: CoordNet base {args.base}, {args.levels} levels; autoencoder {args.features} channels (frozen); "
+        f"- model: CoordNet base {args.base}, {args.levels} levels, {args.frame} frame; autoencoder {args.features} channels (frozen); "
         f"template {args.template}^3; batch {args.batch}; AdamW + clipping; default LossWeights",
         f"- backends (fused): " + ", ".join(f"{op}={deepatlas_fast.get_backend(op, device.type)}"
                                              for op in ("sample", "lncc", "jacobian_var", "invert")),

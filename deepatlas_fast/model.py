@@ -397,7 +397,7 @@ class DeepAtlas(nn.Module):
             for inference.
         residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default
             True); grid: its levels' geometry (default "corners"); frame: where a fresh network places an
-            exam (default "grid", see :class:`CoordNet`).
+            exam (default "grid", see :class:`CoordNet`; ``train``'s default configuration uses "moments").
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -519,8 +519,7 @@ class DeepAtlas(nn.Module):
     def _framed_identity(self, images: Tensor) -> Tensor:
         """Where a fresh CoordNet puts each voxel of ``images``: its frame applied to the identity."""
         ident = identity_coords(images.shape[2:], batch=images.shape[0], device=images.device)
-        frame = self.coordnet.frame_of(images)
-        return ident if frame is None else apply_frame(frame, ident)
+        return self.coordnet._framed(ident, self.coordnet.frame_of(images))
 
     def coordinates(self, images: Tensor, levels: Optional[int] = None) -> Tensor:
         """Bounded template coordinates ``[N, 3, D, H, W]`` of ``images`` (inference helper)."""

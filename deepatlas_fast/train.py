@@ -86,7 +86,8 @@ def _default_stages() -> list:
 
 
 def _default_model() -> dict:
-    return {"base": 16, "levels": 4, "features": 4, "feature_width": 16, "template_shape": [32, 32, 32]}
+    return {"base": 16, "levels": 4, "features": 4, "feature_width": 16, "template_shape": [32, 32, 32],
+            "frame": "moments"}
 
 
 @dataclass
@@ -106,8 +107,9 @@ class TrainConfig:
             generator's native spacing ``384 / max(D, H)`` mm ((64, 64, 64): 6 mm, 384 mm); they are
             generated directly at ``spacing``.
         model: keyword arguments of :class:`deepatlas_fast.model.DeepAtlas` (default: base 16,
-            4 levels, 4 feature channels, width 16, template 32^3; a partial mapping overrides just its
-            keys).
+            4 levels, 4 feature channels, width 16, template 32^3, the "moments" frame; a partial mapping
+            overrides just its keys). ``frame: grid`` trains the earlier field-of-view frame (one-shot
+            Dice on held-out phantoms after 800 steps, two seeds: "moments" 0.461 / 0.451, "grid" 0.405 / 0.401).
         loss: fields of :class:`deepatlas_fast.objective.LossWeights` ({} = its defaults).
         feature_steps: autoencoder pretraining steps before the coordinate stages (then frozen) (50).
         feature_lr: learning rate of the autoencoder pretraining (1e-3).
@@ -885,6 +887,8 @@ def train(
         if not checkpoint_path.is_file():
             raise ValueError(f"resume: {str(out_dir)!r} holds no checkpoint.pt to resume from")
         state = ckpt.load_checkpoint(checkpoint_path)
+        if isinstance(state["config"].get("model"), dict):  # runs from before the frame option used the grid
+            state["config"]["model"].setdefault("frame", "grid")
         saved = TrainConfig.from_dict(state["config"], source=f"checkpoint {str(checkpoint_path)!r}")
         if config is None:
             config = saved

@@ -224,6 +224,22 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
 
 
+def test_runs_from_before_the_frame_option_resume_with_the_grid_frame(tmp_path):
+    from deepatlas_fast.checkpoint import load_model
+    from deepatlas_fast.train import train
+
+    config = tiny_config(model=dict(tiny_config()["model"], frame="grid"), stages=[{"steps": 4, "size": 16}])
+    out = tmp_path / "old"
+    train(TrainConfig.from_dict(config), phantoms=2, out_dir=out, quiet=True, max_steps=3)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["model"]["frame"]  # as written before the option existed
+    torch.save(state, out / "checkpoint.pt")
+    assert TrainConfig().model["frame"] == "moments"  # today's default ...
+    result = train(None, out_dir=out, quiet=True, resume=True)
+    assert result.status == "completed"
+    assert load_model(out / "model.pt").coordnet.frame == "grid"  # ... is not forced on an old run
+
+
 def test_resume_from_mid_interval_checkpoint(straight_run, tmp_path):
     """A run that died after its step-3 checkpoint (mid logging interval) resumes from it exactly:
     the metric accumulators come back, and metric rows written after the checkpoint are dropped."""
