@@ -494,13 +494,14 @@ class DeepAtlas(nn.Module):
         return torch.cat([feats.float(), images.float()], dim=1)
 
     @torch.no_grad()
-    def init_atlas(self, images: Tensor) -> None:
+    def init_atlas(self, images: Tensor, frames: Optional[Tensor] = None) -> None:
         """Set the atlas to the batch mean of :meth:`feature_stack` resampled onto the template grid
         (the identity map a fresh CoordNet starts from). Call once before coordinate training, and
         before wrapping in DDP (which then broadcasts rank 0's atlas).
 
         With the "moments" frame the exams are splatted into the template at their frame coordinates
-        instead (trilinear weights, normalised); template voxels no exam reaches get the features' mean."""
+        instead (trilinear weights, normalised; ``frames`` replaces the frames computed from ``images``, as in
+        :meth:`forward`); template voxels no exam reaches get the features' mean."""
         feats = self.feature_stack(images)
         if self.coordnet.frame == "grid":
             atlas = F.interpolate(feats.mean(dim=0, keepdim=True), size=self.template_shape, mode="trilinear",
@@ -508,7 +509,7 @@ class DeepAtlas(nn.Module):
         else:
             from .propagate import splat
 
-            coords = bound_coords(self._framed_identity(images))
+            coords = bound_coords(self._framed_identity(images, frames))
             weight, total = splat(coords.flatten(2), feats.flatten(2), self.template_shape)
             fill = feats.mean(dim=(0, 2, 3, 4)).view(-1, 1, 1, 1)
             reached = weight > 1e-3 * weight.max().clamp_min(1e-30)
@@ -516,17 +517,20 @@ class DeepAtlas(nn.Module):
         self.atlas.copy_(atlas)
         self.atlas_initialized.fill_(True)
 
-    def _framed_identity(self, images: Tensor) -> Tensor:
+    def _framed_identity(self, images: Tensor, frames: Optional[Tensor] = None) -> Tensor:
         """Where a fresh CoordNet puts each voxel of ``images``: its frame applied to the identity."""
         ident = identity_coords(images.shape[2:], batch=images.shape[0], device=images.device)
-        return self.coordnet._framed(ident, self.coordnet.frame_of(images))
+        return self.coordnet._framed(ident, self.coordnet.frame_of(images) if frames is None else frames)
 
     def coordinates(self, images: Tensor, levels: Optional[int] = None) -> Tensor:
         """Bounded template coordinates ``[N, 3, D, H, W]`` of ``images`` (inference helper)."""
         return self.coordnet(images, levels=levels)
 
-    def forward(self, images: Tensor, levels: Optional[int] = None) -> dict:
-        frame = self.coordnet.frame_of(images)
+    def forward(self, images: Tensor, levels: Optional[int] = None, frame: Optional[Tensor] = None) -> dict:
+        """See the class docstring. ``frame [N, 3, 4]`` replaces the frame computed from ``images`` (a
+        training crop gets its whole exam's frame, composed with the crop's geometry)."""
+        if frame is None:
+            frame = self.coordnet.frame_of(images)
         raw = self.coordnet(images, levels=levels, bound=False, frame=frame)
         return {
             "frame": frame,

@@ -475,17 +475,21 @@ class _StageData:
     Subjects are distinct within a batch when there are enough exams.
     """
 
-    def __init__(self, volumes, size, factor, augment, seed, stage_index):
+    def __init__(self, volumes, size, factor, augment, seed, stage_index, frames=False):
         from .data.dataset import ImageDataset
 
         self.size = tuple(size)
         self.volumes = [rescale_volume(v, factor) for v in volumes]
         self.seed = seed
         self.stage_index = stage_index
-        self.dataset = ImageDataset(self.volumes, crop_shape=self.size, augment=augment, seed=seed, normalize=None)
+        self.frames = bool(frames)
+        self.dataset = ImageDataset(self.volumes, crop_shape=self.size, augment=augment, seed=seed, normalize=None,
+                                    whole_frames=self.frames)
 
-    def batch(self, batch_size: int, step: int, rank: int, micro: int) -> torch.Tensor:
-        """``[batch_size, 1, *size]`` float32 crops of training step ``step`` on ``rank``."""
+    def batch(self, batch_size: int, step: int, rank: int, micro: int) -> tuple:
+        """``([batch_size, 1, *size] float32 crops, [batch_size, 3, 4] frames or None)`` of training step
+        ``step`` on ``rank``; the frames (with ``frames=True``) are each exam's whole-volume moments frame
+        composed with its crop's geometry (:class:`~deepatlas_fast.data.dataset.ImageDataset` ``whole_frames``)."""
         key = _seed_for(self.seed, self.stage_index, step, rank, micro)
         gen = torch.Generator().manual_seed(key)
         n = len(self.volumes)
@@ -494,8 +498,10 @@ class _StageData:
         else:
             subjects = torch.randint(0, n, (batch_size,), generator=gen).tolist()
         draws = torch.randint(0, 2**47, (batch_size,), generator=gen).tolist()
-        items = [self.dataset.sample(s, d)["image"] for s, d in zip(subjects, draws)]
-        return torch.stack(items, 0).to(torch.float32)
+        items = [self.dataset.sample(s, d) for s, d in zip(subjects, draws)]
+        images = torch.stack([item["image"] for item in items], 0).to(torch.float32)
+        frames = torch.stack([item["frame"] for item in items], 0) if self.frames else None
+        return images, frames
 
 
 class _Prefetcher:
@@ -516,19 +522,21 @@ class _Prefetcher:
 
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepatlas-crops")
 
-    def make(self, step: int, micro: int) -> torch.Tensor:
-        batch = self.data_of(step).batch(self.batch_size, step, self.rank, micro)
-        return batch.pin_memory() if self.pin else batch
+    def make(self, step: int, micro: int) -> tuple:
+        images, frames = self.data_of(step).batch(self.batch_size, step, self.rank, micro)
+        return images.pin_memory() if self.pin else images, frames
 
-    def get(self, step: int, micro: int) -> torch.Tensor:
-        """``[batch_size, 1, *size]`` on the device for micro-batch ``micro`` of step ``step``."""
+    def get(self, step: int, micro: int) -> tuple:
+        """``(images [batch_size, 1, *size], frames [batch_size, 3, 4] or None)`` on the device for
+        micro-batch ``micro`` of step ``step``."""
         future = self.pending.pop((step, micro), None)
         batch = future.result() if future is not None else self.make(step, micro)
         if self.pool is not None:
             nxt = (step, micro + 1) if micro + 1 < self.accumulation else (step + 1, 0)
             if nxt[0] < self.total_steps and nxt not in self.pending:
                 self.pending[nxt] = self.pool.submit(self.make, *nxt)
-        return batch.to(self.device, non_blocking=self.pin)
+        images, frames = batch
+        return images.to(self.device, non_blocking=self.pin), None if frames is None else frames.to(self.device)
 
     def close(self):
         if self.pool is not None:
@@ -970,7 +978,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     for stage in config.stages:  # built up front: errors surface before training, and threads may read them
         spacing = stage.spacing if stage.spacing is not None else config.spacing
         stage_data.append(_StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed,
-                                     len(stage_data)))
+                                     len(stage_data), frames=config.model.get("frame") == "moments"))
 
     def data_for(stage_index: int) -> _StageData:
         """Crops of ``config.stages[stage_index]``."""
@@ -1051,8 +1059,8 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
 
     seen: dict = {"coords": [], "features": []}  # this step's maps, for a running-mean atlas
 
-    def coordinate_loss(m, x, levels):
-        outputs = m(x, levels=levels)
+    def coordinate_loss(m, x, levels, frame=None):
+        outputs = m(x, levels=levels, frame=frame)
         if config.atlas_momentum is not None:
             seen["coords"].append(outputs["coords"].detach().float())
             seen["features"].append(outputs["features"].detach().float())
@@ -1083,8 +1091,8 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
         if not bool(model.atlas_initialized):
             data = data_for(0)
             count = max(config.batch_size, min(len(volumes), 16))
-            images = data.batch(count, _ATLAS_INIT_KEY, 0, 0).to(dev)
-            model.init_atlas(images)
+            images, frames = data.batch(count, _ATLAS_INIT_KEY, 0, 0)
+            model.init_atlas(images.to(dev), None if frames is None else frames.to(dev))
 
     # ------------------------------------------------------------------------------- run files
     metrics = None
@@ -1222,7 +1230,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 step_loss = torch.zeros((), dtype=torch.float64)
                 step_terms: dict = {}
                 for micro in range(config.grad_accumulation):
-                    batch = batches.get(step, micro)
+                    batch, frames = batches.get(step, micro)
                     sync = contextlib.nullcontext()
                     if world > 1 and micro < config.grad_accumulation - 1:
                         sync = module.no_sync()
@@ -1232,7 +1240,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                                 gen = torch.Generator().manual_seed(_seed_for(config.seed, 99, step, rank, micro))
                                 loss, terms = module(batch, generator=gen)
                             else:
-                                loss, terms = module(batch, levels=stage.levels)
+                                loss, terms = module(batch, levels=stage.levels, frame=frames)
                         (loss.float() / config.grad_accumulation).backward()
                     step_loss += loss.detach().double().cpu() / config.grad_accumulation
                     for k, v in terms.items():

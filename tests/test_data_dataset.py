@@ -199,3 +199,21 @@ def test_bad_inputs():
     uneven = ImageDataset([good, torch.rand(9, 8, 8)], None, augment=False)
     with pytest.raises(ValueError, match="crop_shape"):
         uneven.batch(0)
+
+
+@pytest.mark.parametrize("augment, crop", [(True, (12, 14, 10)), (False, (12, 14, 10)), (False, (24, 30, 22))])
+def test_crops_carry_the_whole_volume_frame_composed_with_their_geometry(augment, crop):
+    from deepatlas_fast.frame import apply_frame, moment_frame
+
+    volumes = [image for image, _ in _subjects(2, (20, 26, 18))]
+    ds = ImageDataset(volumes, crop_shape=crop, augment=augment, normalize=None, return_coords=True,
+                      whole_frames=True, seed=3)
+    for key in range(4):
+        item = ds[(key % 2, key)]
+        whole = moment_frame(ds.volumes[key % 2][None, None])
+        # a crop voxel gets the coordinate the whole volume's frame gives the point it was read from
+        expected = apply_frame(whole, item["coords"][None].double())
+        got = apply_frame(item["frame"][None], da.identity_coords(crop))
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    assert collate([ds[0], ds[1]])["frame"].shape == (2, 3, 4)
+    assert "frame" not in ImageDataset(volumes, crop_shape=crop, normalize=None)[0]

@@ -224,6 +224,28 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
 
 
+def test_moments_training_hands_each_crop_its_whole_exam_frame(tmp_path, monkeypatch):
+    from deepatlas_fast.model import DeepAtlas
+    from deepatlas_fast.train import train
+
+    seen = []
+    original = DeepAtlas.forward
+
+    def spy(self, images, levels=None, frame=None):
+        seen.append((images.detach().clone(), frame))
+        return original(self, images, levels=levels, frame=frame)
+
+    monkeypatch.setattr(DeepAtlas, "forward", spy)
+    config = tiny_config(stages=[{"steps": 2, "size": 12}], phantom_shape=[16, 16, 16], feature_steps=0,
+                         model=dict(tiny_config()["model"], features=0))
+    train(TrainConfig.from_dict(config), phantoms=2, out_dir=tmp_path / "run", quiet=True)
+    assert len(seen) == 2
+    for images, frame in seen:
+        assert frame is not None and frame.shape == (2, 3, 4)
+        # not the frame of the crop's own content (the crop is smaller than the exam)
+        assert not torch.allclose(frame, DeepAtlas(frame="moments").coordnet.frame_of(images), atol=1e-3)
+
+
 def test_runs_from_before_the_frame_option_resume_with_the_grid_frame(tmp_path):
     from deepatlas_fast.checkpoint import load_model
     from deepatlas_fast.train import train
@@ -366,12 +388,19 @@ def test_crops_are_a_function_of_step_and_rank():
     from deepatlas_fast.train import _StageData
 
     volumes = [torch.rand(20, 20, 20) for _ in range(3)]
-    data = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0)
-    again = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0)
-    assert torch.equal(data.batch(2, 5, 0, 0), again.batch(2, 5, 0, 0))
-    assert not torch.equal(data.batch(2, 5, 0, 0), data.batch(2, 5, 1, 0))  # ranks see different crops
-    assert not torch.equal(data.batch(2, 5, 0, 0), data.batch(2, 6, 0, 0))
-    assert data.batch(4, 0, 0, 0).shape == (4, 1, 16, 16, 16)  # more exams than volumes: repeats subjects
+    data = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames=True)
+    again = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames=True)
+
+    def crops(*args):
+        return data.batch(*args)[0]
+
+    assert torch.equal(crops(2, 5, 0, 0), again.batch(2, 5, 0, 0)[0])
+    assert torch.equal(data.batch(2, 5, 0, 0)[1], again.batch(2, 5, 0, 0)[1])  # frames too
+    assert not torch.equal(crops(2, 5, 0, 0), crops(2, 5, 1, 0))  # ranks see different crops
+    assert not torch.equal(crops(2, 5, 0, 0), crops(2, 6, 0, 0))
+    images, frames = data.batch(4, 0, 0, 0)
+    assert images.shape == (4, 1, 16, 16, 16) and frames.shape == (4, 3, 4)  # more exams than volumes: repeats
+    assert _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0).batch(2, 5, 0, 0)[1] is None
 
 
 def test_activation_checkpointing_same_gradients():
@@ -492,13 +521,14 @@ def test_train_step_benchmark_quick_runs_on_cpu(tmp_path):
 def test_prefetching_thread_gives_the_same_batches():
     from deepatlas_fast.train import _Prefetcher, _StageData
 
-    data = _StageData([torch.rand(20, 20, 20) for _ in range(3)], (16, 16, 16), 1.0, True, 0, 0)
+    data = _StageData([torch.rand(20, 20, 20) for _ in range(3)], (16, 16, 16), 1.0, True, 0, 0, frames=True)
     plain = _Prefetcher(lambda step: data, 2, 0, 2, 4, torch.device("cpu"), threaded=False)
     ahead = _Prefetcher(lambda step: data, 2, 0, 2, 4, torch.device("cpu"), threaded=True)
     try:
         for step in range(4):
             for micro in range(2):
-                assert torch.equal(plain.get(step, micro), ahead.get(step, micro))
+                (a, frames_a), (b, frames_b) = plain.get(step, micro), ahead.get(step, micro)
+                assert torch.equal(a, b) and torch.equal(frames_a, frames_b)
         assert not ahead.pending  # nothing fetched past the last step
     finally:
         ahead.close()

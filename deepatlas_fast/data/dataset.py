@@ -122,6 +122,10 @@ class ImageDataset(torch.utils.data.Dataset):
         samples_per_epoch: ``len(dataset)`` (default: the number of volumes).
         return_coords: also return ``"coords"`` ``[3, d, h, w]``: where each sample voxel was read in
             its source volume, normalised [-1, 1] (align_corners=True; D, H, W channel order).
+        whole_frames: also return ``"frame"`` ``[3, 4]``: the "moments" frame of the whole source volume
+            (:func:`~deepatlas_fast.frame.moment_frame`, computed once) composed with the crop's own
+            geometry (offset, rotation, zoom), so a crop is placed in the template as the whole exam
+            places that anatomy, not by the moments of its own content.
     Item ``key``: an int (subject ``key % n``, draw from :meth:`set_epoch`) or ``(subject, draw)``.
     """
 
@@ -145,6 +149,7 @@ class ImageDataset(torch.utils.data.Dataset):
         bias: float = 0.1,
         samples_per_epoch: Optional[int] = None,
         return_coords: bool = False,
+        whole_frames: bool = False,
     ):
         if isinstance(volumes, (Tensor, np.ndarray, Volume)) or not hasattr(volumes, "__len__"):
             raise TypeError("volumes must be a list of Volume objects or [D, H, W] tensors")
@@ -188,6 +193,11 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         self.return_coords = bool(return_coords)
+        self.frames = None
+        if whole_frames:
+            from ..frame import moment_frame
+
+            self.frames = [moment_frame(x[None, None])[0] for x in images]
         self.epoch = 0
         # foreground masks and boxes (random crop centres are foreground voxels)
         self.masks, self.boxes = [], []
@@ -243,6 +253,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.augment:
             image = self._intensity(image, g)
         item = {"image": image[None], "index": subject}
+        if self.frames is not None:
+            item["frame"] = _crop_frame(self.frames[subject], centre, out_shape, matrix, x.shape)
         if labels is not None:
             item["labels"] = labels[None]
         if self.return_coords:
@@ -353,6 +365,20 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.noise > 0:
             image = image + u(0, self.noise) * torch.randn(image.shape, generator=g)
         return image.contiguous()
+
+
+def _crop_frame(frame: Tensor, centre, out_shape, matrix: Optional[Tensor], shape) -> Tensor:
+    """A whole volume's frame ``[3, 4]`` composed with a crop's geometry: the crop's normalised position
+    ``q`` is the volume's normalised position ``A q + b`` (voxel ``p = centre + M (q * (o - 1) / 2)``),
+    so the crop's frame is ``[L A | L b + t]``."""
+    m = matrix if matrix is not None else torch.eye(3, dtype=torch.float64)
+    half = torch.tensor([(n - 1) / 2.0 for n in shape], dtype=torch.float64)
+    inverse = torch.where(half > 0, 1.0 / half.clamp_min(1e-30), torch.zeros_like(half))
+    crop_half = torch.tensor([(o - 1) / 2.0 for o in out_shape], dtype=torch.float64)
+    linear = inverse[:, None] * m * crop_half[None, :]
+    offset = torch.tensor(centre, dtype=torch.float64) * inverse - (half > 0).to(torch.float64)
+    outer = frame.to(torch.float64)
+    return torch.cat([outer[:, :3] @ linear, (outer[:, :3] @ offset + outer[:, 3])[:, None]], dim=1).float()
 
 
 def _crop_pad(x: Tensor, start, out_shape) -> Tensor:
