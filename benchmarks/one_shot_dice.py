@@ -89,19 +89,26 @@ def relabel(labels: torch.Tensor, ids) -> torch.Tensor:
     return lut[labels]
 
 
+def at_model_spacing(model, image: torch.Tensor, spacing: float) -> torch.Tensor:
+    """``image`` (on a ``spacing`` mm grid) area-resampled to the spacing the model was trained at."""
+    from deepatlas_fast.train import rescale_volume
+
+    model_spacing = float(model.preprocessing.get("spacing") or spacing)
+    return image if abs(model_spacing - spacing) < 1e-6 else rescale_volume(image, spacing / model_spacing)
+
+
+def exam_frame(model, image: torch.Tensor, spacing: float):
+    """The frame ``[1, 3, 4]`` the model gives ``image`` (None for the "grid" frame)."""
+    return model.coordnet.frame_of(at_model_spacing(model, image, spacing)[None, None])
+
+
 def model_coordinates(model, image: torch.Tensor, spacing: float) -> torch.Tensor:
     """Raw (unclamped) coordinates ``[1, 3, *image.shape]`` of an image on a ``spacing`` mm grid.
 
     The network runs at the spacing it was trained at (``model.preprocessing["spacing"]``): the image
     is area-downsampled to it and the coordinate map upsampled back (trilinear, half-voxel aligned,
     which matches area downsampling)."""
-    from deepatlas_fast.train import rescale_volume
-
-    model_spacing = float(model.preprocessing.get("spacing") or spacing)
-    x = image
-    if abs(model_spacing - spacing) > 1e-6:
-        x = rescale_volume(image, spacing / model_spacing)
-    raw = network_coordinates(model, x, bound=False)
+    raw = network_coordinates(model, at_model_spacing(model, image, spacing), bound=False)
     if tuple(raw.shape[2:]) != tuple(image.shape):
         raw = F.interpolate(raw, size=tuple(image.shape), mode="trilinear", align_corners=False)
     return raw
@@ -110,14 +117,10 @@ def model_coordinates(model, image: torch.Tensor, spacing: float) -> torch.Tenso
 def relative_to_frame(model, raw: torch.Tensor, image: torch.Tensor, spacing: float) -> torch.Tensor:
     """The map taken back through the inverse of ``image``'s frame (unchanged for the "grid" frame), as
     the objective's regularisers see it: exam-grid units, so det J and displacements read in voxels."""
-    if model.coordnet.frame == "grid":
-        return raw
-    from deepatlas_fast.frame import apply_frame, invert_frame, moment_frame
-    from deepatlas_fast.train import rescale_volume
+    from deepatlas_fast.frame import apply_frame, invert_frame
 
-    model_spacing = float(model.preprocessing.get("spacing") or spacing)
-    x = image if abs(model_spacing - spacing) < 1e-6 else rescale_volume(image, spacing / model_spacing)
-    return apply_frame(invert_frame(moment_frame(x[None, None])), raw)
+    frame = exam_frame(model, image, spacing)
+    return raw if frame is None else apply_frame(invert_frame(frame), raw)
 
 
 def grid_pinning(model, image: torch.Tensor, labels: torch.Tensor, spacing: float, shift: int = 2) -> float:
@@ -176,15 +179,10 @@ def main(argv=None):
     coords = [bound_coords(r) for r in raw]
     frame_coords = None
     if model.coordnet.frame != "grid":  # where an untrained network with the same frame puts each exam
-        from deepatlas_fast.frame import apply_frame, moment_frame
-        from deepatlas_fast.train import rescale_volume
+        from deepatlas_fast.frame import apply_frame
 
-        def framed(img):
-            model_spacing = float(model.preprocessing.get("spacing") or args.spacing)
-            x = img if abs(model_spacing - args.spacing) < 1e-6 else rescale_volume(img, args.spacing / model_spacing)
-            return bound_coords(apply_frame(moment_frame(x[None, None]), da.identity_coords(img.shape)))
-
-        frame_coords = [framed(img) for img, _ in subjects]
+        frame_coords = [bound_coords(apply_frame(exam_frame(model, img, args.spacing), da.identity_coords(img.shape)))
+                        for img, _ in subjects]
     ref_img, ref_lab = subjects[0]
     rows = []
     template = (args.template,) * 3
