@@ -8,9 +8,11 @@ How: with the interpreter off, each backend function is called on small CPU tens
 (outputs stay unwritten, which no host code may depend on: the ops never synchronise). Each distinct
 (kernel, argument types, constexprs, num_warps) is then compiled ahead of time with
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` and the cubin's resource usage read with
-Triton's bundled ``cuobjdump``. This catches what the interpreter cannot: code that does not compile for
-a real GPU, register spills (LOCAL > 0), shared memory beyond the SM. It does not check results.
-Exit status 1 when a kernel fails to compile.
+Triton's bundled ``cuobjdump`` (shared memory from the compile's metadata: it includes the dynamic part,
+software-pipelining buffers and layout conversions). This catches what the interpreter cannot: code that
+does not compile for a real GPU, register spills (stack frame > 0), shared memory beyond what a block may
+use (such a kernel fails to launch). It does not check results.
+Exit status 1 when a kernel fails to compile or needs too much shared memory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TORCH_TO_TRITON = {
     torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
 }
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KiB); more fails to launch
 
 
 def arg_type(value) -> str:
@@ -120,6 +123,15 @@ def exercise_lncc(bt, dtype):
     if dtype == torch.float32:
         for half in (torch.float16, torch.bfloat16):
             bt.lncc(a.to(half), b.to(half), 9, "box", 1e-5, "mean")
+    from deepatlas_fast.kernels import similarity
+
+    before, similarity.INPLANE = similarity.INPLANE, "auto"  # the in-plane passes as matrix products (k <= 11)
+    try:
+        bt.lncc(a, b, 9, "box", 1e-5, "mean")
+        bt.lncc_backward(torch.tensor(1.0, dtype=dtype), a, b, 9, "box", 1e-5, "mean", True, True)
+        bt.lncc_backward(b, a, b, 9, "box", 1e-5, "none", True, False)
+    finally:
+        similarity.INPLANE = before
 
 
 def exercise_jacobian(bt, dtype):
@@ -197,17 +209,24 @@ def main(argv=None) -> int:
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options=options)
             use = resources(compiled.asm["cubin"])
-            rows.append(f"| {label} | {' '.join(dtypes)} | {consts} | {options.get('num_warps', 4)} | {use.get('REG')} "
-                        f"| {use.get('LOCAL')} | {use.get('STACK')} | {use.get('SHARED')} |")
+            shared = compiled.metadata.shared  # static + dynamic (pipelining buffers, layout conversions)
+            over = shared > SHARED_LIMIT
+            failures += over
+            rows.append(f"| {label} | {' '.join(dtypes)} | {consts} | {options.get('num_warps', 4)} "
+                        f"| {options.get('num_stages', 3)} | {use.get('REG')} | {use.get('LOCAL')} | {use.get('STACK')} "
+                        f"| {shared}{' OVER THE LIMIT: fails to launch' if over else ''} |")
         except Exception as error:  # noqa: BLE001 - report every failing kernel, then fail
             failures += 1
-            rows.append(f"| {label} | {' '.join(dtypes)} | {consts} | - | COMPILE FAILED: "
+            rows.append(f"| {label} | {' '.join(dtypes)} | {consts} | - | - | COMPILE FAILED: "
                         f"{type(error).__name__}: {_last_line(error)} ||||")
     table = "\n".join([
         f"Triton {triton.__version__} ahead-of-time compile for sm_90, {len(rows)} kernel variants, {failures} failed.",
         "",
-        "| kernel | pointer dtypes | constexprs | warps | registers | local bytes | stack frame bytes (spills) | shared bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        f"A kernel fails when it does not compile or needs more than {SHARED_LIMIT} bytes of shared memory.",
+        "",
+        "| kernel | pointer dtypes | constexprs | warps | stages | registers | local bytes | stack frame bytes (spills) "
+        "| shared bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         *("", *errors),
     ]) + "\n"

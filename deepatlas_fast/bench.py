@@ -12,6 +12,7 @@ PyTorch eager (and under ``torch.compile`` on a GPU), and the peers that import 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -98,6 +99,28 @@ def _with_backend(name, op_fn):
             return op_fn(*args)
 
     return run
+
+
+def _triton_lncc_variant(inplane: str, available):
+    """The triton lncc with its in-plane passes set to ``inplane`` (kernels/similarity.py INPLANE) for a
+    whole measurement (the backward runs outside the forward's call): {name: fn}, empty without triton."""
+    import deepatlas_fast as da
+
+    if "lncc" not in available.get("triton", []):
+        return {}
+    from .kernels import similarity
+
+    @contextlib.contextmanager
+    def setting():
+        before, similarity.INPLANE = similarity.INPLANE, inplane
+        try:
+            yield
+        finally:
+            similarity.INPLANE = before
+
+    fn = _with_backend("triton", lambda a, b: da.lncc(a, b, 9))
+    fn.context = setting
+    return {f"triton ({inplane} in-plane)": fn}
 
 
 def stock_lncc(a, b, kernel_size=9):
@@ -202,7 +225,8 @@ def build_cases(
                 a = torch.randn(n, c, *shape, generator=gen).to(device)
                 return (a, (a + 0.5 * torch.randn(n, c, *shape, generator=gen).to(device)).contiguous()), ()
 
-            impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9), point), lncc_name: stock_lncc,
+            impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9), point), **_triton_lncc_variant("dot", available),
+                     lncc_name: stock_lncc,
                      **compiled(point, lncc_name, stock_lncc), **peers}
             cases.append(Case("lncc", f"k=9 box {n}x1x{side}³", (n, 1, *shape), 24, make_lncc, impls,
                               reps=5 if side >= 256 else 20, side=side))
@@ -239,7 +263,8 @@ def build_cases(
                 a = torch.randn(2, 16, *shape, generator=gen).to(device)
                 return (a, (a + 0.5 * torch.randn(2, 16, *shape, generator=gen).to(device)).contiguous()), ()
 
-            impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9)), lncc_name: stock_lncc, **peers}
+            impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9)), **_triton_lncc_variant("dot", available),
+                     lncc_name: stock_lncc, **peers}
             cases.append(Case("lncc", f"k=9 box 2x16x{lside}³", (2, 16, *lshape), 24 * 16, make_lncc16, impls,
                               reps=5, side=lside))
     return cases
@@ -367,7 +392,8 @@ def run(
             for name, fn in case.impls.items():
                 if (only and not any(s in name for s in only)) or any(s in name for s in skip):
                     continue
-                rows.append(measure(case, name, fn, device, bandwidth))
+                with getattr(fn, "context", contextlib.nullcontext)():  # a variant's setting, for fwd and bwd
+                    rows.append(measure(case, name, fn, device, bandwidth))
                 echo(json.dumps(rows[-1]))
                 if out is not None:
                     write(out, info, rows)

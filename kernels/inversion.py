@@ -44,7 +44,8 @@ MAX_STEP = tl.constexpr(MAX_NEWTON_STEP_VOXELS)
 TRUSTED = tl.constexpr(SPLAT_WEIGHT_TRUSTED)
 _SINGULAR_FORWARD = tl.constexpr(SINGULAR_FORWARD)
 _SINGULAR_BACKWARD = tl.constexpr(SINGULAR_BACKWARD)
-ATOMICS_PER_ADDRESS = 1024  # same-address atomics per replica of a pyramid level's accumulators
+ATOMICS_PER_ADDRESS = 1024
+CONVERGED_STEP_EPS = tl.constexpr(8.0)  # the C++ kernels' kConvergedStepEps  # same-address atomics per replica of a pyramid level's accumulators
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +57,15 @@ def _linspace(i, size, DTYPE: tl.constexpr):
     """``torch.linspace(-1, 1, size)[i]``, same formula (values agree bit for bit on the CPU)."""
     step = 2.0 / (size - 1).to(DTYPE)
     return tl.where(i < size // 2, -1.0 + step * i.to(DTYPE), 1.0 - step * (size - 1 - i).to(DTYPE))
+
+
+@triton.jit
+def _epsilon(DTYPE: tl.constexpr):
+    """Machine epsilon of the compute dtype."""
+    if DTYPE == tl.float64:
+        return 2.220446049250313e-16
+    else:
+        return 1.1920928955078125e-07
 
 
 @triton.jit
@@ -302,16 +312,30 @@ def _newton_kernel(field_ptr, acc_ptr, coarse_ptr, out_ptr, valid_ptr, tol: tl.f
     m0 = MAX_STEP / ((S0 - 1).to(DTYPE) / 2)
     m1 = MAX_STEP / ((S1 - 1).to(DTYPE) / 2)
     m2 = MAX_STEP / ((S2 - 1).to(DTYPE) / 2)
-    for _ in range(iters):
+    # Per point, the C++ kernels' two early exits (csrc/include/deepatlas_fast/inversion.h, newton_solve):
+    # a step that leaves p unchanged, or one of at most CONVERGED_STEP_EPS machine epsilons on every axis,
+    # is that point's last (later steps would repeat it / only move p within rounding). The block stops
+    # iterating once all its points have stopped: smooth fields need ~4 steps of the default 8.
+    small_step = CONVERGED_STEP_EPS * _epsilon(DTYPE)
+    active = mask
+    it = 0
+    while (it < iters) & (tl.max(active.to(tl.int32), axis=0) > 0):
         v0, v1, v2, j00, j01, j02, j10, j11, j12, j20, j21, j22 = _trilinear_vj(
             field, p0, p1, p2, S0, S1, S2, mask, DTYPE)
         if DISP:
             v0, v1, v2 = v0 + p0, v1 + p1, v2 + p2
             j00, j11, j22 = j00 + 1, j11 + 1, j22 + 1
         s0, s1, s2, _singular = _solve3(j00, j01, j02, j10, j11, j12, j20, j21, j22, v0 - u0, v1 - u1, v2 - u2, False, _SINGULAR_FORWARD)
-        p0 = tl.minimum(tl.maximum(p0 - tl.minimum(tl.maximum(s0, -m0), m0), -1.0), 1.0)
-        p1 = tl.minimum(tl.maximum(p1 - tl.minimum(tl.maximum(s1, -m1), m1), -1.0), 1.0)
-        p2 = tl.minimum(tl.maximum(p2 - tl.minimum(tl.maximum(s2, -m2), m2), -1.0), 1.0)
+        n0 = tl.minimum(tl.maximum(p0 - tl.minimum(tl.maximum(s0, -m0), m0), -1.0), 1.0)
+        n1 = tl.minimum(tl.maximum(p1 - tl.minimum(tl.maximum(s1, -m1), m1), -1.0), 1.0)
+        n2 = tl.minimum(tl.maximum(p2 - tl.minimum(tl.maximum(s2, -m2), m2), -1.0), 1.0)
+        moved = (n0 != p0) | (n1 != p1) | (n2 != p2)
+        small = (tl.abs(s0) <= small_step) & (tl.abs(s1) <= small_step) & (tl.abs(s2) <= small_step)
+        p0 = tl.where(active, n0, p0)
+        p1 = tl.where(active, n1, p1)
+        p2 = tl.where(active, n2, p2)
+        active = active & moved & (small == 0)
+        it += 1
     v0, v1, v2, _j00, _j01, _j02, _j10, _j11, _j12, _j20, _j21, _j22 = _trilinear_vj(
         field, p0, p1, p2, S0, S1, S2, mask, DTYPE)
     if DISP:

@@ -7,11 +7,14 @@ Design (``h = kernel_size // 2``, ``K = kernel_size`` taps, a constexpr; ``w`` t
   planes that it walks through one plane at a time. Nothing is carried from plane to plane, so runs
   have no warm-up and can be short (parallelism comes from tiles x runs x channels).
 * Per plane, the window sums are separable passes over the region: a **z pass** straight from global
-  memory (K loads per input per region voxel, neighbouring planes hit L1/L2), then an **x pass** and
-  a **y pass** through a per-program scratch area (``2 x channels x RH x RW`` values, L1/L2 resident)
-  with a ``tl.debug_barrier`` between a pass's stores and the next pass's loads (the data crosses
-  threads). The z pass builds the moments ``a, b, a^2, b^2, ab`` on the fly from ``a`` and ``b``;
-  no moment volume is ever written.
+  memory (K loads per input per region voxel, neighbouring planes hit L1/L2) that builds the moments
+  ``a, b, a^2, b^2, ab`` on the fly (no moment volume is ever written), then the **x and y passes**
+  (``INPLANE``): as tap sums through a per-program scratch area in global memory with a
+  ``tl.debug_barrier`` between passes ("scratch", the measured default), or ("dot", new, not yet
+  measured on a GPU) as two matrix products with the window's banded matrix, ``by @ (U @ bx)``, on
+  tensor cores (float32 as TF32x3: three TF32 products, ~fp32 accurate; tested against an emulation of
+  the GPU's rounding) with the operands in registers/shared memory: no scratch traffic, no barriers of
+  ours, no scratch buffer (but 255 registers and 130-510 B of spills per thread at k=9).
 * ``_stats_kernel`` finishes the window statistics and, per voxel, either writes the NCC map, adds it
   to a per-program partial sum (``reduction="mean"``: ``-sum(partials) / numel``, deterministic, no
   host sync), or (backward) computes the 3 or 5 **adjoint maps** ``alpha`` = d ncc / d S[.] scaled
@@ -27,8 +30,8 @@ becomes ``a_pad - c`` everywhere (``-c`` outside the volume), and ``var = S[a'^2
 catastrophically in float32 and constant regions give exactly 0. ``alpha_a``, ``alpha_b`` are stored
 in the frame of the channel's mean (one device-side constant per ``(n, c)``, shared by both kernels).
 
-Memory (extra, fp32, 256^3, C=1, k=9). Scratch: programs x 10 R^2 values, ~40 MiB (the GPU launch
-aims at ~2^20 / R^2 programs). Forward: scratch + one partial per program (+ the map for "none").
+Memory (extra, fp32, 256^3, C=1, k=9). Scratch ("scratch" only): programs x 10 R^2 values, ~40 MiB (the
+GPU launch aims at ~2^20 / R^2 programs). Forward: scratch + one partial per program (+ the map for "none").
 Backward: scratch + the adjoint buffer, 3 or 5 channels over a chunk of planes plus an h halo each
 side; the backward runs chunk by chunk along z so that the buffer stays <= ``ALPHA_VOLUMES`` (2)
 volumes (recomputing the moments in each chunk's halo planes): ~2.6 volumes (~170 MiB) in all.
@@ -44,6 +47,15 @@ import triton.language as tl
 
 from ._common import block, compute_dtype, new_empty, tl_dtype
 
+# The in-plane window passes (see _inplane): "scratch", "dot" (banded matrix products), or "auto": "dot" up to
+# DOT_MAX_TAPS taps (32^2 regions), "scratch" above (at 64^2 the products' operands spill 2-3 KB per thread
+# in the sm_90 compile, the scratch passes <= 248 B: benchmarks/results/2026-11-27-triton-sm90-resources.md).
+# "scratch" stays the default until the GPU report (which times both) has measured "dot"; then "auto".
+INPLANE = "scratch"
+DOT_MAX_TAPS = 11
+# No software pipelining of the plane loop: it would multi-buffer the K unrolled tap loads of both inputs in
+# shared memory (172-393 KB per block with the default 3 stages, over an H100's 227 KB: no launch).
+STAGES = 1
 ALPHA_VOLUMES = 2  # the backward adjoint buffer stays below this many input volumes ...
 MIN_CHUNK = 32  # ... unless the chunk would be shorter than this many planes (small volumes)
 
@@ -164,18 +176,58 @@ def _pass(src, prm_ptr, STEP: tl.constexpr, NCH: tl.constexpr,
 
 
 @triton.jit
-def _inplane(scr, u0, u1, u2, u3, u4, prm_ptr, NCH: tl.constexpr,
-             K: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, DT: tl.constexpr):
-    """x- then y-window sums of NCH region-shaped channels, through the program's scratch (the
-    barriers make one pass's stores visible to the other threads of the program)."""
-    loc = tl.arange(0, RH)[:, None] * RW + tl.arange(0, RW)[None, :]
-    _put(scr, loc, RH * RW, loc >= 0, u0, u1, u2, u3, u4, NCH)
-    tl.debug_barrier()
-    u0, u1, u2, u3, u4 = _pass(scr, prm_ptr, 1, NCH, K, RH, RW, DT)
-    scr = scr + NCH * RH * RW
-    _put(scr, loc, RH * RW, loc >= 0, u0, u1, u2, u3, u4, NCH)
-    tl.debug_barrier()
-    return _pass(scr, prm_ptr, RW, NCH, K, RH, RW, DT)
+def _bands(prm_ptr, K: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
+    """The window as banded matrices: x pass ``U @ bx`` (``bx[i, j] = w[i - j + h]``), y pass ``by @ U``
+    (``by[i, j] = w[j - i + h]``); zero outside the band, so sums stop at the region's edges (whose
+    outputs every caller masks)."""
+    i = tl.arange(0, RW)[:, None] - tl.arange(0, RW)[None, :] + K // 2
+    bx = tl.load(prm_ptr + tl.minimum(tl.maximum(i, 0), K - 1), mask=(i >= 0) & (i < K), other=0.0)
+    j = tl.arange(0, RH)[None, :] - tl.arange(0, RH)[:, None] + K // 2
+    by = tl.load(prm_ptr + tl.minimum(tl.maximum(j, 0), K - 1), mask=(j >= 0) & (j < K), other=0.0)
+    return bx, by
+
+
+@triton.jit
+def _window_xy(u, bx, by, PREC: tl.constexpr):
+    """x- then y-window sums of one region-shaped channel, as two matrix products."""
+    return tl.dot(by, tl.dot(u, bx, input_precision=PREC), input_precision=PREC)
+
+
+@triton.jit
+def _inplane(scr, bx, by, u0, u1, u2, u3, u4, prm_ptr, NCH: tl.constexpr, INPLANE: tl.constexpr,
+             PREC: tl.constexpr, K: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, DT: tl.constexpr):
+    """x- then y-window sums of NCH region-shaped channels. INPLANE "dot": banded matrix products in
+    registers (the compiler moves the operands through shared memory); "scratch": tap sums through the
+    program's scratch area in global memory (the barriers make one pass's stores visible to the other
+    threads of the program)."""
+    if INPLANE == "dot":
+        u0 = _window_xy(u0, bx, by, PREC)
+        u1 = _window_xy(u1, bx, by, PREC)
+        u2 = _window_xy(u2, bx, by, PREC)
+        if NCH == 5:
+            u3 = _window_xy(u3, bx, by, PREC)
+            u4 = _window_xy(u4, bx, by, PREC)
+        return u0, u1, u2, u3, u4
+    else:
+        loc = tl.arange(0, RH)[:, None] * RW + tl.arange(0, RW)[None, :]
+        _put(scr, loc, RH * RW, loc >= 0, u0, u1, u2, u3, u4, NCH)
+        tl.debug_barrier()
+        u0, u1, u2, u3, u4 = _pass(scr, prm_ptr, 1, NCH, K, RH, RW, DT)
+        scr = scr + NCH * RH * RW
+        _put(scr, loc, RH * RW, loc >= 0, u0, u1, u2, u3, u4, NCH)
+        tl.debug_barrier()
+        return _pass(scr, prm_ptr, RW, NCH, K, RH, RW, DT)
+
+
+@triton.jit
+def _inplane_setup(scr_ptr, slot, prm_ptr, INPLANE: tl.constexpr, K: tl.constexpr, RH: tl.constexpr,
+                   RW: tl.constexpr):
+    """What ``_inplane`` needs: the band matrices ("dot") or this program's scratch slot ("scratch")."""
+    if INPLANE == "dot":
+        bx, by = _bands(prm_ptr, K, RH, RW)
+        return scr_ptr, bx, by
+    else:
+        return scr_ptr + (K // 2) * (RW + 1) + slot * (10 * RH * RW), 0.0, 0.0
 
 
 @triton.jit
@@ -198,12 +250,12 @@ def _stats_kernel(a_ptr, b_ptr, prm_ptr, mu_ptr, g_ptr, out_ptr, scr_ptr,
                   D, H, W, n_tx, z_lo, z_hi, z_step, P,
                   K: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ADJOINT: tl.constexpr,
                   MEAN: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr, NA: tl.constexpr,
-                  DT: tl.constexpr):
+                  INPLANE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     """Window statistics at planes [z_lo, z_hi). Forward: NCC map (or per-program partial sums when
     MEAN) into out. ADJOINT: the adjoint channels [ab, (a, aa), (b, bb)] into out, a buffer of P
     planes per channel whose plane 0 is z_lo."""
     nc, HW, base, off, inside, valid, z0, z1, slot = _program(n_tx, D, H, W, z_lo, z_hi, z_step, K, RH, RW)
-    scr = scr_ptr + (K // 2) * (RW + 1) + slot * (10 * RH * RW)
+    scr, bx, by = _inplane_setup(scr_ptr, slot, prm_ptr, INPLANE, K, RH, RW)
     ca = _region_mean(a_ptr + _plane(base, z0, HW) + off, inside, DT)
     cb = _region_mean(b_ptr + _plane(base, z0, HW) + off, inside, DT)
     volume = tl.load(prm_ptr + K)
@@ -217,7 +269,7 @@ def _stats_kernel(a_ptr, b_ptr, prm_ptr, mu_ptr, g_ptr, out_ptr, scr_ptr,
     acc = tl.zeros([RH, RW], DT)
     for z in range(z0, z1):
         sa, sb, saa, sbb, sab = _moments_z(a_ptr, b_ptr, base, off, inside, z, D, HW, ca, cb, prm_ptr, K, RH, RW, DT)
-        sa, sb, saa, sbb, sab = _inplane(scr, sa, sb, saa, sbb, sab, prm_ptr, 5, K, RH, RW, DT)
+        sa, sb, saa, sbb, sab = _inplane(scr, bx, by, sa, sb, saa, sbb, sab, prm_ptr, 5, INPLANE, PREC, K, RH, RW, DT)
         ma = sa / volume
         mb = sb / volume
         var_a = saa - ma * sa
@@ -257,17 +309,18 @@ def _stats_kernel(a_ptr, b_ptr, prm_ptr, mu_ptr, g_ptr, out_ptr, scr_ptr,
 def _grad_kernel(al_ptr, a_ptr, b_ptr, prm_ptr, mu_ptr, ga_ptr, gb_ptr, scr_ptr,
                  D, H, W, n_tx, z_lo, z_hi, z_step, p0, p1, P,
                  K: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, NEED_A: tl.constexpr,
-                 NEED_B: tl.constexpr, NA: tl.constexpr, DT: tl.constexpr):
+                 NEED_B: tl.constexpr, NA: tl.constexpr, INPLANE: tl.constexpr, PREC: tl.constexpr,
+                 DT: tl.constexpr):
     """Gradients at planes [z_lo, z_hi) from the adjoint buffer holding planes [p0, p1)."""
     nc, HW, base, off, inside, valid, z0, z1, slot = _program(n_tx, D, H, W, z_lo, z_hi, z_step, K, RH, RW)
-    scr = scr_ptr + (K // 2) * (RW + 1) + slot * (10 * RH * RW)
+    scr, bx, by = _inplane_setup(scr_ptr, slot, prm_ptr, INPLANE, K, RH, RW)
     a0 = tl.load(mu_ptr + 2 * nc)
     b0 = tl.load(mu_ptr + 2 * nc + 1)
     al_base = nc * NA * P * HW
     for z in range(z0, z1):
         u0, u1, u2, u3, u4 = _adjoints_z(al_ptr, al_base, off, inside, z, p0, p1, HW, P * HW, prm_ptr,
                                          NA, K, RH, RW, DT)
-        w_ab, w_x, w_xx, w_y, w_yy = _inplane(scr, u0, u1, u2, u3, u4, prm_ptr, NA, K, RH, RW, DT)
+        w_ab, w_x, w_xx, w_y, w_yy = _inplane(scr, bx, by, u0, u1, u2, u3, u4, prm_ptr, NA, INPLANE, PREC, K, RH, RW, DT)
         vox = _plane(base, z, HW) + off
         ap = tl.load(a_ptr + vox, mask=valid, other=0.0).to(DT) - a0
         bp = tl.load(b_ptr + vox, mask=valid, other=0.0).to(DT) - b0
@@ -318,6 +371,7 @@ class _Plan:
         self.n_ty = -(-self.h // (self.rh - 2 * half))
         self.n_tx = -(-self.w // (self.rw - 2 * half))
         self.warps = max(1, min(16, self.rh * self.rw // 256))  # 8 values per thread
+        self.inplane = INPLANE if INPLANE != "auto" else ("dot" if kernel_size <= DOT_MAX_TAPS else "scratch")
 
     def runs(self, planes: int) -> tuple[int, tuple[int, int, int]]:
         """(planes per program, grid) for a run of ``planes`` planes: on the GPU about 2^20 / R^2
@@ -327,9 +381,18 @@ class _Plan:
         return z_step, (tiles, -(-planes // z_step), self.nc)
 
     def scratch(self, grids, dtype, device) -> torch.Tensor:
+        """The programs' scratch areas (in-plane mode "scratch"; a placeholder for "dot")."""
+        if self.inplane == "dot":
+            return new_empty((1,), dtype=dtype, device=device)
         programs = max(g[0] * g[1] * g[2] for g in grids)
         slack = self.half * (self.rw + 1)  # see _pass
         return new_empty((programs * 10 * self.rh * self.rw + 2 * slack,), dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 window sums on tensor cores as three TF32 products (hi*hi +
+    hi*lo + lo*hi, ~fp32 accuracy; plain TF32 would round the moments to 11 bits); float64 exact."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def _stats(plan, k, a, b, prm, mu, g, out, scr, z_lo, z_hi, P=1, *, adjoint=False, mean=False, need=(False, False), na=3):
@@ -337,7 +400,8 @@ def _stats(plan, k, a, b, prm, mu, g, out, scr, z_lo, z_hi, P=1, *, adjoint=Fals
     _stats_kernel[grid](
         a, b, prm, mu, g, out, scr, plan.d, plan.h, plan.w, plan.n_tx, z_lo, z_hi, z_step, P,
         K=k, RH=plan.rh, RW=plan.rw, ADJOINT=adjoint, MEAN=mean, NEED_A=need[0], NEED_B=need[1],
-        NA=na, DT=tl_dtype(prm.dtype), num_warps=plan.warps,
+        NA=na, INPLANE=plan.inplane, PREC=_precision(prm.dtype), DT=tl_dtype(prm.dtype), num_warps=plan.warps,
+        num_stages=STAGES,
     )
 
 
@@ -378,7 +442,7 @@ def lncc_backward(grad, a, b, kernel_size: int, kernel: str, eps: float, reducti
         z_step, grid = plan.runs(z1 - z0)
         _grad_kernel[grid](
             alpha, a, b, prm, mu, grad_a, grad_b, scr, plan.d, plan.h, plan.w, plan.n_tx, z0, z1, z_step, p0, p1, P,
-            K=kernel_size, RH=plan.rh, RW=plan.rw, NEED_A=need_a, NEED_B=need_b, NA=na, DT=tl_dtype(dtype),
-            num_warps=plan.warps,
+            K=kernel_size, RH=plan.rh, RW=plan.rw, NEED_A=need_a, NEED_B=need_b, NA=na, INPLANE=plan.inplane,
+            PREC=_precision(dtype), DT=tl_dtype(dtype), num_warps=plan.warps, num_stages=STAGES,
         )
     return [x for need, x in ((need_a, grad_a), (need_b, grad_b)) if need]

@@ -44,3 +44,32 @@ def test_filters_and_merge(tmp_path):
     assert len(blocks) == len(set(cases))
     assert all("speedup_vs_stock" in r for r in rows if "error" not in r)
     assert "| jacobian_var |" in (merged / "report.md").read_text()
+
+
+def test_triton_lncc_variant_sets_the_in_plane_passes_for_forward_and_backward(monkeypatch):
+    """The report's "triton (dot in-plane)" row: the setting holds for the whole measurement, including
+    the backward that autograd runs after the forward's call returned, and is restored afterwards."""
+    import torch
+
+    from deepatlas_fast import bench
+    from deepatlas_fast.kernels import similarity
+
+    available = {"triton": ["lncc"]}
+    (name, fn), = bench._triton_lncc_variant("dot", available).items()
+    assert name == "triton (dot in-plane)" and bench._triton_lncc_variant("dot", {}) == {}
+    seen = []  # the in-plane mode of every launch plan (forward, then backward)
+
+    class Plan(similarity._Plan):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append(self.inplane)
+
+    monkeypatch.setattr(similarity, "_Plan", Plan)
+    a = torch.randn(1, 1, 3, 10, 10, requires_grad=True)
+    b = torch.randn(1, 1, 3, 10, 10)
+    before = similarity.INPLANE
+    with fn.context():
+        out = fn(a, b)
+        torch.autograd.grad(out, [a])
+    assert seen == ["dot", "dot"]
+    assert similarity.INPLANE == before == "scratch"

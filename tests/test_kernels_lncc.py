@@ -93,6 +93,17 @@ def test_21_taps_on_a_volume_smaller_than_the_window(backend, device, kernel):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplane,k,expected", [("auto", 9, "dot"), ("auto", 11, "dot"), ("auto", 13, "scratch"),
+                                                ("dot", 21, "dot"), ("scratch", 3, "scratch"), ("dot", 3, "dot")])
+def test_in_plane_mode_by_window_size(device, monkeypatch, inplane, k, expected):
+    """"auto": matrix products up to 11 taps, scratch passes above; "dot"/"scratch" force one: all match."""
+    monkeypatch.setattr(kernels, "INPLANE", inplane)
+    assert kernels._Plan((1, 1, 3, 9, 9), k).inplane == expected
+    a, b = pair((1, 1, 3, 14, 9), 14, device=device)
+    check("triton", a, b, k, "gaussian", "none", needs=[(True, True)], seed=14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_float32_within_1e5_of_float64(backend, device, reduction):
     a, b = pair((2, 1, 4, 11, 13), 2, torch.float32, device)
@@ -158,6 +169,69 @@ def test_gpu_geometry_and_chunked_backward(device, monkeypatch):
     assert (plan.rh, plan.n_ty, plan.n_tx) == (32, 2, 2) and plan.runs(5)[1] == (4, 5, 1)
     a, b = pair((1, 1, 5, 33, 31), 6, device=device)
     check("triton", a, b, 3, "gaussian", "none", needs=[(True, True)], seed=6)
+
+
+def _tf32(x):
+    """Round float32 to TF32 (10 mantissa bits, to nearest, ties away: the GPU's cvt.rna.tf32.f32)."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _emulated_tensor_core_dot(monkeypatch, split: bool):
+    """The interpreter's tl.dot with the GPU's float32 input precisions: TF32 products, and with
+    ``split`` the TF32x3 scheme (hi*hi + hi*lo + lo*hi); plain fp32 matmul otherwise (ignores them)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    plain = interpreter.InterpreterBuilder.create_dot
+
+    def dot(self, a, b, d, precision, imprecise):
+        if a.data.dtype != np.float32:
+            return plain(self, a, b, d, precision, imprecise)
+        assert str(precision).endswith("TF32x3")  # what kernels/similarity.py asks for in float32
+        a_hi, b_hi = _tf32(a.data), _tf32(b.data)
+        out = np.matmul(a_hi, b_hi)
+        if split:
+            out += np.matmul(a_hi, _tf32(b.data - b_hi)) + np.matmul(_tf32(a.data - a_hi), b_hi)
+        return interpreter.TensorHandle(out.astype(np.float32) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_window_products_need_the_tf32x3_split(kernel, monkeypatch):
+    """The in-plane window sums run as tl.dot on tensor cores in float32. With the TF32x3 split the
+    interpreter, emulating the GPU's rounding, stays within 1e-5 of float64 (bright images included);
+    plain TF32 products do not (which is why the kernels ask for the split)."""
+    monkeypatch.setattr(kernels, "INPLANE", "dot")
+    if torch.cuda.is_available() and not kernels.INTERPRET:
+        pytest.skip("emulates the GPU's products in the Triton interpreter (CPU); on the GPU the float32 tests "
+                    "check the real ones")
+    a, b = pair((1, 1, 4, 12, 13), 12, torch.float32, offset=300.0)
+    _emulated_tensor_core_dot(monkeypatch, split=True)
+    check("triton", a, b, 5, kernel, "none", needs=[(True, True)], rel=1e-5, seed=12)
+    _emulated_tensor_core_dot(monkeypatch, split=False)
+    with pytest.raises(AssertionError):
+        check("triton", a, b, 5, kernel, "none", needs=[(True, True)], rel=1e-5, seed=12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=6)
+@given(d=st.integers(1, 4), h=st.integers(1, 17), w=st.integers(1, 17), c=st.integers(1, 2),
+       k=st.sampled_from([1, 3, 5, 9, 11]), kernel=st.sampled_from(KERNELS),
+       reduction=st.sampled_from(["mean", "none"]), seed=st.integers(0, 2**31 - 1))
+def test_dot_inplane_passes_match_reference(device, d, h, w, c, k, kernel, reduction, seed):
+    """The in-plane passes as banded matrix products (INPLANE "dot", to be measured against the scratch
+    passes on the GPU): float64 and float32 against the reference, flat and bright images included."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "INPLANE", "dot")
+        a, b = pair((1, c, d, h, w), seed, device=device)
+        check("triton", a, b, k, kernel, reduction, needs=[NEEDS[seed % 3]], seed=seed)
+        check("triton", a.float(), b.float(), k, kernel, reduction, needs=[(True, True)], rel=1e-5, seed=seed)
+        flat = torch.full(a.shape, -1000.0, dtype=torch.float64, device=device)
+        check("triton", flat, b, k, kernel, reduction, needs=[(True, True)], rel=1e-5, seed=seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
