@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--features", type=int, default=8, help="autoencoder channels (default 8)")
     p.add_argument("--template", type=int, default=64, help="template cube side (default 64)")
     p.add_argument("--frame", default="moments", choices=["moments", "grid"],
-                   help="CoordNet frame (default moments, what train uses)")
+                   help="CoordNet frame (default moments, computed from the images in every step; train's default "
+                        "affine frame is computed once per exam before training, so its steps cost no more)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case, after one warm-up (default 3)")
     p.add_argument("--loss-side", dest="loss_side", action="store_true", default=True,
                    help="also time the loss side alone (objective fwd+bwd from fixed network outputs; default on)")

@@ -29,7 +29,7 @@ __all__ = ["DEMO_CONFIG", "EVALUATION_MINUTES", "STEPS_PER_SECOND", "run_demo", 
 DEMO_CONFIG = {
     "spacing": 12.0,
     "feature_steps": 0,
-    "model": {"features": 0, "template_shape": [20, 20, 20], "frame": "moments"},
+    "model": {"features": 0, "template_shape": [20, 20, 20], "frame": "affine"},
     "loss": {"folding": 10.0, "jacobian": 3.0},
     "stages": [{"steps": 1000, "size": [32, 32, 32]}],  # steps: set from the time budget (run_demo)
     "log_every": 50,

@@ -203,6 +203,8 @@ def finetune(
     everyone = images + extra
 
     generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():  # each exam's frame once (an affine frame is a fit: not per step)
+        frames = [model.coordnet.frame_of(x[None, None]) for x in everyone]
     params = [p for p in model.coordnet.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
@@ -211,7 +213,8 @@ def finetune(
         with tqdm(range(steps), disable=not progress, unit="step", desc="finetune", dynamic_ncols=True) as bar:
             for _ in bar:
                 chosen = torch.randperm(len(images), generator=generator)[:max_per_step].tolist()
-                raws = {i: model.coordnet(images[i][None, None], levels=levels, bound=False) for i in chosen}
+                raws = {i: model.coordnet(images[i][None, None], levels=levels, bound=False, frame=frames[i])
+                        for i in chosen}
                 pairs = [(a, b) for a in chosen for b in chosen if a != b]
                 prop = sum(
                     propagation_loss(bound_coords(raws[a]), onehots[a], bound_coords(raws[b]), onehots[b], template_shape)
@@ -221,7 +224,7 @@ def finetune(
                 if reg > 0:
                     loss = loss + reg * sum(_regulariser(raws[i], weights) for i in chosen) / len(chosen)
                 if self_supervised > 0:
-                    loss = loss + self_supervised * _self_supervised(model, everyone, generator, weights, levels)
+                    loss = loss + self_supervised * _self_supervised(model, everyone, frames, generator, weights, levels)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -243,15 +246,20 @@ def finetune(
     return model
 
 
-def _self_supervised(model, exams: list, generator: torch.Generator, weights: LossWeights, levels) -> Tensor:
-    """``deepatlas_loss`` on two exams drawn from ``exams``: batched when their grids agree, else each
-    alone with the implicit term off."""
+def _self_supervised(model, exams: list, frames: list, generator: torch.Generator, weights: LossWeights,
+                     levels) -> Tensor:
+    """``deepatlas_loss`` on two exams drawn from ``exams`` (with their ``frames``, None for the grid frame):
+    batched when their grids agree, else each alone with the implicit term off."""
     i, j = torch.randperm(len(exams), generator=generator)[:2].tolist()
-    x, y = exams[i], exams[j]
-    if x.shape == y.shape:
-        return deepatlas_loss(model, torch.stack([x, y])[:, None], weights, levels=levels)[0]
+
+    def loss(batch, picked, terms):
+        frame = None if frames[picked[0]] is None else torch.cat([frames[k] for k in picked])
+        return deepatlas_loss(model, batch, terms, levels=levels, outputs=model(batch, levels=levels, frame=frame))[0]
+
+    if exams[i].shape == exams[j].shape:
+        return loss(torch.stack([exams[i], exams[j]])[:, None], [i, j], weights)
     alone = LossWeights.from_dict({**weights.to_dict(), "implicit": 0.0})
-    return 0.5 * sum(deepatlas_loss(model, e[None, None], alone, levels=levels)[0] for e in (x, y))
+    return 0.5 * sum(loss(exams[k][None, None], [k], alone) for k in (i, j))
 
 
 def save_finetuned(path: Union[str, "os.PathLike[str]"], model, source_metadata: Optional[dict] = None):

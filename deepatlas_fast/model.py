@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .coords import identity_coords
-from .frame import FRAMES, apply_frame, moment_frame
+from .frame import FRAMES, TEMPLATE_SIDE, affine_frame, apply_frame, build_template, moment_frame
 
 __all__ = ["anchor_shift", "bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
 
@@ -166,8 +166,11 @@ class CoordNet(nn.Module):
             "grid": the field of view fills the cube (the identity). "moments" (the image's
             intensity-weighted centre and principal axes, scaled by their spread, onto the cube's centre
             and axes, :func:`~deepatlas_fast.frame.moment_frame`): the starting map already follows the
-            body's position, size and modest rotations. Every level's identity is replaced by the frame
-            applied to it, so a fresh network returns exactly the frame.
+            body's position, size and modest rotations. "affine": the moments frame refined by an affine
+            fit of the exam onto an intensity template (the buffer ``frame_template``, built from training
+            exams by :meth:`build_frame_template`; :func:`~deepatlas_fast.frame.affine_frame`): also robust
+            to partial fields of view. Every level's identity is replaced by the frame applied to it, so a
+            fresh network returns exactly the frame.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels
@@ -204,6 +207,9 @@ class CoordNet(nn.Module):
         if frame not in FRAMES:
             raise ValueError(f"frame must be one of {', '.join(map(repr, FRAMES))}, got {frame!r}")
         self.frame = frame
+        if frame == "affine":
+            self.register_buffer("frame_template", torch.zeros(1, 1, *(TEMPLATE_SIDE,) * 3))
+            self.register_buffer("frame_template_built", torch.tensor(False))
         self.in_channels = in_channels
         self.residual_scale = float(residual_scale)
         self.num_levels = levels
@@ -261,7 +267,7 @@ class CoordNet(nn.Module):
             raise ValueError("init_level needs init")
         elif isinstance(init_level, bool) or not isinstance(init_level, int) or not 0 <= init_level <= top:
             raise ValueError(f"init_level must be an int in [0, {top}], got {init_level!r}")
-        if frame is None:
+        if frame is None and init is None:  # with init the frame cancels out (init - frame + frame): not needed
             frame = self.frame_of(x)
         skips = []
         h = x
@@ -304,7 +310,25 @@ class CoordNet(nn.Module):
 
     def frame_of(self, x: Tensor) -> Optional[Tensor]:
         """The exam's frame ``[N, 3, 4]`` (None for the "grid" frame, the identity)."""
-        return moment_frame(x) if self.frame == "moments" else None
+        if self.frame == "moments":
+            return moment_frame(x)
+        if self.frame == "affine":
+            if not bool(self.frame_template_built):
+                raise RuntimeError('the "affine" frame needs its template: call build_frame_template(images) '
+                                   "with training exams first (train does)")
+            return affine_frame(x, self.frame_template)
+        return None
+
+    @torch.no_grad()
+    def build_frame_template(self, images, progress=None) -> None:
+        """Build the "affine" frame's template from training exams (``[D, H, W]`` tensors, intensities
+        normalised as the network sees them; :func:`~deepatlas_fast.frame.build_template`)."""
+        if self.frame != "affine":
+            raise ValueError(f'build_frame_template is for the "affine" frame, this network uses {self.frame!r}')
+        device = self.frame_template.device
+        template = build_template([torch.as_tensor(x).to(device) for x in images], TEMPLATE_SIDE, progress=progress)
+        self.frame_template.copy_(template)
+        self.frame_template_built.fill_(True)
 
     @staticmethod
     def _framed(ident: Tensor, frame: Optional[Tensor]) -> Tensor:
@@ -397,7 +421,7 @@ class DeepAtlas(nn.Module):
             for inference.
         residual_scale: :class:`CoordNet` head output factor (default 0.01); locate: its anatomy anchor (default
             True); grid: its levels' geometry (default "corners"); frame: where a fresh network places an
-            exam (default "grid", see :class:`CoordNet`; ``train``'s default configuration uses "moments").
+            exam (default "grid", see :class:`CoordNet`; ``train``'s default configuration uses "affine").
 
     Attributes: ``coordnet``, ``features`` (FeatureNet or None), ``atlas`` (``nn.Parameter``
     ``[1, F + 1, *template_shape]``: F feature channels then intensity), ``config`` (the
@@ -499,7 +523,7 @@ class DeepAtlas(nn.Module):
         (the identity map a fresh CoordNet starts from). Call once before coordinate training, and
         before wrapping in DDP (which then broadcasts rank 0's atlas).
 
-        With the "moments" frame the exams are splatted into the template at their frame coordinates
+        With a "moments" or "affine" frame the exams are splatted into the template at their frame coordinates
         instead (trilinear weights, normalised; ``frames`` replaces the frames computed from ``images``, as in
         :meth:`forward`); template voxels no exam reaches get the features' mean."""
         feats = self.feature_stack(images)

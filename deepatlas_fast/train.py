@@ -87,7 +87,7 @@ def _default_stages() -> list:
 
 def _default_model() -> dict:
     return {"base": 16, "levels": 4, "features": 4, "feature_width": 16, "template_shape": [32, 32, 32],
-            "frame": "moments"}
+            "frame": "affine"}
 
 
 @dataclass
@@ -107,9 +107,10 @@ class TrainConfig:
             generator's native spacing ``384 / max(D, H)`` mm ((64, 64, 64): 6 mm, 384 mm); they are
             generated directly at ``spacing``.
         model: keyword arguments of :class:`deepatlas_fast.model.DeepAtlas` (default: base 16,
-            4 levels, 4 feature channels, width 16, template 32^3, the "moments" frame; a partial mapping
-            overrides just its keys). ``frame: grid`` trains the earlier field-of-view frame (one-shot
-            Dice on held-out phantoms after 800 steps, two seeds: "moments" 0.461 / 0.451, "grid" 0.405 / 0.401).
+            4 levels, 4 feature channels, width 16, template 32^3, the "affine" frame; a partial mapping
+            overrides just its keys). ``frame: moments`` / ``frame: grid`` train from the earlier frames
+            (one-shot Dice on held-out phantoms after 800 steps, two seeds: "affine" 0.619 / 0.620,
+            "moments" 0.461 / 0.451, "grid" 0.405 / 0.401).
         loss: fields of :class:`deepatlas_fast.objective.LossWeights` ({} = its defaults).
         feature_steps: autoencoder pretraining steps before the coordinate stages (then frozen) (50).
         feature_lr: learning rate of the autoencoder pretraining (1e-3).
@@ -475,21 +476,27 @@ class _StageData:
     Subjects are distinct within a batch when there are enough exams.
     """
 
-    def __init__(self, volumes, size, factor, augment, seed, stage_index, frames=False):
+    def __init__(self, volumes, size, factor, augment, seed, stage_index, frames=None):
         from .data.dataset import ImageDataset
 
         self.size = tuple(size)
         self.volumes = [rescale_volume(v, factor) for v in volumes]
         self.seed = seed
         self.stage_index = stage_index
-        self.frames = bool(frames)
+        self.frames = frames in ("moments", "affine")  # "affine": computed once the template exists (set_frames)
         self.dataset = ImageDataset(self.volumes, crop_shape=self.size, augment=augment, seed=seed, normalize=None,
-                                    whole_frames=self.frames)
+                                    whole_frames=frames == "moments")
+
+    def set_frames(self, frame_of) -> None:
+        """Each exam's whole-volume frame from ``frame_of`` (``[N, 1, D, H, W] -> [N, 3, 4]``)."""
+        self.dataset.set_whole_frames(frame_of)
 
     def batch(self, batch_size: int, step: int, rank: int, micro: int) -> tuple:
         """``([batch_size, 1, *size] float32 crops, [batch_size, 3, 4] frames or None)`` of training step
-        ``step`` on ``rank``; the frames (with ``frames=True``) are each exam's whole-volume moments frame
+        ``step`` on ``rank``; the frames (with a "moments" or "affine" frame) are each exam's whole-volume frame
         composed with its crop's geometry (:class:`~deepatlas_fast.data.dataset.ImageDataset` ``whole_frames``)."""
+        if self.frames and self.dataset.frames is None:
+            raise RuntimeError("the exams' frames are not computed yet (set_frames)")
         key = _seed_for(self.seed, self.stage_index, step, rank, micro)
         gen = torch.Generator().manual_seed(key)
         n = len(self.volumes)
@@ -978,7 +985,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     for stage in config.stages:  # built up front: errors surface before training, and threads may read them
         spacing = stage.spacing if stage.spacing is not None else config.spacing
         stage_data.append(_StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed,
-                                     len(stage_data), frames=config.model.get("frame") == "moments"))
+                                     len(stage_data), frames=config.model.get("frame")))
 
     def data_for(stage_index: int) -> _StageData:
         """Crops of ``config.stages[stage_index]``."""
@@ -1036,6 +1043,15 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
         if int(state.get("world_size", 1)) != world:
             echo(f"deepatlas-fast train: resuming a run saved with {state.get('world_size', 1)} process(es) "
                  f"on {world}: the crops of each step change")
+
+    if config.model.get("frame") == "affine":  # the template (saved in the model, so a resume keeps it), then frames
+        if not bool(model.coordnet.frame_template_built):
+            progress = None if quiet else echo
+            if progress is not None:
+                progress(f"deepatlas-fast train: building the affine frame's template from {len(volumes)} exams")
+            model.coordnet.build_frame_template(volumes, progress=progress)
+        for data in stage_data:
+            data.set_frames(lambda x: model.coordnet.frame_of(x.to(dev)))
 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop shapes per stage

@@ -13,8 +13,11 @@ from deepatlas_fast.demo import run_demo  # noqa: E402
 METHODS = ["deepatlas one-shot", "no alignment", "affine", "iterative"]
 
 
-def test_demo_trains_segments_compares_and_writes_everything(tmp_path, capsys):
+def test_demo_trains_segments_compares_and_writes_everything(tmp_path, capsys, monkeypatch):
     """The README's main command with a short budget, through the command line."""
+    from deepatlas_fast import frame
+
+    monkeypatch.setattr(frame, "FIT_STEPS", 10)  # the affine frame's fits come out of the 6 s of training budget
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--minutes", "0.4", "--targets", "2", "--subjects", "3", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()

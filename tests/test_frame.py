@@ -133,3 +133,114 @@ def test_model_files_keep_their_frame(tmp_path):
     del payload["model_config"]["frame"]  # as written by earlier versions
     torch.save(payload, path)
     assert load_model(path).coordnet.frame == "grid"
+
+
+# ------------------------------------------------------------------------------------- the "affine" frame
+
+
+def _body(shape, seed=0):
+    """An asymmetric body with edges ``[1, 1, *shape]``: overlapping ellipsoids of different brightness
+    (local NCC needs edges: smooth blobs look like ramps, which correlate at any shift)."""
+    grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape], indexing="ij")
+    gen = g(seed)
+    body = torch.zeros(shape)
+    for _ in range(8):
+        centre = (torch.rand(3, generator=gen) - 0.5) * 0.9
+        width = 0.12 + 0.25 * torch.rand(3, generator=gen)
+        r2 = sum(((x - c) / w) ** 2 for x, c, w in zip(grids, centre.tolist(), width.tolist()))
+        body += (0.3 + torch.rand(1, generator=gen)) * (r2 <= 1).float()
+    return body[None, None]
+
+
+def _affine(angle, scale, shift):
+    """``[1, 3, 4]``: rotation by ``angle`` in the (H, W) plane, per-axis scale, then shift."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotation = torch.tensor([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    return torch.cat([rotation @ torch.diag(torch.tensor(scale)), torch.tensor(shift)[:, None]], dim=1)[None]
+
+
+def test_affine_frame_recovers_the_affine_that_made_the_exam():
+    """An exam that is the template read through a known affine map gets that map back from a start ~0.15
+    away (the identity) to ~0.002; the default start is the exam's moments frame."""
+    from deepatlas_fast.frame import TEMPLATE_SIDE, affine_frame
+
+    template = _body((TEMPLATE_SIDE,) * 3)
+    truth = _affine(0.15, [0.9, 1.1, 0.95], [0.05, -0.08, 0.06])
+    shape = (24, 28, 26)
+    exam = da.sample(template, _frame_positions(truth, shape))
+    start = identity_frame(1)
+    fitted = affine_frame(exam, template, init=start)
+    error = (_frame_positions(fitted, shape) - _frame_positions(truth, shape)).abs().max()
+    start_error = (_frame_positions(start, shape) - _frame_positions(truth, shape)).abs().max()
+    assert error < 0.01 and error < start_error / 20, (float(error), float(start_error))
+    # under no_grad (inference) it still fits, and no gradient leaks to the inputs
+    with torch.no_grad():
+        again = affine_frame(exam.requires_grad_(), template, init=start)
+    assert not again.requires_grad and torch.allclose(again, fitted, atol=1e-5)
+    assert torch.equal(affine_frame(exam, template, steps=0), moment_frame(exam))
+
+
+def test_affine_frame_keeps_its_start_where_the_fit_cannot_improve():
+    from deepatlas_fast.frame import affine_frame
+
+    template = _body((16, 16, 16))
+    flat = torch.zeros(2, 1, 12, 12, 12)  # no structure (not even at the zero-padded border): NCC is flat
+    start = identity_frame(2)
+    assert torch.equal(affine_frame(flat, template, init=start, steps=20), start)
+    with pytest.raises(ValueError, match="template must be"):
+        affine_frame(flat, template[0])
+    with pytest.raises(ValueError, match="images must be"):
+        affine_frame(flat[0], template)
+
+
+def test_template_places_shifted_copies_of_a_body_consistently():
+    """Exams of one body at different places and sizes in the field of view: after building the template,
+    their affine frames send the same anatomy to the same template coordinates (the moments frames of
+    bodies cut by the field of view do not)."""
+    from deepatlas_fast.frame import affine_frame, build_template
+
+    big = _body((40, 40, 40), seed=3)
+    exams = [big[..., 2:34, 4:36, 3:35], big[..., 8:40, 0:32, 6:38], big[..., 5:37, 7:39, 0:32],
+             big[..., 0:32, 2:34, 8:40]]
+    offsets = [(2, 4, 3), (8, 0, 6), (5, 7, 0), (0, 2, 8)]
+    messages = []
+    template = build_template([x[0, 0] for x in exams], side=24, rounds=2, progress=messages.append)
+    assert template.shape == (1, 1, 24, 24, 24) and torch.isfinite(template).all()
+    assert messages == ["frame template: round 1/2 (4 exams)", "frame template: round 2/2 (4 exams)"]
+    frames = affine_frame(torch.cat(exams), template)
+    # template coordinates of the big volume's voxel (20, 20, 20) seen from each exam
+    spread = []
+    for frame_set in (frames, moment_frame(torch.cat(exams))):
+        points = []
+        for k, off in enumerate(offsets):
+            p = torch.tensor([(20 - o) / 31 * 2 - 1 for o in off])
+            points.append(frame_set[k, :, :3] @ p + frame_set[k, :, 3])
+        points = torch.stack(points)
+        spread.append(float((points - points.mean(0)).norm(dim=1).max()))
+    assert spread[0] < 0.05 and spread[0] < spread[1] / 2, spread
+    with pytest.raises(ValueError, match="at least one image"):
+        build_template([])
+
+
+def test_affine_coordnet_needs_its_template_then_starts_at_the_affine_frame(tmp_path):
+    from deepatlas_fast.checkpoint import load_model, save_model
+    from deepatlas_fast.frame import affine_frame
+
+    exams = [_body((20, 22, 18), seed=s)[0, 0] for s in (4, 5, 6)]
+    model = DeepAtlas(base=4, levels=2, features=0, template_shape=(8, 8, 8), frame="affine")
+    x = torch.stack(exams[:2])[:, None]
+    with pytest.raises(RuntimeError, match="needs its template"):
+        model(x)
+    with pytest.raises(ValueError, match='"affine" frame'):
+        CoordNet(base=4, levels=2, frame="moments").build_frame_template(exams)
+    model.coordnet.build_frame_template(exams)
+    assert bool(model.coordnet.frame_template_built)
+    with torch.no_grad():
+        out = model(x)
+    expected = affine_frame(x, model.coordnet.frame_template)
+    torch.testing.assert_close(out["frame"], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["coords_raw"], _frame_positions(expected, x.shape[2:]), atol=1e-5, rtol=0)
+    path = save_model(tmp_path / "model.pt", model, preprocessing={"spacing": 4.0})
+    loaded = load_model(path)
+    assert loaded.coordnet.frame == "affine" and bool(loaded.coordnet.frame_template_built)
+    assert torch.equal(loaded.coordnet.frame_template, model.coordnet.frame_template)

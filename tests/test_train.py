@@ -237,7 +237,7 @@ def test_moments_training_hands_each_crop_its_whole_exam_frame(tmp_path, monkeyp
 
     monkeypatch.setattr(DeepAtlas, "forward", spy)
     config = tiny_config(stages=[{"steps": 2, "size": 12}], phantom_shape=[16, 16, 16], feature_steps=0,
-                         model=dict(tiny_config()["model"], features=0))
+                         model=dict(tiny_config()["model"], features=0, frame="moments"))
     train(TrainConfig.from_dict(config), phantoms=2, out_dir=tmp_path / "run", quiet=True)
     assert len(seen) == 2
     for images, frame in seen:
@@ -256,7 +256,7 @@ def test_runs_from_before_the_frame_option_resume_with_the_grid_frame(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     del state["config"]["model"]["frame"]  # as written before the option existed
     torch.save(state, out / "checkpoint.pt")
-    assert TrainConfig().model["frame"] == "moments"  # today's default ...
+    assert TrainConfig().model["frame"] == "affine"  # today's default ...
     result = train(None, out_dir=out, quiet=True, resume=True)
     assert result.status == "completed"
     assert load_model(out / "model.pt").coordnet.frame == "grid"  # ... is not forced on an old run
@@ -378,7 +378,9 @@ def test_running_mean_atlas_gets_no_gradient_and_follows_the_exams(tmp_path):
 def test_max_minutes_stops_and_checkpoints(tmp_path):
     from deepatlas_fast.train import train
 
-    config = TrainConfig.from_dict(tiny_config(stages=[{"steps": 10000, "size": 16}]))
+    # the moments frame: no template to build, which would use up most of the 1.2 s budget (setup counts)
+    config = TrainConfig.from_dict(tiny_config(stages=[{"steps": 10000, "size": 16}],
+                                               model=dict(tiny_config()["model"], frame="moments")))
     result = train(config, phantoms=2, out_dir=tmp_path / "run", quiet=True, max_minutes=0.02)
     assert result.status == "max_minutes" and 0 < result.step < 10002
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == result.step
@@ -388,8 +390,8 @@ def test_crops_are_a_function_of_step_and_rank():
     from deepatlas_fast.train import _StageData
 
     volumes = [torch.rand(20, 20, 20) for _ in range(3)]
-    data = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames=True)
-    again = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames=True)
+    data = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames="moments")
+    again = _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0, frames="moments")
 
     def crops(*args):
         return data.batch(*args)[0]
@@ -521,7 +523,7 @@ def test_train_step_benchmark_quick_runs_on_cpu(tmp_path):
 def test_prefetching_thread_gives_the_same_batches():
     from deepatlas_fast.train import _Prefetcher, _StageData
 
-    data = _StageData([torch.rand(20, 20, 20) for _ in range(3)], (16, 16, 16), 1.0, True, 0, 0, frames=True)
+    data = _StageData([torch.rand(20, 20, 20) for _ in range(3)], (16, 16, 16), 1.0, True, 0, 0, frames="moments")
     plain = _Prefetcher(lambda step: data, 2, 0, 2, 4, torch.device("cpu"), threaded=False)
     ahead = _Prefetcher(lambda step: data, 2, 0, 2, 4, torch.device("cpu"), threaded=True)
     try:
@@ -532,3 +534,31 @@ def test_prefetching_thread_gives_the_same_batches():
         assert not ahead.pending  # nothing fetched past the last step
     finally:
         ahead.close()
+
+
+def test_affine_frame_training_builds_the_template_once_and_resumes_with_it(tmp_path, monkeypatch):
+    from deepatlas_fast import frame as frames
+    from deepatlas_fast.checkpoint import load_model
+    from deepatlas_fast.model import DeepAtlas
+    from deepatlas_fast.train import train
+
+    builds, seen = [], []
+    original_build, original_forward = frames.build_template, DeepAtlas.forward
+    monkeypatch.setattr("deepatlas_fast.model.build_template",
+                        lambda *a, **k: builds.append(1) or original_build(*a, **k))
+
+    def spy(self, images, levels=None, frame=None):
+        seen.append(frame)
+        return original_forward(self, images, levels=levels, frame=frame)
+
+    monkeypatch.setattr(DeepAtlas, "forward", spy)
+    config = tiny_config(stages=[{"steps": 4, "size": 12}], phantom_shape=[16, 16, 16], feature_steps=0,
+                         model=dict(tiny_config()["model"], features=0, frame="affine"))
+    out = tmp_path / "run"
+    train(TrainConfig.from_dict(config), phantoms=3, out_dir=out, quiet=True, max_steps=2)
+    model = load_model(out / "model.pt")
+    assert model.coordnet.frame == "affine" and bool(model.coordnet.frame_template_built)
+    assert builds == [1] and all(f is not None and f.shape == (2, 3, 4) for f in seen)
+    result = train(None, out_dir=out, quiet=True, resume=True)
+    assert result.status == "completed" and builds == [1]  # the checkpoint's template, not a new one
+    assert torch.equal(load_model(out / "model.pt").coordnet.frame_template, model.coordnet.frame_template)

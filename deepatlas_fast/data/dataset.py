@@ -122,10 +122,11 @@ class ImageDataset(torch.utils.data.Dataset):
         samples_per_epoch: ``len(dataset)`` (default: the number of volumes).
         return_coords: also return ``"coords"`` ``[3, d, h, w]``: where each sample voxel was read in
             its source volume, normalised [-1, 1] (align_corners=True; D, H, W channel order).
-        whole_frames: also return ``"frame"`` ``[3, 4]``: the "moments" frame of the whole source volume
-            (:func:`~deepatlas_fast.frame.moment_frame`, computed once) composed with the crop's own
-            geometry (offset, rotation, zoom), so a crop is placed in the template as the whole exam
-            places that anatomy, not by the moments of its own content.
+        whole_frames: also return ``"frame"`` ``[3, 4]``: the frame of the whole source volume (True: the
+            "moments" frame, :func:`~deepatlas_fast.frame.moment_frame`; or a function ``[1, 1, D, H, W]
+            -> [1, 3, 4]`` such as a CoordNet's ``frame_of``; computed once, see :meth:`set_whole_frames`)
+            composed with the crop's own geometry (offset, rotation, zoom), so a crop is placed in the
+            template as the whole exam places that anatomy, not by its own content.
     Item ``key``: an int (subject ``key % n``, draw from :meth:`set_epoch`) or ``(subject, draw)``.
     """
 
@@ -149,7 +150,7 @@ class ImageDataset(torch.utils.data.Dataset):
         bias: float = 0.1,
         samples_per_epoch: Optional[int] = None,
         return_coords: bool = False,
-        whole_frames: bool = False,
+        whole_frames=False,
     ):
         if isinstance(volumes, (Tensor, np.ndarray, Volume)) or not hasattr(volumes, "__len__"):
             raise TypeError("volumes must be a list of Volume objects or [D, H, W] tensors")
@@ -195,9 +196,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.return_coords = bool(return_coords)
         self.frames = None
         if whole_frames:
-            from ..frame import moment_frame
-
-            self.frames = [moment_frame(x[None, None])[0] for x in images]
+            self.set_whole_frames(None if whole_frames is True else whole_frames)
         self.epoch = 0
         # foreground masks and boxes (random crop centres are foreground voxels)
         self.masks, self.boxes = [], []
@@ -213,6 +212,22 @@ class ImageDataset(torch.utils.data.Dataset):
             self.boxes.append((lo, hi))
 
     # ------------------------------------------------------------------ sampling API
+    @torch.no_grad()
+    def set_whole_frames(self, frame_of=None) -> None:
+        """(Re)compute each source volume's frame with ``frame_of`` (``[1, 1, D, H, W] -> [1, 3, 4]``;
+        default :func:`~deepatlas_fast.frame.moment_frame`); items then carry ``"frame"``."""
+        if frame_of is None:
+            from ..frame import moment_frame as frame_of
+        groups: dict = {}  # volumes of one shape go through frame_of as one batch
+        for i, x in enumerate(self.volumes):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        frames = [None] * len(self.volumes)
+        for members in groups.values():
+            batch = frame_of(torch.stack([self.volumes[i] for i in members])[:, None]).float().cpu()
+            for k, i in enumerate(members):
+                frames[i] = batch[k]
+        self.frames = frames
+
     def __len__(self) -> int:
         return self.samples_per_epoch
 
