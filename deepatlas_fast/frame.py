@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["FRAMES", "apply_frame", "invert_frame", "moment_frame", "identity_frame", "affine_frame", "build_template",
-           "TEMPLATE_SIDE"]
+           "shape_groups", "TEMPLATE_SIDE"]
 
 FRAMES = ("grid", "moments", "affine")
 """Frames a :class:`~deepatlas_fast.model.CoordNet` can start from."""
@@ -121,6 +121,15 @@ def moment_frame(images: Tensor, spread: float = 2.0, eigen_floor: float = 1e-3)
     return torch.where(usable[:, None, None], frame, identity_frame(n, device))
 
 
+def shape_groups(tensors: Sequence[Tensor]) -> list:
+    """Indices of ``tensors`` grouped by shape (first-seen order): each group can go through a frame
+    computation as one batch."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return list(groups.values())
+
+
 def _fitting_copy(images: Tensor) -> Tensor:
     """``images [N, C, D, H, W]`` channel 0, smoothed and resampled (corner-aligned, like the normalised
     coordinates) to at most :data:`FIT_SIDE` voxels per side; unchanged when already that small."""
@@ -134,12 +143,11 @@ def _fitting_copy(images: Tensor) -> Tensor:
     return F.interpolate(x, size=size, mode="trilinear", align_corners=True)
 
 
-def _fit_loss(template: Tensor, images: Tensor, frames: Tensor) -> Tensor:
-    """Per-exam fit loss ``[N]``: -mean local NCC of the exam and the template read at its frame."""
-    from .coords import identity_coords
+def _fit_loss(template: Tensor, images: Tensor, grid: Tensor, frames: Tensor) -> Tensor:
+    """Per-exam fit loss ``[N]``: -mean local NCC of the exam and the template read at its frame
+    (``grid``: the identity coordinates of the exams' grid)."""
     from .ops import lncc, sample
 
-    grid = identity_coords(images.shape[2:], device=images.device)
     moved = sample(template.expand(images.shape[0], -1, -1, -1, -1), apply_frame(frames, grid), padding="zeros")
     return -lncc(moved, images, FIT_WINDOW, reduction="none").mean(dim=(1, 2, 3, 4))
 
@@ -155,22 +163,25 @@ def affine_frame(images: Tensor, template: Tensor, init: Optional[Tensor] = None
         raise ValueError(f"images must be a tensor [N, C, D, H, W], got {getattr(images, 'shape', type(images))}")
     if not isinstance(template, Tensor) or template.dim() != 5 or template.shape[:2] != (1, 1):
         raise ValueError(f"template must be a tensor [1, 1, T, T, T], got {getattr(template, 'shape', type(template))}")
+    from .coords import identity_coords
+
     steps = FIT_STEPS if steps is None else int(steps)
     start = (moment_frame(images) if init is None else init).detach().float()
     with torch.enable_grad():
         x = _fitting_copy(images.detach()).clone()
         ref = template.detach().float().to(x.device)
+        grid = identity_coords(x.shape[2:], device=x.device)
         delta = torch.zeros_like(start, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=FIT_LR)
         for step in range(steps):
             optimizer.param_groups[0]["lr"] = FIT_LR * (1.0 - step / steps)  # decays to 0: settles in the optimum
-            loss = _fit_loss(ref, x, start + delta).sum()
+            loss = _fit_loss(ref, x, grid, start + delta).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with torch.no_grad():
             fitted = start + delta
-            better = _fit_loss(ref, x, fitted) < _fit_loss(ref, x, start)
+            better = _fit_loss(ref, x, grid, fitted) < _fit_loss(ref, x, grid, start)
     return torch.where(better[:, None, None], fitted, start).detach()
 
 
@@ -210,11 +221,9 @@ def build_template(images: Sequence[Tensor], side: int = TEMPLATE_SIDE, rounds: 
         exams.append(_fitting_copy(image.reshape(1, 1, *image.shape[-3:])))
     frames = [moment_frame(x) for x in exams]
     template = _template_of(exams, frames, side)
-    groups: dict = {}
-    for i, x in enumerate(exams):
-        groups.setdefault(tuple(x.shape), []).append(i)
+    groups = shape_groups(exams)
     for round_no in range(rounds):
-        for members in groups.values():
+        for members in groups:
             fitted = affine_frame(torch.cat([exams[i] for i in members]), template,
                                   init=torch.cat([frames[i] for i in members]))
             for k, i in enumerate(members):

@@ -168,8 +168,8 @@ class CoordNet(nn.Module):
             and axes, :func:`~deepatlas_fast.frame.moment_frame`): the starting map already follows the
             body's position, size and modest rotations. "affine": the moments frame refined by an affine
             fit of the exam onto an intensity template (the buffer ``frame_template``, built from training
-            exams by :meth:`build_frame_template`; :func:`~deepatlas_fast.frame.affine_frame`): also robust
-            to partial fields of view. Every level's identity is replaced by the frame applied to it, so a
+            exams by :meth:`build_frame_template`; :func:`~deepatlas_fast.frame.affine_frame`): less moved
+            than the moments by what the field of view cuts off. Every level's identity is replaced by the frame applied to it, so a
             fresh network returns exactly the frame.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised

@@ -123,8 +123,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return_coords: also return ``"coords"`` ``[3, d, h, w]``: where each sample voxel was read in
             its source volume, normalised [-1, 1] (align_corners=True; D, H, W channel order).
         whole_frames: also return ``"frame"`` ``[3, 4]``: the frame of the whole source volume (True: the
-            "moments" frame, :func:`~deepatlas_fast.frame.moment_frame`; or a function ``[1, 1, D, H, W]
-            -> [1, 3, 4]`` such as a CoordNet's ``frame_of``; computed once, see :meth:`set_whole_frames`)
+            "moments" frame, :func:`~deepatlas_fast.frame.moment_frame`; or a function ``[N, 1, D, H, W]
+            -> [N, 3, 4]`` such as a CoordNet's ``frame_of``; computed once, see :meth:`set_whole_frames`)
             composed with the crop's own geometry (offset, rotation, zoom), so a crop is placed in the
             template as the whole exam places that anatomy, not by its own content.
     Item ``key``: an int (subject ``key % n``, draw from :meth:`set_epoch`) or ``(subject, draw)``.
@@ -214,15 +214,14 @@ class ImageDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ sampling API
     @torch.no_grad()
     def set_whole_frames(self, frame_of=None) -> None:
-        """(Re)compute each source volume's frame with ``frame_of`` (``[1, 1, D, H, W] -> [1, 3, 4]``;
-        default :func:`~deepatlas_fast.frame.moment_frame`); items then carry ``"frame"``."""
-        if frame_of is None:
-            from ..frame import moment_frame as frame_of
-        groups: dict = {}  # volumes of one shape go through frame_of as one batch
-        for i, x in enumerate(self.volumes):
-            groups.setdefault(tuple(x.shape), []).append(i)
+        """(Re)compute each source volume's frame with ``frame_of`` (``[N, 1, D, H, W] -> [N, 3, 4]``, called
+        once per group of volumes of one shape; default :func:`~deepatlas_fast.frame.moment_frame`); items then
+        carry ``"frame"``."""
+        from ..frame import moment_frame, shape_groups
+
+        frame_of = frame_of or moment_frame
         frames = [None] * len(self.volumes)
-        for members in groups.values():
+        for members in shape_groups(self.volumes):
             batch = frame_of(torch.stack([self.volumes[i] for i in members])[:, None]).float().cpu()
             for k, i in enumerate(members):
                 frames[i] = batch[k]
