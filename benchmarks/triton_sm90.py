@@ -125,13 +125,10 @@ def exercise_lncc(bt, dtype):
             bt.lncc(a.to(half), b.to(half), 9, "box", 1e-5, "mean")
     from deepatlas_fast.kernels import similarity
 
-    before, similarity.INPLANE = similarity.INPLANE, "auto"  # the in-plane passes as matrix products (k <= 11)
-    try:
+    with similarity.inplane_mode("auto"):  # the in-plane passes as matrix products (k <= 11)
         bt.lncc(a, b, 9, "box", 1e-5, "mean")
         bt.lncc_backward(torch.tensor(1.0, dtype=dtype), a, b, 9, "box", 1e-5, "mean", True, True)
         bt.lncc_backward(b, a, b, 9, "box", 1e-5, "none", True, False)
-    finally:
-        similarity.INPLANE = before
 
 
 def exercise_jacobian(bt, dtype):

@@ -110,16 +110,8 @@ def _triton_lncc_variant(inplane: str, available):
         return {}
     from .kernels import similarity
 
-    @contextlib.contextmanager
-    def setting():
-        before, similarity.INPLANE = similarity.INPLANE, inplane
-        try:
-            yield
-        finally:
-            similarity.INPLANE = before
-
     fn = _with_backend("triton", lambda a, b: da.lncc(a, b, 9))
-    fn.context = setting
+    fn.context = lambda: similarity.inplane_mode(inplane)
     return {f"triton ({inplane} in-plane)": fn}
 
 

@@ -44,8 +44,8 @@ MAX_STEP = tl.constexpr(MAX_NEWTON_STEP_VOXELS)
 TRUSTED = tl.constexpr(SPLAT_WEIGHT_TRUSTED)
 _SINGULAR_FORWARD = tl.constexpr(SINGULAR_FORWARD)
 _SINGULAR_BACKWARD = tl.constexpr(SINGULAR_BACKWARD)
-ATOMICS_PER_ADDRESS = 1024
-CONVERGED_STEP_EPS = tl.constexpr(8.0)  # the C++ kernels' kConvergedStepEps  # same-address atomics per replica of a pyramid level's accumulators
+ATOMICS_PER_ADDRESS = 1024  # same-address atomics per replica of a pyramid level's accumulators
+CONVERGED_STEP_EPS = tl.constexpr(8.0)  # the C++ kernels' kConvergedStepEps (see _newton_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ re-reads the 3-5 adjoint channels, writes the gradients. Everything else is L1/L
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -336,6 +338,18 @@ def _grad_kernel(al_ptr, a_ptr, b_ptr, prm_ptr, mu_ptr, ga_ptr, gb_ptr, scr_ptr,
 
 
 # ---------------------------------------------------------------------------------------------- host
+
+
+@contextlib.contextmanager
+def inplane_mode(mode: str):
+    """Run with :data:`INPLANE` set to ``mode`` ("scratch", "dot" or "auto"), restored on exit; it is read
+    when an op's launch is planned, so a backward run later by autograd must be inside too."""
+    global INPLANE
+    before, INPLANE = INPLANE, mode
+    try:
+        yield
+    finally:
+        INPLANE = before
 
 
 def _pow2(n: int) -> int:
