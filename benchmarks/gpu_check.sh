@@ -3,7 +3,7 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# STEPS picks what runs, in this order (default: all of "gputests report train cudatests train4"); each
+# STEPS picks what runs, in this order (default: all of "gputests cudatests report train train4"); each
 # step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
 # options to the two benchmark scripts.
 set -uo pipefail
@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-gputests report train cudatests train4}
+STEPS=${STEPS:-gputests cudatests report train train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -58,6 +58,11 @@ if has gputests; then
   run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" tests/test_gpu.py
 fi
 
+if has cudatests; then
+  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_kernels_sample.py tests/test_kernels_lncc.py \
+    tests/test_kernels_jacobian.py tests/test_kernels_invert.py
+fi
+
 if has report; then
   if [ -n "$PEERS_PID" ]; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
@@ -69,21 +74,17 @@ if has report; then
   tail -n 3 "$OUT/report.log"
 fi
 
-if has train; then  # "fused" = the triton backend until the defaults name it (DEFAULT_ORDER)
+if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops
   log "training step"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-triton} timeout "${TRAIN_TIMEOUT:-240}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-240}" $PY benchmarks/train_step_gpu.py \
     --out "$OUT/train_step.md" ${TRAIN_ARGS:-} > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
 fi
 
-if has cudatests; then
-  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_kernels_sample.py tests/test_kernels_lncc.py \
-    tests/test_kernels_jacobian.py tests/test_kernels_invert.py
-fi
 
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing)
   log "training step: two pairs at 256^3"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-triton} timeout "${TRAIN4_TIMEOUT:-40}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-40}" $PY benchmarks/train_step_gpu.py \
     --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max \
     >> "$OUT/train_step.log" 2>&1
   echo "train step (batch 4) exit code: $?"

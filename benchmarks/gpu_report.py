@@ -26,6 +26,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for report.json/.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="sizes / 10, 3 repetitions (smoke test)")
+    parser.add_argument("--points", default=None, type=_points,
+                        help="comma list of SIDExBATCH cases, e.g. 256x1,160x2 (default: 160x1,256x1,160x2,256x2)")
+    parser.add_argument("--no-multichannel", action="store_true", help="skip the 16-channel sample and LNCC cases")
     parser.add_argument("--backends", default=None, help="comma list of our backends (default: those available)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--ops", default=None, help="comma list of ops to run (default: all)")
@@ -43,9 +46,10 @@ def main(argv=None):
     device = torch.device(args.device)
     available = da.available_backends(device)
     backends = args.backends.split(",") if args.backends else [b for b in ("cuda", "triton", "cpu") if available[b]]
-    points = [(side // 10, n) for side, n in POINTS] if args.quick else POINTS
+    points = args.points or POINTS
+    points = [(side // 10, n) for side, n in points] if args.quick else points
     cases = bench.build_cases(device, points, backends or ["reference"], ops=args.ops.split(",") if args.ops else bench.OPS,
-                              with_compile=not args.no_compile and device.type == "cuda", multichannel=True)
+                              with_compile=not args.no_compile and device.type == "cuda", multichannel=not args.no_multichannel)
     for case in cases:
         case.reps = 3 if args.quick else case.reps
         if args.reps:
@@ -54,6 +58,16 @@ def main(argv=None):
                            skip=args.skip_impls.split(",") if args.skip_impls else (),
                            echo=lambda line: print(line, flush=True))
     print(bench.write(args.out, info, rows))
+
+
+def _points(text):
+    try:
+        points = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+        if any(len(p) != 2 or min(p) < 1 for p in points):
+            raise ValueError
+        return points
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--points: expected SIDExBATCH[,SIDExBATCH...], got {text!r}") from None
 
 
 def merge(paths, out):

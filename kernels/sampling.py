@@ -292,7 +292,7 @@ def _forward(vol, field, padding: str, warp: bool) -> torch.Tensor:
     return out
 
 
-def _deterministic_grad_vol(grad, vol, field, padding: str, warp: bool) -> torch.Tensor:
+def deterministic_volume_gradient(grad, vol, field, padding: str, warp: bool) -> torch.Tensor:
     """Volume gradient without float atomics: sort points by cell, then one gather per voxel."""
     n, _, d, h, w = vol.shape
     points = _points(field)
@@ -337,7 +337,7 @@ def _backward(grad, vol, field, padding: str, warp: bool, need_vol: bool, need_f
             DT=tl_dtype(dtype), BLOCK_C=block_c, BLOCK_V=block_v,
         )
     if deterministic:
-        grad_vol = _deterministic_grad_vol(grad, vol, field, padding, warp)
+        grad_vol = deterministic_volume_gradient(grad, vol, field, padding, warp)
     grads = []
     if need_vol:
         grads.append(grad_vol.to(vol.dtype))

@@ -46,6 +46,14 @@ def test_filters_and_merge(tmp_path):
     assert "| jacobian_var |" in (merged / "report.md").read_text()
 
 
+def test_points_choose_the_cases(tmp_path):
+    out = report(tmp_path, "points", "--points", "160x2,200x1", "--no-multichannel", "--impls", "stock")
+    cases = [r["case"] for r in json.loads((out / "report.json").read_text())["rows"]]
+    assert cases == ["2x16³", "1x20³"]  # --quick divides the sides by 10
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--points", "256"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "--points" in bad.stderr
+
+
 def test_triton_lncc_variant_sets_the_in_plane_passes_for_forward_and_backward(monkeypatch):
     """The report's "triton (dot in-plane)" row: the setting holds for the whole measurement, including
     the backward that autograd runs after the forward's call returned, and is restored afterwards."""

@@ -99,11 +99,17 @@ def test_converged_points_stop(backend, device, dtype):
     """A point's Newton solve ends at a step that leaves it unchanged or is a few epsilons small, and it
     stays there (the kernels stop iterating once every point has): 8 or 40 allowed steps give the same
     bits on a smooth coordinate map, where the plain iteration keeps moving p within its rounding noise
-    (~3000 of 2 x 936 x 3 values differed before the Triton kernel had the exits)."""
+    (~3000 of 2 x 936 x 3 values differed before the Triton kernel had the exits). On the GPU, where the
+    guess itself varies in its last bits between calls, they agree to a few stopping steps."""
     coords = covering_map((12, 10, 11), g(15), batch=2, amplitude=0.05).to(dtype).to(device)
     few, few_valid = on(backend, da.invert, coords, (9, 13, 8), iters=8)
     many, many_valid = on(backend, da.invert, coords, (9, 13, 8), iters=40)
-    assert torch.equal(few, many) and torch.equal(few_valid, many_valid) and few_valid.all()
+    assert torch.equal(few_valid, many_valid) and few_valid.all()
+    if device == "cpu":
+        assert torch.equal(few, many)
+    else:  # the GPU splats the initial guess with float atomics: each call's guess differs in the last bits,
+        # and a solve stops once its step is <= 8 eps, so two calls agree to a few times that
+        torch.testing.assert_close(few, many, rtol=0, atol=32 * torch.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("device", DEVICES)

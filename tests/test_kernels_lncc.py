@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from conftest import DEVICES
 from deepatlas_fast.kernels import similarity as kernels
+from deepatlas_fast.kernels._common import INTERPRET
 from deepatlas_fast.ops import registry
 from deepatlas_fast.reference import similarity as reference
 from deepatlas_fast.reference.sampling import compute_dtype
@@ -206,7 +207,7 @@ def test_float32_window_products_need_the_tf32x3_split(kernel, monkeypatch):
     interpreter, emulating the GPU's rounding, stays within 1e-5 of float64 (bright images included);
     plain TF32 products do not (which is why the kernels ask for the split)."""
     monkeypatch.setattr(kernels, "INPLANE", "dot")
-    if torch.cuda.is_available() and not kernels.INTERPRET:
+    if torch.cuda.is_available() and not INTERPRET:
         pytest.skip("emulates the GPU's products in the Triton interpreter (CPU); on the GPU the float32 tests "
                     "check the real ones")
     a, b = pair((1, 1, 4, 12, 13), 12, torch.float32, offset=300.0)

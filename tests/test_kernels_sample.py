@@ -205,7 +205,7 @@ def test_backward_computes_only_what_is_asked(device, monkeypatch, backward, op)
     grad = torch.randn(2, 3, 3, 4, 5, generator=gen, dtype=torch.float64).to(device)
     spy = LaunchSpy(kernels._backward_kernel)
     monkeypatch.setattr(kernels, "_backward_kernel", spy)
-    monkeypatch.setattr(kernels, "_deterministic_grad_vol", None)  # would fail if called
+    monkeypatch.setattr(kernels, "deterministic_volume_gradient", None)  # would fail if called
     for needs, flags in [((False, True), {"NEED_VOL": False, "NEED_COORDS": True}),
                          ((True, False), {"NEED_VOL": True, "NEED_COORDS": False}),
                          ((True, True), {"NEED_VOL": True, "NEED_COORDS": True})]:
@@ -256,6 +256,32 @@ def test_deterministic_volume_gradient(device, padding, deterministic, monkeypat
             assert_close(a, b)
     # the volume gradient came from the gather kernel, never from atomics
     assert len(gather.calls) == 2 * len(cases) and all(not call["NEED_VOL"] for call in atomic.calls)
+
+
+def test_cuda_backend_takes_the_deterministic_volume_gradient_from_triton(deterministic, monkeypatch):
+    """The CUDA kernels splat the volume gradient with atomics (their raw op raises under deterministic
+    algorithms), so the cuda backend asks the Triton sort-then-gather for it there, and the C++ kernel for
+    the coordinate gradient alone. Its Python layer is checked here on CPU tensors (the C++ op dispatches
+    to the cpu kernels, Triton runs in the interpreter); the GPU runs test_deterministic_through_autograd."""
+    from deepatlas_fast.ops import _cpp, backend_cuda
+
+    if not hasattr(torch.ops.deepatlas_fast_C, "sample_backward"):
+        pytest.skip("the C++ extension is not built")
+    gen = g(16)
+    vol = torch.randn(1, 2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    coords = rand_coords(1, (5, 3, 4), gen)
+    grad = torch.randn(1, 2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    asked, original = [], _cpp.sample_backward
+    monkeypatch.setattr(_cpp, "sample_backward", lambda *args: asked.append(args[-2:]) or original(*args))
+    for padding in ("zeros", "border"):
+        grad_vol, grad_coords = backend_cuda.sample_backward(grad, vol, coords, padding, True, True)
+        expected = reference.sample_backward(grad, vol, coords, padding, True, True)
+        assert_close(grad_vol, expected[0])
+        assert_close(grad_coords, expected[1])
+    assert asked == [(False, True)] * 2  # the C++ kernel never computes the volume gradient here
+    only_vol = backend_cuda.warp_backward(grad, vol, 0.5 * coords, "zeros", True, False)
+    assert len(only_vol) == 1
+    assert_close(only_vol[0], reference.warp_backward(grad, vol, 0.5 * coords, "zeros", True, False)[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

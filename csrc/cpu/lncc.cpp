@@ -45,7 +45,8 @@ struct Window {
   int k = 1, half = 0;
   bool slides = false;  // box window of more than one tap: running sums (one tap in, one out per step)
   std::vector<Acc> taps;
-  Acc volume = 1;  // V = (sum of the taps)^3
+  Acc full = 1;    // the sum of the taps
+  Acc volume = 1;  // V = full^3
   Acc inv_volume = 1;
   std::vector<Acc> cover_z, cover_y, cover_x;  // window weight inside the volume, per position along each axis
 };
@@ -73,12 +74,9 @@ Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_s
   win.k = o.k;
   win.half = win.k / 2;
   win.slides = !o.gaussian && win.k > 1;
-  Acc total = 0;
-  for (int j = 0; j < win.k; ++j) {
-    win.taps.push_back(lncc::window_tap(j, win.k, o.gaussian));
-    total += win.taps.back();
-  }
-  win.volume = total * total * total;
+  for (int j = 0; j < win.k; ++j) win.taps.push_back(lncc::window_tap(j, win.k, o.gaussian));
+  win.full = lncc::window_total(win.taps.data(), win.k);
+  win.volume = win.full * win.full * win.full;
   win.inv_volume = 1 / win.volume;
   win.cover_z = coverage(p.shape.d, win);
   win.cover_y = coverage(p.shape.h, win);
@@ -247,10 +245,10 @@ class StatsStream {
       for (int m = 0; m < kMoments; ++m) axpy(dst + m * w, x_sum_.data() + m * s_.plane + t * w, weight, w);
     });
     const Acc* ys = y_sum_.data();
-    const Acc inside_zy = win_.cover_z[z_] * win_.cover_y[y];
+    const Acc cover_z = win_.cover_z[z_], cover_y = win_.cover_y[y];
     for (int64_t x = 0; x < w; ++x) {
       const lncc::Moments<Acc> m{ys[x], ys[w + x], ys[2 * w + x], ys[3 * w + x], ys[4 * w + x]};
-      const Acc outside = win_.volume - inside_zy * win_.cover_x[x];
+      const Acc outside = lncc::window_outside(cover_z, cover_y, win_.cover_x[x], win_.full, win_.volume);
       visit(x, lncc::window_stats(m, outside, shift_a_, shift_b_, win_.inv_volume));
     }
   }

@@ -195,7 +195,7 @@ struct StatsJob {
   const T* shifts;  // [nc][2]
   const T* cover;   // [d + h + w]
   int64_t first, planes;
-  T volume, inv_volume, eps;
+  T full, volume, inv_volume, eps;  // full: the sum of the taps
   T* out;  // ncc_map_kernel: the NCC map; ncc_partial_kernel: one partial sum per block; adjoints_kernel:
            // the adjoint maps [nc][maps][planes][plane], [cross, (a, aa), (b, bb)] where needed
   const T* grad;         // adjoints_kernel, "none": the upstream map
@@ -214,8 +214,9 @@ __device__ __forceinline__ lncc::WindowStats<T> stats_at(const StatsJob<T>& job,
   const lncc::Moments<T> m{x_window(rows, v.x, s.w, win), x_window(rows + stride, v.x, s.w, win),
                            x_window(rows + 2 * stride, v.x, s.w, win), x_window(rows + 3 * stride, v.x, s.w, win),
                            x_window(rows + 4 * stride, v.x, s.w, win)};
-  const T inside = job.cover[job.first + p] * job.cover[s.d + v.y] * job.cover[s.d + s.h + v.x];
-  return lncc::window_stats(m, job.volume - inside, job.shifts[2 * c], job.shifts[2 * c + 1], job.inv_volume);
+  const T outside = lncc::window_outside(job.cover[job.first + p], job.cover[s.d + v.y],
+                                         job.cover[s.d + s.h + v.x], job.full, job.volume);
+  return lncc::window_stats(m, outside, job.shifts[2 * c], job.shifts[2 * c + 1], job.inv_volume);
 }
 
 template <typename T>
@@ -325,17 +326,13 @@ Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_s
 }
 
 template <typename T>
-Window<T> make_window(const Problem& p, T* volume) {
+Window<T> make_window(const Problem& p, T* full, T* volume) {
   Window<T> win{};
   win.k = p.k;
   win.half = p.k / 2;
-  double total = 0;
-  for (int j = 0; j < p.k; ++j) {
-    const double tap = lncc::window_tap(j, p.k, p.gaussian);
-    win.taps[j] = static_cast<T>(tap);
-    total += static_cast<T>(tap);
-  }
-  *volume = static_cast<T>(total * total * total);
+  for (int j = 0; j < p.k; ++j) win.taps[j] = static_cast<T>(lncc::window_tap(j, p.k, p.gaussian));
+  *full = lncc::window_total(win.taps, p.k);
+  *volume = static_cast<T>(double(*full) * double(*full) * double(*full));
   return win;
 }
 
@@ -354,14 +351,14 @@ int64_t chunk_planes(const Dims& s, int64_t halo) {
 template <typename T>
 struct Setup {
   Window<T> win;
-  T volume;
+  T full, volume;
   at::Tensor shifts, cover, buffer_1, buffer_2;
   int64_t chunk;
   cudaStream_t stream;
 
   Setup(const Problem& p, const at::Tensor& a, const at::Tensor& b, int64_t halo) : stream(current_stream()) {
     const Dims& s = p.dims;
-    win = make_window<T>(p, &volume);
+    win = make_window<T>(p, &full, &volume);
     shifts = at::empty({s.nc * 2}, a.options());
     channel_mean_kernel<T><<<static_cast<unsigned int>(s.nc * 2), dim3(kBlockX, kBlockY), 0, stream>>>(
         a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.mutable_data_ptr<T>(), s.d * s.plane);
@@ -394,6 +391,7 @@ struct Setup {
     job.cover = cover.const_data_ptr<T>();
     job.first = first;
     job.planes = planes;
+    job.full = full;
     job.volume = volume;
     job.inv_volume = static_cast<T>(1.0 / double(volume));
     job.eps = static_cast<T>(p.eps);

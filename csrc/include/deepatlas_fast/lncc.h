@@ -37,6 +37,23 @@ DA_HD T window_coverage(int64_t i, int64_t n, const T* taps, int kernel_size) {
   return total;
 }
 
+// The sum of the taps: window_coverage of a position whose window lies wholly inside, bit for bit.
+template <typename T>
+DA_HD T window_total(const T* taps, int kernel_size) {
+  T total = 0;
+  for (int j = 0; j < kernel_size; ++j) total += taps[j];
+  return total;
+}
+
+// The window weight falling outside the volume, V - cover_z cover_y cover_x (full = window_total).
+// Exactly 0 for a window wholly inside, whatever V's rounding and whatever the compiler fuses: nvcc's
+// default multiply-add would leave V's rounding error there, and a constant image a nonzero NCC.
+template <typename T>
+DA_HD T window_outside(T cover_z, T cover_y, T cover_x, T full, T volume) {
+  if (cover_z == full && cover_y == full && cover_x == full) return T(0);
+  return volume - cover_z * cover_y * cover_x;
+}
+
 // Window sums over the in-volume voxels of the shifted moments a', b', a'^2, b'^2, a'b'.
 template <typename T>
 struct Moments {
