@@ -3,7 +3,7 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# STEPS picks what runs, in this order (default: all of "gputests cudatests report train train4"); each
+# STEPS picks what runs, in this order (default: all of "gputests cudatests report profile train train4"); each
 # step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
 # options to the two benchmark scripts.
 set -uo pipefail
@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-gputests cudatests report train train4}
+STEPS=${STEPS:-gputests cudatests report profile train train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -44,23 +44,24 @@ if has report; then
 fi
 
 # pytest gets SIGINT at its limit, so it still prints the failures it has seen.
-run_tests() {  # name, limit, files...
-  local name=$1 limit=$2; shift 2
+run_tests() {  # name, limit, -k expression, files...
+  local name=$1 limit=$2 select=$3; shift 3
   log "tests: $name"
   HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-5} timeout -s INT -k 15 "$limit" $PY -m pytest -v --tb=short -rfE \
-    -n "${WORKERS:-16}" -k "not cpu" -p no:cacheprovider "$@" 2>&1 \
+    -n "${WORKERS:-16}" -k "$select" -p no:cacheprovider --durations=5 "$@" 2>&1 \
     | grep -v "PytestBenchmarkWarning\|warner(" >> "$OUT/tests.txt"
   echo "tests ($name) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.txt"
   grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.txt" | tail -n 12
 }
 
 if has gputests; then
-  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" tests/test_gpu.py
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-90}" "not cpu" tests/test_gpu.py
 fi
 
-if has cudatests; then
-  run_tests "kernel tests on cuda" "${CUDA_TEST_TIMEOUT:-60}" tests/test_kernels_sample.py tests/test_kernels_lncc.py \
-    tests/test_kernels_jacobian.py tests/test_kernels_invert.py
+if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
+  KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
+  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-70}" "not cpu and not triton" $KERNEL_TESTS
+  run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-60}" "not cpu and triton" $KERNEL_TESTS
 fi
 
 if has report; then
@@ -72,6 +73,13 @@ if has report; then
     ${REPORT_ARGS:-} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
+fi
+
+if has profile; then  # per-kernel times (torch.profiler), appended to report.log
+  log "kernel profile"
+  echo "== kernel profile" >> "$OUT/report.log"
+  timeout "${PROFILE_TIMEOUT:-60}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  echo "profile exit code: $?"
 fi
 
 if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops

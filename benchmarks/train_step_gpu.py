@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--side-step", type=int, default=32, help="cube side granularity of the search (default 32)")
     p.add_argument("--batch-side", type=int, default=128, help="cube side of the batch search (default 128)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch tried (default 64)")
+    p.add_argument("--fit-memory-gib", type=float, default=None,
+                   help="cap the CUDA allocator at this many GiB for the largest-size search only (e.g. 79 to "
+                        "answer for an 80 GB H100 on a larger card); default: the whole device")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and model (16^3; search up to 16^3 / batch 3): a CPU smoke run")
@@ -308,11 +311,16 @@ def main(argv=None) -> int:
     if args.find_max:
         sides = list(range(args.side_step, args.max_side + 1, args.side_step))
         batches = list(range(2, args.max_batch + 1))  # the implicit term needs pairs
+        cap = ""
+        if args.fit_memory_gib and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit_memory_gib * 2**30 / total), device)
+            cap = f", with the allocator capped at {args.fit_memory_gib:g} GiB"
         extra = [
             "",
             f"largest cube (batch {args.batch}, sides in steps of {args.side_step} up to {args.max_side}) and "
             f"largest batch (at {args.batch_side}^3, up to {args.max_batch}) that fit"
-            + ("" if device.type == "cuda" else " (CPU: ran without an error)"),
+            + cap + ("" if device.type == "cuda" else " (CPU: ran without an error)"),
             "",
             "| ops | precision | checkpointing | largest cube | largest batch |",
             "|---|---|---|---:|---:|",

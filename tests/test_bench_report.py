@@ -81,3 +81,14 @@ def test_triton_lncc_variant_sets_the_in_plane_passes_for_forward_and_backward(m
         torch.autograd.grad(out, [a])
     assert seen == ["dot", "dot"]
     assert similarity.INPLANE == before == "scratch"
+
+
+def test_kernel_profile_runs_on_the_cpu():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_profile.py"), "--side", "10", "--device", "cpu",
+         "--backends", "reference", "--iters", "1", "--rows", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for op in ("sample", "lncc", "jacobian_var", "invert_displacement"):
+        assert f"## {op} " in proc.stdout

@@ -258,19 +258,23 @@ def test_deterministic_volume_gradient(device, padding, deterministic, monkeypat
     assert len(gather.calls) == 2 * len(cases) and all(not call["NEED_VOL"] for call in atomic.calls)
 
 
-def test_cuda_backend_takes_the_deterministic_volume_gradient_from_triton(deterministic, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_backend_takes_the_deterministic_volume_gradient_from_triton(device, deterministic, monkeypatch):
     """The CUDA kernels splat the volume gradient with atomics (their raw op raises under deterministic
     algorithms), so the cuda backend asks the Triton sort-then-gather for it there, and the C++ kernel for
-    the coordinate gradient alone. Its Python layer is checked here on CPU tensors (the C++ op dispatches
-    to the cpu kernels, Triton runs in the interpreter); the GPU runs test_deterministic_through_autograd."""
+    the coordinate gradient alone. Without a GPU its Python layer runs on CPU tensors (the C++ op dispatches
+    to the cpu kernels, Triton runs in the interpreter)."""
+    from deepatlas_fast.kernels._common import INTERPRET
     from deepatlas_fast.ops import _cpp, backend_cuda
 
     if not hasattr(torch.ops.deepatlas_fast_C, "sample_backward"):
         pytest.skip("the C++ extension is not built")
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)")
     gen = g(16)
-    vol = torch.randn(1, 2, 4, 5, 6, generator=gen, dtype=torch.float64)
-    coords = rand_coords(1, (5, 3, 4), gen)
-    grad = torch.randn(1, 2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    vol = torch.randn(1, 2, 4, 5, 6, generator=gen, dtype=torch.float64).to(device)
+    coords = rand_coords(1, (5, 3, 4), gen, device=device)
+    grad = torch.randn(1, 2, 5, 3, 4, generator=gen, dtype=torch.float64).to(device)
     asked, original = [], _cpp.sample_backward
     monkeypatch.setattr(_cpp, "sample_backward", lambda *args: asked.append(args[-2:]) or original(*args))
     for padding in ("zeros", "border"):

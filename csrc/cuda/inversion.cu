@@ -36,12 +36,6 @@ using namespace inversion;
 
 constexpr int64_t kAtomicsPerAddress = 1024;  // same-address atomics per accumulator replica (as Triton)
 
-// One thread per (item, point) on a (blocks, n) grid.
-dim3 launch_grid(int64_t points, int64_t n) {
-  TORCH_CHECK(n < 65536, "deepatlas_fast: batch too large for one launch (", n, " items)");
-  return dim3(blocks_for(points), static_cast<unsigned int>(n));
-}
-
 __device__ __forceinline__ int64_t point_index() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
 
 // ---- kernels ----------------------------------------------------------------------------------------
@@ -156,7 +150,7 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
   const int64_t n = coords.size(0);
   const Grid src = spatial_grid(coords);
   cudaStream_t stream = current_stream();
-  const dim3 splat_grid = launch_grid(src.cells, n);
+  const dim3 splat_grid = point_grid(src.cells, n);
   at::Tensor coarse;
   for (size_t level = levels.size() - 1;; --level) {
     const Grid& grid = levels[level];
@@ -170,7 +164,7 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
     if (level == 0) return {acc, coarse};
     at::Tensor guess = new_output({n, 3, grid.cells}, coords.options());
     const Grid& coarse_grid = levels[std::min(level + 1, levels.size() - 1)];
-    resolve_kernel<T><<<launch_grid(grid.cells, n), kThreads, 0, stream>>>(
+    resolve_kernel<T><<<point_grid(grid.cells, n), kThreads, 0, stream>>>(
         acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
         guess.mutable_data_ptr<T>(), grid, coarse_grid);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -192,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArray
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
     using T = scalar_t;
     const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
-    solve_kernel<T, false><<<launch_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+    solve_kernel<T, false><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
         coords.const_data_ptr<T>(), acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
         out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>(), src, target, coarse_grid, iters,
         T(tol));
@@ -209,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, i
   if (n == 0) return {out.inverse, out.valid};
   AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
     using T = scalar_t;
-    solve_kernel<T, true><<<launch_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
+    solve_kernel<T, true><<<point_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
         disp.const_data_ptr<T>(), nullptr, nullptr, out.inverse.mutable_data_ptr<T>(),
         out.valid.mutable_data_ptr<bool>(), grid, grid, grid, iters, T(tol));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -229,7 +223,7 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
   at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (atomic splat)");
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward", [&] {
     using T = scalar_t;
-    backward_kernel<T, DISP><<<launch_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+    backward_kernel<T, DISP><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
         grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
         valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), src, target);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

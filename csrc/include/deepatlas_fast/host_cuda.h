@@ -17,6 +17,12 @@ inline unsigned int blocks_for(int64_t work, int threads = kThreads) {
   return static_cast<unsigned int>(blocks > 0 ? blocks : 1);
 }
 
+// One thread per (item, point) on a (blocks, n) grid: the batch item is blockIdx.y, no index division.
+inline dim3 point_grid(int64_t points, int64_t n) {
+  TORCH_CHECK(n < 65536, "deepatlas_fast: batch too large for one launch (", n, " items)");
+  return dim3(blocks_for(points), static_cast<unsigned int>(n));
+}
+
 // Kernels run on the caller's current stream (CUDA-graph capture, user streams), never synchronise.
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

@@ -10,8 +10,8 @@ namespace deepatlas_fast {
 // border: clip to [0, size-1]; no gradient on or beyond a border.
 // zeros: clip to [-2, size+1] (every corner is outside there, so the slope never matters) to keep
 // floor() in integer range. A NaN coordinate stays NaN (it reaches the output through the weights).
-template <typename T>
-DA_HD void axis_position(T coord, int64_t size, bool zeros, T& position, T& slope) {
+template <typename T, typename I>
+DA_HD void axis_position(T coord, I size, bool zeros, T& position, T& slope) {
   const T x = ((coord + T(1)) / T(2)) * T(size - 1);
   const T scale = T(size - 1) / T(2);
   if (is_nan(x)) {
@@ -30,38 +30,39 @@ DA_HD void axis_position(T coord, int64_t size, bool zeros, T& position, T& slop
 
 // The cell below a position: floor(position) (grid_sample), or with clamp_cell kept in
 // [0, size-2] so that a point on the upper border uses the last cell with fraction 1 (inversion).
-template <typename T>
-DA_HD void cell_of(T position, int64_t size, bool clamp_cell, int64_t& low, T& frac) {
+template <typename T, typename I>
+DA_HD void cell_of(T position, I size, bool clamp_cell, I& low, T& frac) {
   T base = is_nan(position) ? T(0) : floor(position);
   if (clamp_cell) base = clamp_to(base, T(0), T(size >= 2 ? size - 2 : 0));
-  low = static_cast<int64_t>(base);
+  low = static_cast<I>(base);
   frac = position - base;
 }
 
 // The 8 corners of a cell: flat index (clamped into the volume so it can be read), weight,
 // d weight / d position (3 axes) and whether the corner really lies inside the volume.
-// Corner k has steps ((k >> 2) & 1, (k >> 1) & 1, k & 1) along (D, H, W).
-template <typename T>
+// Corner k has steps ((k >> 2) & 1, (k >> 1) & 1, k & 1) along (D, H, W). I: the index type (int64_t;
+// the CUDA sampling kernels use int32_t where every flat index of the call fits, for fewer registers).
+template <typename T, typename I = int64_t>
 struct Corners {
-  int64_t index[8];
+  I index[8];
   T weight[8];
   T d_weight[8][3];
   bool inside[8];
 };
 
-template <typename T>
-DA_HD void trilinear_corners(const int64_t low[3], const T frac[3], const int64_t size[3], Corners<T>& out) {
+template <typename T, typename I>
+DA_HD void trilinear_corners(const I low[3], const T frac[3], const I size[3], Corners<T, I>& out) {
   // per axis first (2 indices, factors, in-bounds flags), then the 8 combinations
-  int64_t index[3][2];
+  I index[3][2];
   T factor[3][2];
   bool inside[3][2];
   DA_UNROLL
   for (int a = 0; a < 3; ++a) {
     DA_UNROLL
     for (int step = 0; step < 2; ++step) {
-      const int64_t i = low[a] + step;
+      const I i = low[a] + step;
       inside[a][step] = i >= 0 && i < size[a];
-      index[a][step] = clamp_to<int64_t>(i, 0, size[a] - 1);
+      index[a][step] = clamp_to<I>(i, 0, size[a] - 1);
     }
     factor[a][0] = T(1) - frac[a];
     factor[a][1] = frac[a];
@@ -86,8 +87,8 @@ DA_HD void trilinear_corners(const int64_t low[3], const T frac[3], const int64_
 #endif
 
 // The sampled value of one channel plane: sum of in-volume corner values times their weights.
-template <typename T>
-DA_HD T corner_value(const T* plane, const Corners<T>& k) {
+template <typename T, typename I>
+DA_HD T corner_value(const T* plane, const Corners<T, I>& k) {
   T acc = 0;
   DA_UNROLL
   for (int j = 0; j < 8; ++j) acc += k.inside[j] ? DA_LOAD(plane + k.index[j]) * k.weight[j] : T(0);
@@ -95,8 +96,8 @@ DA_HD T corner_value(const T* plane, const Corners<T>& k) {
 }
 
 // Adds up * d(sampled value of one channel plane) / d position to d_pos (the coordinate gradient's gather).
-template <typename T>
-DA_HD void add_position_gradient(const T* plane, const Corners<T>& k, T up, T d_pos[3]) {
+template <typename T, typename I>
+DA_HD void add_position_gradient(const T* plane, const Corners<T, I>& k, T up, T d_pos[3]) {
   T dot[3] = {0, 0, 0};
   DA_UNROLL
   for (int j = 0; j < 8; ++j) {
@@ -110,15 +111,15 @@ DA_HD void add_position_gradient(const T* plane, const Corners<T>& k, T up, T d_
 }
 
 // Everything one sampled point needs: corners (grid_sample cells) and the padding slopes.
-template <typename T>
+template <typename T, typename I = int64_t>
 struct SamplePoint {
-  Corners<T> corners;
+  Corners<T, I> corners;
   T slope[3];
 };
 
-template <typename T>
-DA_HD void sample_point(const T coord[3], const int64_t size[3], bool zeros, SamplePoint<T>& point) {
-  int64_t low[3];
+template <typename T, typename I>
+DA_HD void sample_point(const T coord[3], const I size[3], bool zeros, SamplePoint<T, I>& point) {
+  I low[3];
   T frac[3];
 DA_UNROLL
   for (int a = 0; a < 3; ++a) {
@@ -140,14 +141,17 @@ struct Geometry {
 };
 
 // Coordinates of point p of batch b: the field itself (sample) or identity + displacement (warp).
-template <typename T, bool WARP>
-DA_HD void point_coords(const T* __restrict__ field, const Geometry& g, int64_t b, int64_t p, T coord[3]) {
-  const T* base = field + b * 3 * g.points + p;
+// I: the index type of the whole computation (n * 3 * points must fit).
+template <typename T, bool WARP, typename I>
+DA_HD void point_coords(const T* __restrict__ field, const Geometry& g, I b, I p, T coord[3]) {
+  const I points = static_cast<I>(g.points);
+  const T* base = field + b * 3 * points + p;
 DA_UNROLL
-  for (int a = 0; a < 3; ++a) coord[a] = base[a * g.points];
+  for (int a = 0; a < 3; ++a) coord[a] = base[a * points];
   if (WARP) {
-    const int64_t w = p % g.out_size[2], h = (p / g.out_size[2]) % g.out_size[1];
-    const int64_t d = p / (g.out_size[1] * g.out_size[2]);
+    const I ow = static_cast<I>(g.out_size[2]), oh = static_cast<I>(g.out_size[1]);
+    const I w = p % ow, h = (p / ow) % oh;
+    const I d = p / (oh * ow);
     coord[0] += identity_coordinate<T>(d, g.out_size[0]);
     coord[1] += identity_coordinate<T>(h, g.out_size[1]);
     coord[2] += identity_coordinate<T>(w, g.out_size[2]);
@@ -155,12 +159,20 @@ DA_UNROLL
 }
 
 // sample_point at point p of batch b of the field.
-template <typename T, bool WARP>
-DA_HD void sample_field_point(const T* __restrict__ field, const Geometry& g, int64_t b, int64_t p, bool zeros,
-                              SamplePoint<T>& point) {
+template <typename T, bool WARP, typename I>
+DA_HD void sample_field_point(const T* __restrict__ field, const Geometry& g, I b, I p, bool zeros,
+                              SamplePoint<T, I>& point) {
   T coord[3];
   point_coords<T, WARP>(field, g, b, p, coord);
-  sample_point(coord, g.size, zeros, point);
+  const I size[3] = {static_cast<I>(g.size[0]), static_cast<I>(g.size[1]), static_cast<I>(g.size[2])};
+  sample_point(coord, size, zeros, point);
+}
+
+// Whether every flat index of a sample / warp call (inputs, outputs, gradients) fits in int32_t.
+DA_HD bool fits_int32(const Geometry& g) {
+  const int64_t limit = int64_t(1) << 31;
+  const int64_t channels = g.c > 3 ? g.c : 3;
+  return g.n * channels * g.points < limit && g.n * g.c * g.volume < limit;
 }
 
 }  // namespace sampling
