@@ -21,6 +21,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+STANDARD = "-std=c++20"  # setup.py's: every translation unit of the extension uses one C++ standard
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -62,7 +64,7 @@ def short(name: str) -> str:
 def compile_one(nvcc, source: Path, stub: Path):
     includes = [ROOT / "csrc" / "include", stub, *torch_includes()]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-DDEEPATLAS_FAST_WITH_CUDA=1",
+        cmd = [nvcc, "-c", STANDARD, "-arch=sm_90", "-O3", "-Xptxas", "-v", "-DDEEPATLAS_FAST_WITH_CUDA=1",
                *[f"-I{p}" for p in includes], str(source), "-o", str(Path(tmp) / "out.o")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     rows, current = [], None

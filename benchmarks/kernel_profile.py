@@ -4,8 +4,9 @@
     python benchmarks/kernel_profile.py --side 24 --device cpu --backends cpu   # smoke run (any machine)
 
 The same inputs as the kernel report (``deepatlas_fast.bench.build_cases``, batch 1, fp32). For each op and
-backend: the kernels (or CPU ops) sorted by their total time over ``--iters`` forward+backward passes,
-after one warm-up pass. Complements the report's fwd/bwd timings where no hardware profiler runs.
+backend: the GPU kernels (on a CPU: the ops) sorted by their own time over ``--iters`` forward+backward
+passes, after one warm-up pass, with the finiteness checks off as in the report. Complements the report's
+fwd/bwd timings where no hardware profiler runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepatlas_fast import bench  # noqa: E402
+from deepatlas_fast import bench, finite_checks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,6 @@ def main(argv=None) -> int:
     backends = args.backends.split(",")
     cases = bench.build_cases(device, [(args.side, 1)], backends)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     for case in cases:
         for name in backends:
             fn = case.impls.get(name)
@@ -47,15 +47,37 @@ def main(argv=None) -> int:
                 out = fn(*leaves, *frozen)
                 torch.autograd.grad(out.sum(), leaves, allow_unused=True)
 
-            once()
-            bench.sync(device)
-            with profile(activities=activities) as prof:
-                for _ in range(args.iters):
-                    once()
+            with finite_checks(False):
+                once()
                 bench.sync(device)
+                with profile(activities=activities) as prof:
+                    for _ in range(args.iters):
+                        once()
+                    bench.sync(device)
             print(f"\n## {case.op} {case.label} [{name}], {args.iters} fwd+bwd passes", flush=True)
-            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=70), flush=True)
+            print(kernel_table(prof, device, args.rows), flush=True)
     return 0
+
+
+def kernel_table(prof, device, rows: int) -> str:
+    """Markdown rows: name, calls, own time in total and per call (GPU kernels only on a GPU)."""
+    on_gpu = device.type == "cuda"
+
+    def own_us(event):
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    def counted(event):  # on a GPU the kernels alone (the ops that launch them report the same time)
+        return own_us(event) > 0 and (not on_gpu or str(getattr(event, "device_type", "")).endswith("CUDA"))
+
+    events = [e for e in prof.key_averages() if counted(e)]
+    events.sort(key=own_us, reverse=True)
+    total = sum(own_us(e) for e in events) or 1.0
+    lines = ["| kernel | calls | own ms | ms per call | share |", "|---|---:|---:|---:|---:|"]
+    for e in events[:rows]:
+        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        lines.append(f"| `{name}` | {e.count} | {own_us(e) / 1e3:.3f} | {own_us(e) / 1e3 / e.count:.3f} | "
+                     f"{100 * own_us(e) / total:.0f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,9 @@ def test_every_cuda_source_compiles_for_sm90_without_spills():
     compiled = {line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and ".cu" in line}
     assert compiled == {p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")}
     assert "COMPILE ERROR" not in proc.stdout
+
+
+def test_compiles_with_the_extensions_cpp_standard():
+    """One standard for every translation unit (setup.py says why); this check compiles with the same."""
+    setup = (ROOT / "setup.py").read_text()
+    assert f'standard = "{cuda_sm90.STANDARD}"' in setup
