@@ -164,8 +164,9 @@ def measure(case: Case, images, ops, bf16, repeats):
 
 def measure_loss_side(case: Case, images, ops, repeats):
     """The objective alone, as the anchor's "loss side": forward + backward of ``deepatlas_loss`` from
-    network outputs held as leaves (fp32). Median ms and peak MiB beyond what was allocated before
-    (images, outputs, model) - the loss's own working memory."""
+    network outputs (fp32): the coordinate map a leaf with gradient, the features without (the autoencoder
+    is frozen in training), the frame as the model gave it. Median ms and peak MiB beyond what was
+    allocated before (images, outputs, model) - the loss's own working memory."""
     device = case.device
     with torch.no_grad():
         fixed = case.model(images)
@@ -174,9 +175,10 @@ def measure_loss_side(case: Case, images, ops, repeats):
 
     def once():
         leaf_raw = raw.clone().requires_grad_()
-        leaf_feats = feats.clone().requires_grad_()
-        outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": leaf_feats,
+        outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": feats.clone(),
                    "atlas": case.model.atlas.view_as(case.model.atlas)}
+        if fixed.get("frame") is not None:
+            outputs["frame"] = fixed["frame"]
         loss, _ = deepatlas_loss(case.model, images, case.weights, ops=ops, outputs=outputs)
         loss.backward()
 

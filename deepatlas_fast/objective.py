@@ -174,7 +174,8 @@ def implicit_term(
     n = coords.shape[0]
     if n < 2:
         raise ValueError(f"coords must hold at least 2 exams for the implicit term, got batch {n}")
-    if pairs is None:
+    default_pairs = pairs is None
+    if default_pairs:
         pairs = torch.roll(torch.arange(n, device=coords.device), -1)
     coords = coords.float()
     features = features.float()
@@ -183,11 +184,17 @@ def implicit_term(
     mask = ops.sample(valid_b, coords.detach(), "zeros") >= 0.5  # [N, 1, D, H, W]
     target = ops.sample(psi_b, coords)  # position in exam b of each voxel of exam a
     target = torch.where(mask, target, target.detach())
-    warped = ops.sample(features[pairs].detach(), target)
+    if default_pairs:  # a permutation (b = a + 1): sample exam b's own features at the targets of the exam
+        # pointing at it, then roll the result back, instead of holding a permuted copy of every feature
+        # volume until the backward (sample keeps its volume for the coordinate gradient)
+        warped = torch.roll(ops.sample(features.detach(), torch.roll(target, 1, 0)), -1, 0)
+    else:
+        warped = ops.sample(features[pairs].detach(), target)
     ncc = ops.lncc(features, warped, weights.kernel_size, weights.kernel, weights.eps, "none")
     maskf = mask.to(ncc.dtype)
     count = maskf.sum() * ncc.shape[1]
-    loss = -(ncc * maskf).sum() / count.clamp_min(1.0)
+    # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
+    loss = -(ncc.sum(dim=1, keepdim=True) * maskf).sum() / count.clamp_min(1.0)
     if return_valid_fraction:
         return loss, maskf.mean().detach()
     return loss
@@ -223,9 +230,25 @@ def collapse_term(coords: Tensor, ratio: float = 0.25) -> Tensor:
     return F.relu(ratio - var / ref).pow(2).mean()
 
 
+class _BoundLoss(torch.autograd.Function):
+    """``mean relu(|c| - 1)^2`` holding only ``c`` for the backward, whose gradient it builds in place:
+    at full resolution the autograd chain of abs, relu and pow kept a map and made three in its backward."""
+
+    @staticmethod
+    def forward(ctx, c):
+        ctx.save_for_backward(c)
+        return c.abs().sub_(1.0).clamp_min_(0.0).square_().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        excess = torch.copysign(c.abs().sub_(1.0).clamp_min_(0.0), c)
+        return excess.mul_(grad * (2.0 / max(c.numel(), 1)))
+
+
 def bound_term(coords_raw: Tensor) -> Tensor:
     """``mean relu(|c| - 1)^2``: excursion of the raw map beyond the template cube."""
-    return F.relu(coords_raw.float().abs() - 1.0).pow(2).mean()
+    return _BoundLoss.apply(coords_raw.float())
 
 
 def _autocast_off(device: torch.device):

@@ -207,6 +207,34 @@ def test_folding_and_bound_terms_fire():
     assert float(bound_term(outside)) > 0 and float(bound_term(ident)) == 0
 
 
+def test_bound_term_matches_its_formula_and_gradient():
+    from deepatlas_fast.objective import _BoundLoss
+
+    c = (1.5 * torch.randn(2, 3, 5, 6, 7, generator=g(8), dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(_BoundLoss.apply, (c,))
+    expected = F.relu(c.abs() - 1).pow(2).mean()
+    torch.testing.assert_close(_BoundLoss.apply(c), expected)
+    torch.testing.assert_close(torch.autograd.grad(_BoundLoss.apply(c), c)[0], torch.autograd.grad(expected, c)[0])
+
+
+@pytest.mark.parametrize("ops", ["fused", "stock"])
+def test_implicit_default_pairs_equal_the_explicit_permutation(ops):
+    """The default pairs (b = a + 1) sample each exam's own features and roll the result instead of
+    copying the features: same loss and gradient as passing that permutation."""
+    n, shape = 3, (S, S, S)
+    coords = (da.identity_coords(shape, batch=n) * 0.9 + 0.03 * torch.randn(n, 3, *shape, generator=g(9)))
+    coords = coords.requires_grad_()
+    feats = torch.rand(n, 2, *shape, generator=g(10))
+    w = LossWeights(invert_iters=4)
+    pairs = torch.roll(torch.arange(n), -1)
+    default, frac = implicit_term(coords, feats, shape, w, ops, return_valid_fraction=True)
+    given, given_frac = implicit_term(coords, feats, shape, w, ops, pairs=pairs, return_valid_fraction=True)
+    assert float(frac) > 0.5
+    torch.testing.assert_close(default, given)
+    torch.testing.assert_close(frac, given_frac)
+    torch.testing.assert_close(torch.autograd.grad(default, coords)[0], torch.autograd.grad(given, coords)[0])
+
+
 def test_fused_and_stock_give_the_same_loss():
     model = _model(features=2, template=(10, 10, 10))
     x = _shifted_pair(size=S)
