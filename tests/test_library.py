@@ -105,3 +105,57 @@ def test_torchscript_can_call_the_ops():
     vol = torch.randn(1, 1, 5, 5, 5, generator=g(14))
     coords = rand_coords(1, (5, 5, 5), g(15), dtype=torch.float32)
     torch.testing.assert_close(scripted(vol, coords), da.sample(vol, coords).sum() + da.lncc(vol, vol, 3))
+
+
+def _run_all_ops(fast: bool, monkeypatch):
+    from deepatlas_fast.ops import _common
+
+    monkeypatch.setattr(_common, "EAGER_FAST_PATH", fast)
+    calls = []
+    forward = _common._EagerFunction.forward
+    monkeypatch.setattr(_common._EagerFunction, "forward",
+                        staticmethod(lambda ctx, op, *inputs: calls.append(op.name) or forward(ctx, op, *inputs)))
+    inputs = all_ops_inputs()
+    loss = all_ops_loss(*inputs)
+    loss.backward()
+    return loss.detach(), [x.grad for x in inputs[1:]], calls
+
+
+def test_eager_path_runs_the_same_kernels_as_the_registered_ops(monkeypatch):
+    """A plain eager call runs each op through one autograd.Function (less Python per call) with the
+    custom op's own forward, setup, gradient formula and backward: the same bits as the registered op."""
+    fast, fast_grads, fast_calls = _run_all_ops(True, monkeypatch)
+    slow, slow_grads, slow_calls = _run_all_ops(False, monkeypatch)
+    assert sorted(set(fast_calls)) == ["invert", "invert_displacement", "jacobian_det", "jacobian_var", "lncc",
+                                       "sample", "warp"]
+    assert slow_calls == []
+    assert torch.equal(fast, slow)
+    for x, y in zip(fast_grads, slow_grads):
+        assert torch.equal(x, y)
+
+
+def test_dispatch_modes_and_no_grad_calls_see_the_registered_ops():
+    """Under a dispatch mode (as fake tensors, export and debugging tools install) the custom op runs, so
+    the mode sees deepatlas_fast ops; without gradients the eager path calls the forward kernel alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    vol = torch.randn(1, 1, 5, 5, 5, generator=g(18))
+    coords = rand_coords(1, (4, 5, 3), g(19), dtype=torch.float32).requires_grad_()
+    expected = da.sample(vol, coords)
+    with Record() as mode:
+        got = da.sample(vol, coords)
+        got.sum().backward()
+    assert "deepatlas_fast.sample.default" in mode.seen and "deepatlas_fast.sample_backward.default" in mode.seen
+    torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(da.sample(vol, coords), expected)
+    assert not da.sample(vol, coords.detach()).requires_grad

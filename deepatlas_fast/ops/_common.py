@@ -37,3 +37,71 @@ def empty_grads(needs_and_likes) -> list[torch.Tensor]:
     """Fake outputs of a ``*_backward`` op: one contiguous empty tensor per requested gradient."""
     return [like.new_empty(like.shape) for need, like in needs_and_likes if need]
 
+
+
+# ---------------------------------------------------------------------------------------------- eager path
+# Every op is a torch.library custom op (what torch.compile, fake tensors, export and vmap see). In a plain
+# eager call the same forward kernel, setup_context, gradient formula and backward kernel run through one
+# torch.autograd.Function instead, skipping the custom-op dispatch layers: about 40 % less Python per
+# forward + backward (measured on the CPU: sample at 4^3, 168 -> 102 us; F.grid_sample 53 us), which is
+# what a GPU waits for at moderate sizes.
+EAGER_FAST_PATH = True  # tests switch it off to compare both paths
+
+
+def _plain(x) -> bool:
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def plain_eager(tensors) -> bool:
+    """An ordinary eager call: not traced or compiled, no dispatch or function mode active (fake tensors,
+    export, debug modes), no tensor subclass or functorch wrapper among the inputs."""
+    return (
+        EAGER_FAST_PATH
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(_plain(t) for t in tensors)
+    )
+
+
+class _EagerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        output = op.forward(*inputs)
+        op.setup(ctx, inputs, output)
+        ctx.op = op
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.op.gradient(ctx, ctx.needs_input_grad[1:], ctx.op.backward, *grads))
+
+
+class EagerOp:
+    """One op's pieces, shared by its custom op and the eager path.
+
+    Args:
+        name: the custom op's name in ``torch.ops.deepatlas_fast`` (its backward is ``name + "_backward"``).
+        forward: the forward kernel call on checked inputs (the custom op's body after its checks).
+        setup: ``setup_context(ctx, inputs, output)``.
+        gradient: ``gradient(ctx, needs, backward, *grads)``: one gradient slot per input, calling
+            ``backward`` (the registered backward op, or its kernel call on the eager path) with the
+            backward op's arguments.
+        backward: the backward op's kernel call.
+    """
+
+    def __init__(self, name, forward, setup, gradient, backward):
+        self.name, self.forward, self.setup, self.gradient, self.backward = name, forward, setup, gradient, backward
+
+    def formula(self, ctx, *grads):
+        """The custom op's autograd formula (register_autograd)."""
+        return self.gradient(ctx, ctx.needs_input_grad, getattr(torch.ops.deepatlas_fast, self.name + "_backward"), *grads)
+
+    def __call__(self, *inputs):
+        """Run the op on inputs the public function has checked."""
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        if not plain_eager(tensors):
+            return getattr(torch.ops.deepatlas_fast, self.name)(*inputs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _EagerFunction.apply(self, *inputs)
+        return self.forward(*inputs)  # nothing to differentiate (as the custom op's autograd decides too)

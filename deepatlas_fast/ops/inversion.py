@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import backend, backward_backend, forward_backend
+from ._common import EagerOp, backend, backward_backend, forward_backend
 from .validation import FULL_DTYPES, check_finite, check_int, check_positive_float, check_shape3, check_tensor
 
 
@@ -20,10 +20,14 @@ def _check_options(iters, tol) -> None:
     check_positive_float("tol", tol)
 
 
+def _invert_forward(coords, out_shape, iters, tol):
+    return backend("invert", coords).invert(coords.contiguous(), list(out_shape), iters, tol)
+
+
 @torch.library.custom_op("deepatlas_fast::invert", mutates_args=())
 def _invert_op(coords: Tensor, out_shape: list[int], iters: int, tol: float) -> tuple[Tensor, Tensor]:
     _check_field("coords", coords)
-    return backend("invert", coords).invert(coords.contiguous(), list(out_shape), iters, tol)
+    return _invert_forward(coords, out_shape, iters, tol)
 
 
 @_invert_op.register_fake
@@ -33,10 +37,14 @@ def _(coords, out_shape, iters, tol):
     return coords.new_empty((n, 3, *out_shape)), coords.new_empty((n, 1, *out_shape), dtype=torch.bool)
 
 
-@torch.library.custom_op("deepatlas_fast::invert_backward", mutates_args=())
-def _invert_backward_op(grad: Tensor, coords: Tensor, inverse: Tensor, valid: Tensor, backend_name: str) -> Tensor:
+def _invert_backward(grad, coords, inverse, valid, backend_name):
     impl = backward_backend(backend_name, "invert")
     return impl.invert_backward(grad.contiguous(), coords.contiguous(), inverse.contiguous(), valid.contiguous())
+
+
+@torch.library.custom_op("deepatlas_fast::invert_backward", mutates_args=())
+def _invert_backward_op(grad: Tensor, coords: Tensor, inverse: Tensor, valid: Tensor, backend_name: str) -> Tensor:
+    return _invert_backward(grad, coords, inverse, valid, backend_name)
 
 
 @_invert_backward_op.register_fake
@@ -44,10 +52,14 @@ def _(grad, coords, inverse, valid, backend_name):
     return coords.new_empty(coords.shape)
 
 
+def _invert_disp_forward(disp, iters, tol):
+    return backend("invert_displacement", disp).invert_displacement(disp.contiguous(), iters, tol)
+
+
 @torch.library.custom_op("deepatlas_fast::invert_displacement", mutates_args=())
 def _invert_disp_op(disp: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor]:
     _check_field("disp", disp)
-    return backend("invert_displacement", disp).invert_displacement(disp.contiguous(), iters, tol)
+    return _invert_disp_forward(disp, iters, tol)
 
 
 @_invert_disp_op.register_fake
@@ -56,14 +68,18 @@ def _(disp, iters, tol):
     return disp.new_empty(disp.shape), disp.new_empty((disp.shape[0], 1, *disp.shape[2:]), dtype=torch.bool)
 
 
-@torch.library.custom_op("deepatlas_fast::invert_displacement_backward", mutates_args=())
-def _invert_disp_backward_op(
-    grad: Tensor, disp: Tensor, inverse_disp: Tensor, valid: Tensor, backend_name: str
-) -> Tensor:
+def _invert_disp_backward(grad, disp, inverse_disp, valid, backend_name):
     impl = backward_backend(backend_name, "invert_displacement")
     return impl.invert_displacement_backward(
         grad.contiguous(), disp.contiguous(), inverse_disp.contiguous(), valid.contiguous()
     )
+
+
+@torch.library.custom_op("deepatlas_fast::invert_displacement_backward", mutates_args=())
+def _invert_disp_backward_op(
+    grad: Tensor, disp: Tensor, inverse_disp: Tensor, valid: Tensor, backend_name: str
+) -> Tensor:
+    return _invert_disp_backward(grad, disp, inverse_disp, valid, backend_name)
 
 
 @_invert_disp_backward_op.register_fake
@@ -80,18 +96,19 @@ def _setup(op):
     return setup_context
 
 
-def _invert_grad(ctx, grad, _grad_valid):
-    coords, inverse, valid = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.invert_backward(grad, coords, inverse, valid, ctx.backend), None, None, None
+def _gradient(trailing: int):
+    def gradient(ctx, needs, backward, grad, _grad_valid):
+        field, inverse, valid = ctx.saved_tensors
+        return (backward(grad, field, inverse, valid, ctx.backend),) + (None,) * trailing
+
+    return gradient
 
 
-def _invert_disp_grad(ctx, grad, _grad_valid):
-    disp, inverse_disp, valid = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.invert_displacement_backward(grad, disp, inverse_disp, valid, ctx.backend), None, None
-
-
-_invert_op.register_autograd(_invert_grad, setup_context=_setup("invert"))
-_invert_disp_op.register_autograd(_invert_disp_grad, setup_context=_setup("invert_displacement"))
+INVERT = EagerOp("invert", _invert_forward, _setup("invert"), _gradient(3), _invert_backward)
+INVERT_DISPLACEMENT = EagerOp("invert_displacement", _invert_disp_forward, _setup("invert_displacement"), _gradient(2),
+                              _invert_disp_backward)
+_invert_op.register_autograd(INVERT.formula, setup_context=INVERT.setup)
+_invert_disp_op.register_autograd(INVERT_DISPLACEMENT.formula, setup_context=INVERT_DISPLACEMENT.setup)
 
 
 def invert(
@@ -120,7 +137,7 @@ def invert(
     out_shape = check_shape3("out_shape", tuple(coords.shape[2:]) if out_shape is None else out_shape, minimum=2)
     _check_options(iters, tol)
     check_finite("coords", coords)
-    return torch.ops.deepatlas_fast.invert(coords, out_shape, iters, float(tol))
+    return INVERT(coords, list(out_shape), iters, float(tol))
 
 
 def invert_displacement(disp: Tensor, iters: int = 8, tol: float = 0.05) -> tuple[Tensor, Tensor]:
@@ -135,4 +152,4 @@ def invert_displacement(disp: Tensor, iters: int = 8, tol: float = 0.05) -> tupl
     _check_field("disp", disp)
     _check_options(iters, tol)
     check_finite("disp", disp)
-    return torch.ops.deepatlas_fast.invert_displacement(disp, iters, float(tol))
+    return INVERT_DISPLACEMENT(disp, iters, float(tol))

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import backend, backward_backend, forward_backend
+from ._common import EagerOp, backend, backward_backend, forward_backend
 from .validation import FULL_DTYPES, check_finite, check_scale, check_tensor
 
 
@@ -15,10 +15,14 @@ def _check(field) -> None:
     check_tensor("field", field, ndim=5, channels=3, dtypes=FULL_DTYPES, min_spatial=2)
 
 
+def _det_forward(field, scale):
+    return backend("jacobian_det", field).jacobian_det(field.contiguous(), scale)
+
+
 @torch.library.custom_op("deepatlas_fast::jacobian_det", mutates_args=())
 def _det_op(field: Tensor, scale: Optional[list[float]]) -> Tensor:
     _check(field)
-    return backend("jacobian_det", field).jacobian_det(field.contiguous(), scale)
+    return _det_forward(field, scale)
 
 
 @_det_op.register_fake
@@ -27,9 +31,13 @@ def _(field, scale):
     return field.new_empty((field.shape[0], 1, *field.shape[2:]))
 
 
+def _det_backward(grad, field, scale, backend_name):
+    return backward_backend(backend_name, "jacobian_det").jacobian_det_backward(grad.contiguous(), field.contiguous(), scale)
+
+
 @torch.library.custom_op("deepatlas_fast::jacobian_det_backward", mutates_args=())
 def _det_backward_op(grad: Tensor, field: Tensor, scale: Optional[list[float]], backend_name: str) -> Tensor:
-    return backward_backend(backend_name, "jacobian_det").jacobian_det_backward(grad.contiguous(), field.contiguous(), scale)
+    return _det_backward(grad, field, scale, backend_name)
 
 
 @_det_backward_op.register_fake
@@ -37,10 +45,14 @@ def _(grad, field, scale, backend_name):
     return field.new_empty(field.shape)
 
 
+def _var_forward(field, scale, normalized):
+    return backend("jacobian_var", field).jacobian_var(field.contiguous(), scale, normalized)
+
+
 @torch.library.custom_op("deepatlas_fast::jacobian_var", mutates_args=())
 def _var_op(field: Tensor, scale: Optional[list[float]], normalized: bool) -> tuple[Tensor, Tensor]:
     _check(field)
-    return backend("jacobian_var", field).jacobian_var(field.contiguous(), scale, normalized)
+    return _var_forward(field, scale, normalized)
 
 
 @_var_op.register_fake
@@ -49,12 +61,16 @@ def _(field, scale, normalized):
     return field.new_empty(()), field.new_empty(())
 
 
+def _var_backward(grad_var, field, scale, normalized, backend_name):
+    impl = backward_backend(backend_name, "jacobian_var")
+    return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), scale, normalized)
+
+
 @torch.library.custom_op("deepatlas_fast::jacobian_var_backward", mutates_args=())
 def _var_backward_op(
     grad_var: Tensor, field: Tensor, scale: Optional[list[float]], normalized: bool, backend_name: str
 ) -> Tensor:
-    impl = backward_backend(backend_name, "jacobian_var")
-    return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), scale, normalized)
+    return _var_backward(grad_var, field, scale, normalized, backend_name)
 
 
 @_var_backward_op.register_fake
@@ -68,9 +84,9 @@ def _det_setup(ctx, inputs, output):
     ctx.backend = forward_backend("jacobian_det", field)
 
 
-def _det_grad(ctx, grad):
+def _det_gradient(ctx, needs, backward, grad):
     (field,) = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.jacobian_det_backward(grad, field, ctx.scale, ctx.backend), None
+    return backward(grad, field, ctx.scale, ctx.backend), None
 
 
 def _var_setup(ctx, inputs, output):
@@ -80,13 +96,15 @@ def _var_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _var_grad(ctx, grad_var, _grad_folding):
+def _var_gradient(ctx, needs, backward, grad_var, _grad_folding):
     (field,) = ctx.saved_tensors
-    return torch.ops.deepatlas_fast.jacobian_var_backward(grad_var, field, ctx.scale, ctx.normalized, ctx.backend), None, None
+    return backward(grad_var, field, ctx.scale, ctx.normalized, ctx.backend), None, None
 
 
-_det_op.register_autograd(_det_grad, setup_context=_det_setup)
-_var_op.register_autograd(_var_grad, setup_context=_var_setup)
+JACOBIAN_DET = EagerOp("jacobian_det", _det_forward, _det_setup, _det_gradient, _det_backward)
+JACOBIAN_VAR = EagerOp("jacobian_var", _var_forward, _var_setup, _var_gradient, _var_backward)
+_det_op.register_autograd(JACOBIAN_DET.formula, setup_context=JACOBIAN_DET.setup)
+_var_op.register_autograd(JACOBIAN_VAR.formula, setup_context=JACOBIAN_VAR.setup)
 
 
 def jacobian_det(field: Tensor, scale: Optional[Union[Sequence[float], Tensor]] = None) -> Tensor:
@@ -107,7 +125,7 @@ def jacobian_det(field: Tensor, scale: Optional[Union[Sequence[float], Tensor]] 
     _check(field)
     scale = check_scale("scale", scale)
     check_finite("field", field)
-    return torch.ops.deepatlas_fast.jacobian_det(field, scale)
+    return JACOBIAN_DET(field, scale)
 
 
 def jacobian_var(
@@ -135,5 +153,5 @@ def jacobian_var(
     if not isinstance(normalized, bool):
         raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
     check_finite("field", field)
-    var, folding = torch.ops.deepatlas_fast.jacobian_var(field, scale, normalized)
+    var, folding = JACOBIAN_VAR(field, scale, normalized)
     return (var, folding) if return_folding else var

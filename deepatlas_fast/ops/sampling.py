@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import backend, backward_backend, empty_grads, forward_backend, spread_grads
+from ._common import EagerOp, backend, backward_backend, empty_grads, forward_backend, spread_grads
 from .validation import FULL_DTYPES, check_batch, check_choice, check_finite, check_same_device, check_tensor
 
 PADDINGS = ("border", "zeros")
@@ -19,10 +19,14 @@ def _check(vol, field, padding: str, field_name: str) -> None:
     check_choice("padding", padding, PADDINGS)
 
 
+def _sample_forward(vol, coords, padding):
+    return backend("sample", vol).sample(vol.contiguous(), coords.contiguous(), padding)
+
+
 @torch.library.custom_op("deepatlas_fast::sample", mutates_args=())
 def _sample_op(vol: Tensor, coords: Tensor, padding: str) -> Tensor:
     _check(vol, coords, padding, "coords")
-    return backend("sample", vol).sample(vol.contiguous(), coords.contiguous(), padding)
+    return _sample_forward(vol, coords, padding)
 
 
 @_sample_op.register_fake
@@ -31,12 +35,16 @@ def _(vol, coords, padding):
     return vol.new_empty((vol.shape[0], vol.shape[1], *coords.shape[2:]))
 
 
+def _sample_backward(grad, vol, coords, padding, need_vol, need_coords, backend_name):
+    impl = backward_backend(backend_name, "sample")
+    return impl.sample_backward(grad.contiguous(), vol.contiguous(), coords.contiguous(), padding, need_vol, need_coords)
+
+
 @torch.library.custom_op("deepatlas_fast::sample_backward", mutates_args=())
 def _sample_backward_op(
     grad: Tensor, vol: Tensor, coords: Tensor, padding: str, need_vol: bool, need_coords: bool, backend_name: str
 ) -> list[Tensor]:
-    impl = backward_backend(backend_name, "sample")
-    return impl.sample_backward(grad.contiguous(), vol.contiguous(), coords.contiguous(), padding, need_vol, need_coords)
+    return _sample_backward(grad, vol, coords, padding, need_vol, need_coords, backend_name)
 
 
 @_sample_backward_op.register_fake
@@ -44,10 +52,14 @@ def _(grad, vol, coords, padding, need_vol, need_coords, backend_name):
     return empty_grads([(need_vol, vol), (need_coords, coords)])
 
 
+def _warp_forward(vol, disp, padding):
+    return backend("warp", vol).warp(vol.contiguous(), disp.contiguous(), padding)
+
+
 @torch.library.custom_op("deepatlas_fast::warp", mutates_args=())
 def _warp_op(vol: Tensor, disp: Tensor, padding: str) -> Tensor:
     _check(vol, disp, padding, "disp")
-    return backend("warp", vol).warp(vol.contiguous(), disp.contiguous(), padding)
+    return _warp_forward(vol, disp, padding)
 
 
 @_warp_op.register_fake
@@ -56,12 +68,16 @@ def _(vol, disp, padding):
     return vol.new_empty((vol.shape[0], vol.shape[1], *disp.shape[2:]))
 
 
+def _warp_backward(grad, vol, disp, padding, need_vol, need_disp, backend_name):
+    impl = backward_backend(backend_name, "warp")
+    return impl.warp_backward(grad.contiguous(), vol.contiguous(), disp.contiguous(), padding, need_vol, need_disp)
+
+
 @torch.library.custom_op("deepatlas_fast::warp_backward", mutates_args=())
 def _warp_backward_op(
     grad: Tensor, vol: Tensor, disp: Tensor, padding: str, need_vol: bool, need_disp: bool, backend_name: str
 ) -> list[Tensor]:
-    impl = backward_backend(backend_name, "warp")
-    return impl.warp_backward(grad.contiguous(), vol.contiguous(), disp.contiguous(), padding, need_vol, need_disp)
+    return _warp_backward(grad, vol, disp, padding, need_vol, need_disp, backend_name)
 
 
 @_warp_backward_op.register_fake
@@ -79,22 +95,16 @@ def _save_inputs(op):
     return setup_context
 
 
-def _sample_grad(ctx, grad):
-    vol, coords = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.sample_backward(grad, vol, coords, ctx.padding, *needs, ctx.backend)
-    return spread_grads(grads, needs, 1)
+def _gradient(ctx, needs, backward, grad):
+    vol, field = ctx.saved_tensors
+    needs = needs[:2]
+    return spread_grads(backward(grad, vol, field, ctx.padding, *needs, ctx.backend), needs, 1)
 
 
-def _warp_grad(ctx, grad):
-    vol, disp = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.warp_backward(grad, vol, disp, ctx.padding, *needs, ctx.backend)
-    return spread_grads(grads, needs, 1)
-
-
-_sample_op.register_autograd(_sample_grad, setup_context=_save_inputs("sample"))
-_warp_op.register_autograd(_warp_grad, setup_context=_save_inputs("warp"))
+SAMPLE = EagerOp("sample", _sample_forward, _save_inputs("sample"), _gradient, _sample_backward)
+WARP = EagerOp("warp", _warp_forward, _save_inputs("warp"), _gradient, _warp_backward)
+_sample_op.register_autograd(SAMPLE.formula, setup_context=SAMPLE.setup)
+_warp_op.register_autograd(WARP.formula, setup_context=WARP.setup)
 
 
 def sample(vol: Tensor, coords: Tensor, padding: str = "border") -> Tensor:
@@ -115,7 +125,7 @@ def sample(vol: Tensor, coords: Tensor, padding: str = "border") -> Tensor:
     """
     _check(vol, coords, padding, "coords")
     check_finite("coords", coords)
-    return torch.ops.deepatlas_fast.sample(vol, coords, padding)
+    return SAMPLE(vol, coords, padding)
 
 
 def warp(vol: Tensor, disp: Tensor, padding: str = "border") -> Tensor:
@@ -132,4 +142,4 @@ def warp(vol: Tensor, disp: Tensor, padding: str = "border") -> Tensor:
     """
     _check(vol, disp, padding, "disp")
     check_finite("disp", disp)
-    return torch.ops.deepatlas_fast.warp(vol, disp, padding)
+    return WARP(vol, disp, padding)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..reference.similarity import KERNELS
 from ..reference.sampling import compute_dtype
-from ._common import backend, backward_backend, empty_grads, forward_backend, spread_grads
+from ._common import EagerOp, backend, backward_backend, empty_grads, forward_backend, spread_grads
 from .validation import check_choice, check_finite, check_int, check_positive_float, check_same_device, check_tensor
 
 REDUCTIONS = ("mean", "none")
@@ -29,10 +29,14 @@ def _check(a, b, kernel_size, kernel, eps, reduction) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
 
 
+def _forward(a, b, kernel_size, kernel, eps, reduction):
+    return backend("lncc", a).lncc(a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction)
+
+
 @torch.library.custom_op("deepatlas_fast::lncc", mutates_args=())
 def _lncc_op(a: Tensor, b: Tensor, kernel_size: int, kernel: str, eps: float, reduction: str) -> Tensor:
     _check(a, b, kernel_size, kernel, eps, reduction)
-    return backend("lncc", a).lncc(a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction)
+    return _forward(a, b, kernel_size, kernel, eps, reduction)
 
 
 @_lncc_op.register_fake
@@ -42,15 +46,19 @@ def _(a, b, kernel_size, kernel, eps, reduction):
     return a.new_empty(shape, dtype=compute_dtype(a))
 
 
+def _backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b, backend_name):
+    impl = backward_backend(backend_name, "lncc")
+    return impl.lncc_backward(
+        grad.contiguous(), a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction, need_a, need_b
+    )
+
+
 @torch.library.custom_op("deepatlas_fast::lncc_backward", mutates_args=())
 def _lncc_backward_op(
     grad: Tensor, a: Tensor, b: Tensor, kernel_size: int, kernel: str, eps: float, reduction: str, need_a: bool, need_b: bool,
     backend_name: str,
 ) -> list[Tensor]:
-    impl = backward_backend(backend_name, "lncc")
-    return impl.lncc_backward(
-        grad.contiguous(), a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction, need_a, need_b
-    )
+    return _backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b, backend_name)
 
 
 @_lncc_backward_op.register_fake
@@ -64,14 +72,14 @@ def _setup(ctx, inputs, output):
     ctx.backend = forward_backend("lncc", a)
 
 
-def _grad(ctx, grad):
+def _gradient(ctx, needs, backward, grad):
     a, b = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:2]
-    grads = torch.ops.deepatlas_fast.lncc_backward(grad, a, b, *ctx.options, *needs, ctx.backend)
-    return spread_grads(grads, needs, 4)
+    needs = needs[:2]
+    return spread_grads(backward(grad, a, b, *ctx.options, *needs, ctx.backend), needs, 4)
 
 
-_lncc_op.register_autograd(_grad, setup_context=_setup)
+LNCC = EagerOp("lncc", _forward, _setup, _gradient, _backward)
+_lncc_op.register_autograd(LNCC.formula, setup_context=LNCC.setup)
 
 
 def lncc(
@@ -98,4 +106,4 @@ def lncc(
     _check(a, b, kernel_size, kernel, eps, reduction)
     check_finite("a", a)
     check_finite("b", b)
-    return torch.ops.deepatlas_fast.lncc(a, b, kernel_size, kernel, float(eps), reduction)
+    return LNCC(a, b, kernel_size, kernel, float(eps), reduction)
