@@ -38,7 +38,6 @@ def empty_grads(needs_and_likes) -> list[torch.Tensor]:
     return [like.new_empty(like.shape) for need, like in needs_and_likes if need]
 
 
-
 # ---------------------------------------------------------------------------------------------- eager path
 # Every op is a torch.library custom op (what torch.compile, fake tensors, export and vmap see). In a plain
 # eager call the same forward kernel, setup_context, gradient formula and backward kernel run through one
