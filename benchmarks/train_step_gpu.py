@@ -265,87 +265,79 @@ def main(argv=None) -> int:
         "|---:|---|---|---|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
+
+    def emit(*rows):
+        print("\n".join(rows), flush=True)
+        lines.extend(rows)
+
     try:
-        for side in args.sizes:
-            images = None
-            for ckpt in args.checkpointing:
-                for ops in args.ops:
-                    for precision in args.precision:
-                        if images is None:
-                            images = make_pair(side, args.batch, device)
-
-                        def step_row(case, images=images, ops=ops, precision=precision):
-                            ms, peak, loss = measure(case, images, ops, precision == "bf16", args.repeats)
-                            return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} | {loss:.4f} |"
-
-                        # same seeded weights for every row
-                        row = f"| {side}^3 | {ops} | {precision} | {ckpt} | " + table_cells(
-                            lambda: Case(args, device, ckpt == "on"), step_row, "OOM | OOM | - |", device)
-                        print(row, flush=True)
-                        lines.append(row)
-            del images
-            _free(device)
-
+        step_table(args, device, emit)
         if args.loss_side:
-            extra = [
-                "",
-                "loss side alone (objective forward + backward from fixed network outputs, fp32; +MiB beyond "
-                "images, outputs and model)",
-                "",
-                "| cube | ops | loss ms | +MiB |",
-                "|---:|---|---:|---:|",
-            ]
-            print("\n".join(extra), flush=True)
-            lines += extra
-            for side in args.sizes:
-                images = make_pair(side, args.batch, device)
-                for ops in args.ops:
-                    def loss_row(case, images=images, ops=ops):
-                        ms, peak = measure_loss_side(case, images, ops, args.repeats)
-                        return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} |"
-
-                    row = f"| {side}^3 | {ops} | " + table_cells(lambda: Case(args, device, False), loss_row,
-                                                                 "OOM | OOM |", device)
-                    print(row, flush=True)
-                    lines.append(row)
-                del images
-                _free(device)
-
+            loss_side_table(args, device, emit)
         if args.find_max:
-            sides = list(range(args.side_step, args.max_side + 1, args.side_step))
-            batches = list(range(2, args.max_batch + 1))  # the implicit term needs pairs
-            cap = ""
-            if args.fit_memory_gib and device.type == "cuda":
-                total = torch.cuda.get_device_properties(device).total_memory
-                index = device.index if device.index is not None else torch.cuda.current_device()
-                torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit_memory_gib * 2**30 / total), index)
-                cap = f", with the allocator capped at {args.fit_memory_gib:g} GiB"
-            extra = [
-                "",
-                f"largest cube (batch {args.batch}, sides in steps of {args.side_step} up to {args.max_side}) and "
-                f"largest batch (at {args.batch_side}^3, up to {args.max_batch}) that fit"
-                + cap + ("" if device.type == "cuda" else " (CPU: ran without an error)"),
-                "",
-                "| ops | precision | checkpointing | largest cube | largest batch |",
-                "|---|---|---|---:|---:|",
-            ]
-            print("\n".join(extra), flush=True)
-            lines += extra
-            settings = [(p, c) for p, c in (("fp32", "off"), ("bf16", "on")) if p in args.precision and c in args.checkpointing]
-            for ops in args.ops:
-                for precision, ckpt in settings:
-                    bf16, on = precision == "bf16", ckpt == "on"
-                    side = largest(sides, lambda s: fits(args, device, ops, bf16, on, s, args.batch))
-                    batch = largest(batches, lambda b: fits(args, device, ops, bf16, on, args.batch_side, b))
-                    row = (f"| {ops} | {precision} | {ckpt} | {'none' if side is None else f'{side}^3'} | "
-                           f"{'none' if batch is None else batch} |")
-                    print(row, flush=True)
-                    lines.append(row)
+            fit_table(args, device, emit)
     finally:  # what was measured, also when a later section fails
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
+
+
+def step_table(args, device, emit):
+    """One row per cube side x checkpointing x ops x precision, from the same seeded weights."""
+    for side in args.sizes:
+        images = make_pair(side, args.batch, device)
+        for ckpt in args.checkpointing:
+            for ops in args.ops:
+                for precision in args.precision:
+                    def step_row(case, ops=ops, precision=precision):
+                        ms, peak, loss = measure(case, images, ops, precision == "bf16", args.repeats)
+                        return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} | {loss:.4f} |"
+
+                    emit(f"| {side}^3 | {ops} | {precision} | {ckpt} | " + table_cells(
+                        lambda: Case(args, device, ckpt == "on"), step_row, "OOM | OOM | - |", device))
+        del images
+        _free(device)
+
+
+def loss_side_table(args, device, emit):
+    emit("", "loss side alone (objective forward + backward from fixed network outputs, fp32; +MiB beyond "
+         "images, outputs and model)", "", "| cube | ops | loss ms | +MiB |", "|---:|---|---:|---:|")
+    for side in args.sizes:
+        images = make_pair(side, args.batch, device)
+        for ops in args.ops:
+            def loss_row(case, ops=ops):
+                ms, peak = measure_loss_side(case, images, ops, args.repeats)
+                return f"{ms:.1f} | {'n/a' if peak is None else f'{peak:.0f}'} |"
+
+            emit(f"| {side}^3 | {ops} | " + table_cells(lambda: Case(args, device, False), loss_row, "OOM | OOM |", device))
+        del images
+        _free(device)
+
+
+def fit_table(args, device, emit):
+    """The largest cube (batch ``--batch``) and batch (at ``--batch-side``) whose step runs, per ops and memory
+    setting (fp32 without checkpointing, bf16 with), optionally under an allocator cap."""
+    sides = list(range(args.side_step, args.max_side + 1, args.side_step))
+    batches = list(range(2, args.max_batch + 1))  # the implicit term needs pairs
+    cap = ""
+    if args.fit_memory_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.fit_memory_gib * 2**30 / total), index)
+        cap = f", with the allocator capped at {args.fit_memory_gib:g} GiB"
+    emit("", f"largest cube (batch {args.batch}, sides in steps of {args.side_step} up to {args.max_side}) and "
+         f"largest batch (at {args.batch_side}^3, up to {args.max_batch}) that fit"
+         + cap + ("" if device.type == "cuda" else " (CPU: ran without an error)"),
+         "", "| ops | precision | checkpointing | largest cube | largest batch |", "|---|---|---|---:|---:|")
+    settings = [(p, c) for p, c in (("fp32", "off"), ("bf16", "on")) if p in args.precision and c in args.checkpointing]
+    for ops in args.ops:
+        for precision, ckpt in settings:
+            bf16, on = precision == "bf16", ckpt == "on"
+            side = largest(sides, lambda s: fits(args, device, ops, bf16, on, s, args.batch))
+            batch = largest(batches, lambda b: fits(args, device, ops, bf16, on, args.batch_side, b))
+            emit(f"| {ops} | {precision} | {ckpt} | {'none' if side is None else f'{side}^3'} | "
+                 f"{'none' if batch is None else batch} |")
 
 
 if __name__ == "__main__":
