@@ -6,7 +6,7 @@
 # The step limits add up to 9 minutes (the device tool allows 10 per call, 15 per session). Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s; a fresh machine's report
 # makes about one row per 5 s while Triton compiles, so its limit cuts it short (rows are written as made).
-# STEPS picks what runs, in this order (default: all of "gputests cudatests report profile train train4"); each
+# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile train train4"); each
 # step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
 # options to the two benchmark scripts.
 set -uo pipefail
@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-gputests cudatests report profile train train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile train train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -61,6 +61,12 @@ if has gputests; then
   run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-70}" "not cpu" tests/test_gpu.py
 fi
 
+if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash gets a native backtrace
+  log "raw C++ ops with bad inputs on cuda"
+  timeout "${RAWOPS_TIMEOUT:-45}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
+  echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
+fi
+
 if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
   run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-75}" "not cpu and not triton" $KERNEL_TESTS
@@ -72,7 +78,7 @@ if has report; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
   fi
   log "kernel report"
-  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-120}" $PY benchmarks/gpu_report.py --out "$OUT" \
+  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-110}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls reference --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
@@ -81,13 +87,13 @@ fi
 if has profile; then  # per-kernel times (torch.profiler), appended to report.log
   log "kernel profile"
   echo "== kernel profile" >> "$OUT/report.log"
-  timeout "${PROFILE_TIMEOUT:-35}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-30}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
   echo "profile exit code: $?"
 fi
 
 if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops
   log "training step"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-120}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-110}" $PY benchmarks/train_step_gpu.py \
     --out "$OUT/train_step.md" ${TRAIN_ARGS:---sizes 256 --repeats 2 --max-side 448 --side-step 64 --max-batch 2 --fit-memory-gib 79} \
     > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"

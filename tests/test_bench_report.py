@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
 
@@ -92,3 +94,16 @@ def test_kernel_profile_runs_on_the_cpu():
     assert proc.returncode == 0, proc.stderr
     for op in ("sample", "lncc", "jacobian_var", "invert_displacement"):
         assert f"## {op} " in proc.stdout
+
+
+def test_raw_op_errors_all_raise_on_the_cpu():
+    """The GPU session's crash check (benchmarks/raw_op_errors.py) passes on the CPU kernels."""
+    from deepatlas_fast._extension import load_extension
+
+    if load_extension()[0] is None:
+        pytest.skip("the C++ extension is not built")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "raw_op_errors.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = proc.stdout.splitlines()
+    assert len(cases) >= 6 and all(line.endswith("| raised") for line in cases)

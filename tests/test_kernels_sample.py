@@ -289,6 +289,35 @@ def test_cuda_backend_takes_the_deterministic_volume_gradient_from_triton(device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_reject_bad_inputs(device):
+    """The C++ ops check their inputs themselves (they are callable without the Python layer), so no call
+    reads outside its tensors: wrong channels, batch, empty volume, dtype, padding, gradient shape."""
+    from deepatlas_fast.ops import registry
+
+    reason = registry.unavailable_reason("cpu" if device == "cpu" else "cuda", OP, device)
+    if reason is not None:
+        pytest.skip(reason)
+    ops = torch.ops.deepatlas_fast_C
+    vol = torch.randn(2, 2, 4, 5, 3, generator=g(20), dtype=torch.float64).to(device)
+    coords = rand_coords(2, (3, 4, 5), g(21), device=device)
+    grad = torch.randn(2, 2, 3, 4, 5, generator=g(22), dtype=torch.float64).to(device)
+    calls = [
+        (lambda: ops.sample(vol, coords[:, :2].contiguous(), "zeros"), "coords must have 3 channels"),
+        (lambda: ops.warp(vol, coords[:1].contiguous(), "zeros"), "disp must have the batch size of vol"),
+        (lambda: ops.sample(vol[:, :, :0].contiguous(), coords, "zeros"), "vol must have every spatial size >= 1"),
+        (lambda: ops.sample(vol.float(), coords, "zeros"), "coords must have the dtype of vol"),
+        (lambda: ops.sample(vol, coords, "reflect"), "padding must be"),
+        (lambda: ops.sample_backward(grad[:, :1].contiguous(), vol, coords, "zeros", True, True),
+         "grad must have the output's shape"),
+        (lambda: ops.warp_backward(grad[..., :4].contiguous(), vol, coords, "border", False, True),
+         "grad must have the output's shape"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_through_autograd(backend, device, deterministic):
     vol = torch.randn(1, 2, 4, 5, 6, generator=g(13), dtype=torch.float64).to(device)
     coords = rand_coords(1, (5, 3, 4), g(14), device=device)

@@ -35,19 +35,32 @@ inline bool zeros_padding(c10::string_view padding) {
   return padding == "zeros";
 }
 
-// vol [n, c, D, H, W] and the field (coords or, warp, disp) of vol's dtype; returns the geometry.
+// vol [n, c, D, H, W] and the field [n, 3, d, h, w] (coords or, warp, disp) of vol's dtype and device;
+// returns the geometry.
 inline Geometry check_forward(const at::Tensor& vol, const at::Tensor& field, bool warp) {
+  const char* name = field_name(warp);
   check_input(vol, "vol", 5);
-  check_input(field, field_name(warp), 5);
-  check_same_dtype(vol, "vol", field, field_name(warp));
+  check_input(field, name, 5);
+  check_same_dtype(vol, "vol", field, name);
+  check_device(field, name, vol, "vol");
+  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: ", name, " must have 3 channels, got shape ", field.sizes());
+  TORCH_CHECK(field.size(0) == vol.size(0), "deepatlas_fast: ", name, " must have the batch size of vol (",
+              vol.size(0), "), got shape ", field.sizes());
+  TORCH_CHECK(vol.size(2) > 0 && vol.size(3) > 0 && vol.size(4) > 0,
+              "deepatlas_fast: vol must have every spatial size >= 1, got shape ", vol.sizes());
   return geometry(vol, field);
 }
 
-// As check_forward, and grad (the output's gradient) of vol's dtype.
+// As check_forward, and grad (the output's gradient) [n, c, d, h, w] of vol's dtype and device.
 inline Geometry check_backward(const at::Tensor& grad, const at::Tensor& vol, const at::Tensor& field, bool warp) {
   check_input(grad, "grad", 5);
   const Geometry g = check_forward(vol, field, warp);
   check_same_dtype(vol, "vol", grad, "grad");
+  check_device(grad, "grad", vol, "vol");
+  TORCH_CHECK(grad.size(0) == g.n && grad.size(1) == g.c && grad.size(2) == g.out_size[0] &&
+                  grad.size(3) == g.out_size[1] && grad.size(4) == g.out_size[2],
+              "deepatlas_fast: grad must have the output's shape [", g.n, ", ", g.c, ", ", g.out_size[0], ", ",
+              g.out_size[1], ", ", g.out_size[2], "], got ", grad.sizes());
   return g;
 }
 
