@@ -52,7 +52,8 @@ from ._common import block, compute_dtype, new_empty, tl_dtype
 # The in-plane window passes (see _inplane): "scratch", "dot" (banded matrix products), or "auto": "dot" up to
 # DOT_MAX_TAPS taps (32^2 regions), "scratch" above (at 64^2 the products' operands spill 2-3 KB per thread
 # in the sm_90 compile, the scratch passes <= 248 B: benchmarks/results/2026-11-27-triton-sm90-resources.md).
-# "scratch" stays the default until the GPU report (which times both) has measured "dot"; then "auto".
+# "scratch" is the default: the GPU report timed "dot" slower on an H200 (256^3, k=9: 16.5 vs 15.3 ms fwd+bwd,
+# benchmarks/results/2026-11-27-h200-kernels.md).
 INPLANE = "scratch"
 DOT_MAX_TAPS = 11
 # No software pipelining of the plane loop: it would multi-buffer the K unrolled tap loads of both inputs in
