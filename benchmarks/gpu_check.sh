@@ -3,10 +3,11 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# The step limits add up to 9 minutes (the device tool allows 10 per call, 15 per session). Measured on
+# The step limits add up to 9.5 minutes with the install (the device tool allows 10 per call, 15 per
+# session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s; a fresh machine's report
 # makes about one row per 5 s while Triton compiles, so its limit cuts it short (rows are written as made).
-# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile train train4"); each
+# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu train train4"); each
 # step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
 # options to the two benchmark scripts.
 set -uo pipefail
@@ -14,7 +15,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile train train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu train train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -58,18 +59,18 @@ run_tests() {  # name, limit, -k expression, files...
 }
 
 if has gputests; then
-  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-70}" "not cpu" tests/test_gpu.py
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-60}" "not cpu" tests/test_gpu.py
 fi
 
 if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash gets a native backtrace
   log "raw C++ ops with bad inputs on cuda"
-  timeout "${RAWOPS_TIMEOUT:-45}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
+  timeout "${RAWOPS_TIMEOUT:-40}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
   echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
 fi
 
 if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
-  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-75}" "not cpu and not triton" $KERNEL_TESTS
+  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-50}" "not cpu and triton" $KERNEL_TESTS
 fi
 
@@ -78,7 +79,7 @@ if has report; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
   fi
   log "kernel report"
-  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-110}" $PY benchmarks/gpu_report.py --out "$OUT" \
+  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-85}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls reference --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
@@ -87,13 +88,26 @@ fi
 if has profile; then  # per-kernel times (torch.profiler), appended to report.log
   log "kernel profile"
   echo "== kernel profile" >> "$OUT/report.log"
-  timeout "${PROFILE_TIMEOUT:-30}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-25}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
   echo "profile exit code: $?"
+fi
+
+if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Nsight Compute), appended to report.log
+  if command -v ncu >/dev/null 2>&1; then
+    log "ncu: cuda kernels at 256^3"
+    echo "== ncu (csv: kernel, metric, value)" >> "$OUT/report.log"
+    timeout "${NCU_TIMEOUT:-60}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread \
+      $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
+    echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
+  else
+    log "ncu: not found"
+  fi
 fi
 
 if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops
   log "training step"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-110}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-100}" $PY benchmarks/train_step_gpu.py \
     --out "$OUT/train_step.md" ${TRAIN_ARGS:---sizes 256 --repeats 2 --max-side 448 --side-step 64 --max-batch 2 --fit-memory-gib 79} \
     > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
@@ -102,7 +116,7 @@ fi
 
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing)
   log "training step: two pairs at 256^3"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-35}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py \
     --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max \
     >> "$OUT/train_step.log" 2>&1
   echo "train step (batch 4) exit code: $?"

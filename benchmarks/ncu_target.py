@@ -1,0 +1,50 @@
+"""The program Nsight Compute profiles in `gpu_check.sh`'s "ncu" step: one forward+backward of every op on
+the chosen backend at 256³ (the report's inputs), after a warm-up, between cudaProfilerStart/Stop so that
+`ncu --profile-from-start off` sees only those kernels.
+
+    ncu --profile-from-start off --csv --metrics ... python benchmarks/ncu_target.py --backend cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepatlas_fast import bench, finite_checks  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda")
+    parser.add_argument("--side", type=int, default=256)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    cases = [c for c in bench.build_cases(device, [(args.side, 1)], [args.backend]) if args.backend in c.impls]
+    runs = []
+    for case in cases:
+        tensors, frozen = case.make()
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        fn = case.impls[args.backend]
+        runs.append((case, leaves, frozen, fn))
+    with finite_checks(False):
+        for _, leaves, frozen, fn in runs:  # warm-up: compile, allocator
+            torch.autograd.grad(fn(*leaves, *frozen).sum(), leaves, allow_unused=True)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        for case, leaves, frozen, fn in runs:
+            torch.cuda.nvtx.range_push(f"{case.op} {case.label}")
+            torch.autograd.grad(fn(*leaves, *frozen).sum(), leaves, allow_unused=True)
+            torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    print("profiled:", ", ".join(f"{case.op} {case.label}" for case, *_ in runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
