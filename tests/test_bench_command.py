@@ -8,7 +8,7 @@ from deepatlas_fast.cli import main
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys, one_thread):
     out = tmp_path / "bench"
-    assert main(["bench", "--sizes", "8", "12", "--reps", "1", "--ops", "jacobian_var", "lncc", "--device", "cpu",
+    assert main(["bench", "--sizes", "8", "12", "--reps", "1", "--ops", "jacobian_var,lncc", "--device", "cpu",
                  "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| op | case | impl | fwd ms | bwd ms | fwd+bwd ms |" in printed and "plot.png" in printed
@@ -34,6 +34,8 @@ def test_plot_needs_two_sizes(tmp_path):
 
 def test_bench_errors_name_the_option(tmp_path, capsys):
     assert main(["bench", "--ops", "blur", "--out", str(tmp_path)]) == 2
+    assert "--ops: unknown op(s) blur" in capsys.readouterr().err
+    assert main(["bench", "--ops", "lncc,blur", "sample", "--out", str(tmp_path)]) == 2
     assert "--ops: unknown op(s) blur" in capsys.readouterr().err
     assert main(["bench", "--backends", "fpga", "--sizes", "8", "--out", str(tmp_path)]) == 2
     assert "--backends: unknown backend(s) fpga" in capsys.readouterr().err

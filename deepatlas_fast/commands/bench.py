@@ -17,12 +17,13 @@ def run(args) -> int:
 
     try:
         device = torch.device(_device(args))
-        ops = args.ops or list(bench.OPS)
+        ops = [op for item in args.ops for op in item.split(",") if op] if args.ops else list(bench.OPS)
         unknown = sorted(set(ops) - set(bench.OPS))
         if unknown:
             raise ValueError(f"--ops: unknown op(s) {', '.join(unknown)} (known: {', '.join(bench.OPS)})")
         available = available_backends(device)
-        backends = args.backends or [b for b in ("cuda", "triton", "cpu") if available.get(b)] or ["reference"]
+        backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
+        backends = backends or [b for b in ("cuda", "triton", "cpu") if available.get(b)] or ["reference"]
         missing = [b for b in backends if b not in available]
         if missing:
             raise ValueError(f"--backends: unknown backend(s) {', '.join(missing)} (known: {', '.join(available)})")
@@ -58,7 +59,7 @@ def add_parser(sub) -> None:
         "ratio against stock is the last column) and writes DIR/report.md, DIR/report.json and DIR/plot.png "
         "(time, and GPU memory, against size per implementation). Timings from a busy machine are noisy.",
     )
-    bench.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all: {', '.join(OPS)})")
+    bench.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time, spaces or commas between (default all: {', '.join(OPS)})")
     bench.add_argument("--sizes", nargs="+", type=_positive_int, metavar="N",
                        help="cube sides (default 32 64 on the CPU, 64 128 256 on a GPU)")
     bench.add_argument("--backends", nargs="+", metavar="NAME",
