@@ -159,3 +159,19 @@ def test_dispatch_modes_and_no_grad_calls_see_the_registered_ops():
     with torch.no_grad():
         torch.testing.assert_close(da.sample(vol, coords), expected)
     assert not da.sample(vol, coords.detach()).requires_grad
+
+
+def test_torch_func_grad_differentiates_the_ops():
+    """torch.func.grad (functional autograd) runs through the eager path's autograd.Function and gives the
+    gradients of ordinary autograd."""
+    vol = torch.randn(1, 2, 6, 5, 7, generator=g(23), dtype=torch.float64)
+    coords = covering_map((5, 6, 4), g(24))
+
+    def loss(c):
+        warped = da.sample(vol, c)
+        return da.lncc(warped, warped.flip(2), 3) + da.jacobian_var(c) + da.invert(c, (4, 5, 6))[0].square().mean()
+
+    got = torch.func.grad(loss)(coords)
+    leaf = coords.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(got, expected)

@@ -39,21 +39,21 @@ def empty_grads(needs_and_likes) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- eager path
-# Every op is a torch.library custom op (what torch.compile, fake tensors, export and vmap see). In a plain
-# eager call the same forward kernel, setup_context, gradient formula and backward kernel run through one
+# Every op is a torch.library custom op (what torch.compile, fake tensors and export see). In an eager call
+# the same forward kernel, setup_context, gradient formula and backward kernel run through one
 # torch.autograd.Function instead, skipping the custom-op dispatch layers: about 40 % less Python per
 # forward + backward (measured on the CPU: sample at 4^3, 168 -> 102 us; F.grid_sample 53 us), which is
-# what a GPU waits for at moderate sizes.
+# what a GPU waits for at moderate sizes. Its separate setup_context also lets torch.func.grad through.
 EAGER_FAST_PATH = True  # tests switch it off to compare both paths
 
 
 def _plain(x) -> bool:
-    return type(x) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return type(x) in (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager(tensors) -> bool:
-    """An ordinary eager call: not traced or compiled, no dispatch or function mode active (fake tensors,
-    export, debug modes), no tensor subclass or functorch wrapper among the inputs."""
+    """An ordinary eager call (torch.func transforms included): not traced or compiled, no dispatch or
+    function mode active (fake tensors, export, debug modes), no tensor subclass among the inputs."""
     return (
         EAGER_FAST_PATH
         and not torch.compiler.is_compiling()
@@ -74,6 +74,23 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None, *ctx.op.gradient(ctx, ctx.needs_input_grad[1:], ctx.op.backward, *grads))
+
+
+class _FunctorchFunction(torch.autograd.Function):
+    """The same with a separate setup_context, which torch.func transforms require (and which costs about
+    30 us more per forward + backward, so plain calls take _EagerFunction)."""
+
+    @staticmethod
+    def forward(op, *inputs):
+        return op.forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, *rest = inputs
+        op.setup(ctx, tuple(rest), output)
+        ctx.op = op
+
+    backward = staticmethod(_EagerFunction.backward)
 
 
 class EagerOp:
@@ -101,6 +118,8 @@ class EagerOp:
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         if not plain_eager(tensors):
             return getattr(torch.ops.deepatlas_fast, self.name)(*inputs)
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            return _FunctorchFunction.apply(self, *inputs)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _EagerFunction.apply(self, *inputs)
         return self.forward(*inputs)  # nothing to differentiate (as the custom op's autograd decides too)
