@@ -64,7 +64,7 @@ fi
 
 if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash gets a native backtrace
   log "raw C++ ops with bad inputs on cuda"
-  timeout "${RAWOPS_TIMEOUT:-40}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
+  timeout "${RAWOPS_TIMEOUT:-30}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
   echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
 fi
 
@@ -88,7 +88,7 @@ fi
 if has profile; then  # per-kernel times (torch.profiler), appended to report.log
   log "kernel profile"
   echo "== kernel profile" >> "$OUT/report.log"
-  timeout "${PROFILE_TIMEOUT:-25}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-20}" $PY benchmarks/kernel_profile.py ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
   echo "profile exit code: $?"
 fi
 
@@ -114,10 +114,10 @@ if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_B
 fi
 
 
-if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing)
+if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing), and where it goes
   log "training step: two pairs at 256^3"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py \
-    --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-45}" $PY benchmarks/train_step_gpu.py \
+    --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max --memory-breakdown \
     >> "$OUT/train_step.log" 2>&1
   echo "train step (batch 4) exit code: $?"
 fi

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--find-max", dest="find_max", action="store_true", default=True,
                    help="search the largest cube and batch that fit (default on)")
     p.add_argument("--no-find-max", dest="find_max", action="store_false")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="CUDA: record one step of the first setting (first size, ops, precision, checkpointing) and "
+                        "list what is allocated at its peak, by the deepatlas_fast line that allocated it")
     p.add_argument("--max-side", type=int, default=512, help="largest cube side tried (default 512)")
     p.add_argument("--side-step", type=int, default=32, help="cube side granularity of the search (default 32)")
     p.add_argument("--batch-side", type=int, default=128, help="cube side of the batch search (default 128)")
@@ -276,6 +279,8 @@ def main(argv=None) -> int:
             loss_side_table(args, device, emit)
         if args.find_max:
             fit_table(args, device, emit)
+        if args.memory_breakdown and device.type == "cuda":
+            memory_breakdown(args, device, emit)
     finally:  # what was measured, also when a later section fails
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -313,6 +318,57 @@ def loss_side_table(args, device, emit):
             emit(f"| {side}^3 | {ops} | " + table_cells(lambda: Case(args, device, False), loss_row, "OOM | OOM |", device))
         del images
         _free(device)
+
+
+def peak_allocations(events, frame_of) -> tuple[int, dict]:
+    """Replay allocator trace events (``alloc`` / ``free_completed`` with ``addr``, ``size``, ``frames``):
+    the peak of live bytes and, at that moment, the bytes by ``frame_of(frames)``."""
+    alive, current, peak, at_peak = {}, 0, 0, {}
+    for event in events:
+        action, addr = event.get("action"), event.get("addr")
+        if action == "alloc":
+            alive[addr] = (event["size"], frame_of(event.get("frames", [])))
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, dict(alive)
+        elif action == "free_completed" and addr in alive:
+            current -= alive.pop(addr)[0]
+    by_site: dict = {}
+    for size, site in at_peak.values():
+        by_site[site] = by_site.get(site, 0) + size
+    return peak, by_site
+
+
+def deepatlas_frame(frames) -> str:
+    """The innermost deepatlas_fast frame of an allocation (file:line function), else the innermost frame."""
+    for frame in frames:
+        if "deepatlas_fast" in frame.get("filename", "") and "/ops/" not in frame.get("filename", ""):
+            return f"{Path(frame['filename']).name}:{frame.get('line')} {frame.get('name')}"
+    return f"{frames[0].get('name')}" if frames else "?"
+
+
+def memory_breakdown(args, device, emit, rows: int = 15):
+    side, ops, precision, ckpt = args.sizes[0], args.ops[0], args.precision[0], args.checkpointing[0]
+    case = Case(args, device, ckpt == "on")
+    images = make_pair(side, args.batch, device)
+    case.step(images, ops, precision == "bf16")  # warm-up
+    _sync(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        case.step(images, ops, precision == "bf16")
+        _sync(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    peak, by_site = peak_allocations(snapshot["device_traces"][index], deepatlas_frame)
+    emit("", f"allocations of one step at its peak ({side}^3, batch {args.batch}, {ops}, {precision}, checkpointing "
+         f"{ckpt}): {peak / 2**30:.2f} GiB beyond what was allocated before the step", "",
+         "| GiB | allocated at |", "|---:|---|")
+    for site, size in sorted(by_site.items(), key=lambda item: -item[1])[:rows]:
+        emit(f"| {size / 2**30:.2f} | `{site}` |")
+    del case, images
+    _free(device)
 
 
 def fit_table(args, device, emit):

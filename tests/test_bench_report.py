@@ -107,3 +107,24 @@ def test_raw_op_errors_all_raise_on_the_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cases = proc.stdout.splitlines()
     assert len(cases) >= 6 and all(line.endswith("| raised") for line in cases)
+
+
+def test_memory_breakdown_replays_the_allocator_trace():
+    """train_step_gpu --memory-breakdown: the live bytes at the trace's peak, by allocating line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step_gpu
+
+    def frames(name):
+        return [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "conv"},
+                {"filename": f"/x/deepatlas_fast/{name}.py", "line": 7, "name": name}]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames("model")},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames("objective")},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": frames("objective")},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": []},
+    ]
+    peak, by_site = train_step_gpu.peak_allocations(events, train_step_gpu.deepatlas_frame)
+    assert peak == 150 and by_site == {"model.py:7 model": 100, "objective.py:7 objective": 50}
