@@ -58,15 +58,16 @@ run_tests() {  # name, limit, -k expression, files...
   grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.txt" | tail -n 12
 }
 
-if has gputests; then
-  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-60}" "not cpu" tests/test_gpu.py
-fi
-
 if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash gets a native backtrace
   log "raw C++ ops with bad inputs on cuda"
   timeout "${RAWOPS_TIMEOUT:-30}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
   echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
 fi
+
+if has gputests; then
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-60}" "not cpu" tests/test_gpu.py
+fi
+
 
 if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
@@ -112,7 +113,6 @@ if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_B
     > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
 fi
-
 
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing), and where it goes
   log "training step: two pairs at 256^3"
