@@ -19,8 +19,22 @@ def _check(vol, field, padding: str, field_name: str) -> None:
     check_choice("padding", padding, PADDINGS)
 
 
-def _sample_forward(vol, coords, padding):
-    return backend("sample", vol).sample(vol.contiguous(), coords.contiguous(), padding)
+def _kernel_calls(op: str):
+    """The forward and backward kernel calls of ``op`` ("sample" or "warp"), on contiguous inputs."""
+
+    def forward(vol, field, padding):
+        return getattr(backend(op, vol), op)(vol.contiguous(), field.contiguous(), padding)
+
+    def backward(grad, vol, field, padding, need_vol, need_field, backend_name):
+        impl = backward_backend(backend_name, op)
+        return getattr(impl, op + "_backward")(grad.contiguous(), vol.contiguous(), field.contiguous(), padding,
+                                               need_vol, need_field)
+
+    return forward, backward
+
+
+_sample_forward, _sample_backward = _kernel_calls("sample")
+_warp_forward, _warp_backward = _kernel_calls("warp")
 
 
 @torch.library.custom_op("deepatlas_fast::sample", mutates_args=())
@@ -35,11 +49,6 @@ def _(vol, coords, padding):
     return vol.new_empty((vol.shape[0], vol.shape[1], *coords.shape[2:]))
 
 
-def _sample_backward(grad, vol, coords, padding, need_vol, need_coords, backend_name):
-    impl = backward_backend(backend_name, "sample")
-    return impl.sample_backward(grad.contiguous(), vol.contiguous(), coords.contiguous(), padding, need_vol, need_coords)
-
-
 @torch.library.custom_op("deepatlas_fast::sample_backward", mutates_args=())
 def _sample_backward_op(
     grad: Tensor, vol: Tensor, coords: Tensor, padding: str, need_vol: bool, need_coords: bool, backend_name: str
@@ -52,10 +61,6 @@ def _(grad, vol, coords, padding, need_vol, need_coords, backend_name):
     return empty_grads([(need_vol, vol), (need_coords, coords)])
 
 
-def _warp_forward(vol, disp, padding):
-    return backend("warp", vol).warp(vol.contiguous(), disp.contiguous(), padding)
-
-
 @torch.library.custom_op("deepatlas_fast::warp", mutates_args=())
 def _warp_op(vol: Tensor, disp: Tensor, padding: str) -> Tensor:
     _check(vol, disp, padding, "disp")
@@ -66,11 +71,6 @@ def _warp_op(vol: Tensor, disp: Tensor, padding: str) -> Tensor:
 def _(vol, disp, padding):
     _check(vol, disp, padding, "disp")
     return vol.new_empty((vol.shape[0], vol.shape[1], *disp.shape[2:]))
-
-
-def _warp_backward(grad, vol, disp, padding, need_vol, need_disp, backend_name):
-    impl = backward_backend(backend_name, "warp")
-    return impl.warp_backward(grad.contiguous(), vol.contiguous(), disp.contiguous(), padding, need_vol, need_disp)
 
 
 @torch.library.custom_op("deepatlas_fast::warp_backward", mutates_args=())
