@@ -40,19 +40,13 @@ def main(argv=None) -> int:
             fn = case.impls.get(name)
             if fn is None:
                 continue
-            tensors, frozen = case.make()
-            leaves = [t.detach().requires_grad_() for t in tensors]
-
-            def once():
-                out = fn(*leaves, *frozen)
-                torch.autograd.grad(out.sum(), leaves, allow_unused=True)
-
+            leaves, constants = case.inputs()
             with finite_checks(False):
-                once()
+                bench.forward_backward(fn, leaves, constants)  # warm-up
                 bench.sync(device)
                 with profile(activities=activities) as prof:
                     for _ in range(args.iters):
-                        once()
+                        bench.forward_backward(fn, leaves, constants)
                     bench.sync(device)
             print(f"\n## {case.op} {case.label} [{name}], {args.iters} fwd+bwd passes", flush=True)
             print(kernel_table(prof, device, args.rows), flush=True)

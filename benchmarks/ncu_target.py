@@ -25,20 +25,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     cases = [c for c in bench.build_cases(device, [(args.side, 1)], [args.backend]) if args.backend in c.impls]
-    runs = []
-    for case in cases:
-        tensors, frozen = case.make()
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        fn = case.impls[args.backend]
-        runs.append((case, leaves, frozen, fn))
+    runs = [(case, case.impls[args.backend], *case.inputs()) for case in cases]
     with finite_checks(False):
-        for _, leaves, frozen, fn in runs:  # warm-up: compile, allocator
-            torch.autograd.grad(fn(*leaves, *frozen).sum(), leaves, allow_unused=True)
+        for _, fn, leaves, constants in runs:  # warm-up: compile, allocator
+            bench.forward_backward(fn, leaves, constants)
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-        for case, leaves, frozen, fn in runs:
+        for case, fn, leaves, constants in runs:
             torch.cuda.nvtx.range_push(f"{case.op} {case.label}")
-            torch.autograd.grad(fn(*leaves, *frozen).sum(), leaves, allow_unused=True)
+            bench.forward_backward(fn, leaves, constants)
             torch.cuda.nvtx.range_pop()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()

@@ -44,6 +44,16 @@ class Case:
     reps: int = 20
     side: int = 0  # the cube side (the plot's x axis)
 
+    def inputs(self) -> tuple[list, tuple]:
+        """Fresh inputs: the leaves (requiring gradients) and the constants."""
+        leaves, constants = self.make()
+        return [t.detach().requires_grad_() for t in leaves], constants
+
+
+def forward_backward(fn, leaves, constants):
+    """One forward of ``fn`` and the backward of its sum to ``leaves``."""
+    return torch.autograd.grad(fn(*leaves, *constants).sum(), list(leaves), allow_unused=True)
+
 
 def sync(device):
     if device.type == "cuda":
@@ -269,8 +279,7 @@ def build_cases(
 
 def measure(case: Case, name: str, fn, device, bandwidth) -> dict:
     """One implementation of one case: fwd, bwd and fwd+bwd medians, peak extra MiB, % roofline."""
-    leaves, constants = case.make()
-    leaves = [t.detach().requires_grad_() for t in leaves]
+    leaves, constants = case.inputs()
     row = {"op": case.op, "case": case.label, "impl": name, "side": case.side, "batch": case.shape[0],
            "channels": case.shape[1]}
     try:
@@ -278,17 +287,13 @@ def measure(case: Case, name: str, fn, device, bandwidth) -> dict:
             with torch.no_grad():
                 return fn(*leaves, *constants)
 
-        def forward_backward():
-            out = fn(*leaves, *constants)
-            return torch.autograd.grad(out.sum(), list(leaves), allow_unused=True)
-
         row["fwd_ms"] = time_ms(forward, device, case.reps)
         out = fn(*leaves, *constants).sum()
         row["bwd_ms"] = time_ms(lambda: torch.autograd.grad(out, leaves, retain_graph=True, allow_unused=True),
                                 device, case.reps)
         del out
-        row["fwd_bwd_ms"] = time_ms(forward_backward, device, case.reps)
-        row["peak_extra_mib"] = peak_extra_mib(forward_backward, device)
+        row["fwd_bwd_ms"] = time_ms(lambda: forward_backward(fn, leaves, constants), device, case.reps)
+        row["peak_extra_mib"] = peak_extra_mib(lambda: forward_backward(fn, leaves, constants), device)
         if bandwidth:
             voxels = case.shape[0] * math.prod(case.shape[2:])
             roofline_ms = case.bytes_per_voxel * voxels / bandwidth * 1e3

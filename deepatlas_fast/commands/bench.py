@@ -10,6 +10,11 @@ from ._common import _add_device_argument, _device, _fail, _positive_int
 DEFAULT_SIZES = {"cpu": [32, 64], "cuda": [64, 128, 256]}
 
 
+def _names(values) -> list:
+    """``--ops a b,c`` -> [a, b, c] (spaces or commas between names)."""
+    return [name for value in values or [] for name in value.split(",") if name]
+
+
 def run(args) -> int:
     import torch
 
@@ -17,13 +22,12 @@ def run(args) -> int:
 
     try:
         device = torch.device(_device(args))
-        ops = [op for item in args.ops for op in item.split(",") if op] if args.ops else list(bench.OPS)
+        ops = _names(args.ops) or list(bench.OPS)
         unknown = sorted(set(ops) - set(bench.OPS))
         if unknown:
             raise ValueError(f"--ops: unknown op(s) {', '.join(unknown)} (known: {', '.join(bench.OPS)})")
         available = available_backends(device)
-        backends = [b for item in args.backends for b in item.split(",") if b] if args.backends else None
-        backends = backends or [b for b in ("cuda", "triton", "cpu") if available.get(b)] or ["reference"]
+        backends = _names(args.backends) or [b for b in ("cuda", "triton", "cpu") if available.get(b)] or ["reference"]
         missing = [b for b in backends if b not in available]
         if missing:
             raise ValueError(f"--backends: unknown backend(s) {', '.join(missing)} (known: {', '.join(available)})")
