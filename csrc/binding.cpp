@@ -41,6 +41,10 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
   m.def("lncc(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
   m.def("lncc_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction,"
         " bool need_a, bool need_b) -> Tensor[]");
+  // the tile algorithm of lncc (lncc_tile.h): CUDA kernels, and their serial emulation on the CPU
+  m.def("lncc_tiled(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
+  m.def("lncc_tiled_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps,"
+        " str reduction, bool need_a, bool need_b) -> Tensor[]");
   m.def("jacobian_det(Tensor field, float[]? scale) -> Tensor");
   m.def("jacobian_det_backward(Tensor grad, Tensor field, float[]? scale) -> Tensor");
   m.def("jacobian_var(Tensor field, float[]? scale, bool normalized) -> (Tensor, Tensor)");

@@ -24,6 +24,7 @@
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/lncc.h"
 #include "deepatlas_fast/lncc_host.h"
+#include "lncc_common.cuh"
 
 namespace deepatlas_fast {
 namespace {
@@ -32,15 +33,17 @@ constexpr int kMaxTaps = 63;          // window taps travel as a kernel argument
 constexpr int64_t kBufferVolumes = 4;  // the chunk buffers hold about this many input volumes
 constexpr int64_t kMinChunk = 8;       // ... unless the chunks would be thinner than this many planes
 constexpr int kMoments = 5;
-constexpr int kBlockX = 32, kBlockY = 8;  // threads along x (coalesced) and y; blocks loop over planes
-constexpr int kReduceThreads = kBlockX * kBlockY;
+using lncc_cuda::block_sum;
+using lncc_cuda::kBlockX;  // threads along x (coalesced) and y; blocks loop over planes
+using lncc_cuda::kBlockY;
+using lncc_cuda::kReduceThreads;
 constexpr unsigned int kMaxGridZ = 65535;
-constexpr int64_t kShiftSamples = 1 << 16;
 
 template <typename T>
 struct Window {
   T taps[kMaxTaps];
   int k, half;
+  __host__ __device__ const T* data() const { return taps; }
 };
 
 struct Dims {
@@ -65,19 +68,6 @@ __device__ __forceinline__ Voxel this_voxel(const Dims& s) {
   return v;
 }
 
-template <typename T>
-__device__ T block_sum(T value) {
-  __shared__ T shared[kReduceThreads];
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  shared[tid] = value;
-  __syncthreads();
-  for (int stride = kReduceThreads / 2; stride > 0; stride /= 2) {
-    if (tid < stride) shared[tid] += shared[tid + stride];
-    __syncthreads();
-  }
-  return shared[0];
-}
-
 // Sum over the window taps along x (zero padded) of a row of one slice.
 template <typename T>
 __device__ __forceinline__ T x_window(const T* __restrict__ row, int x, int w, const Window<T>& win) {
@@ -90,35 +80,6 @@ __device__ __forceinline__ T x_window(const T* __restrict__ row, int x, int w, c
 }
 
 // ------------------------------------------------------------------------------------------------ kernels
-
-// shifts[2 c + i] = the mean of channel c of input i (a, b) over at most kShiftSamples evenly spread voxels
-// (the shift only needs to be a typical value): one block per (channel, input), fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) channel_mean_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                                                        T* __restrict__ shifts, int64_t volume) {
-  const int64_t channel = blockIdx.x / 2;
-  const T* x = (blockIdx.x % 2 == 0 ? a : b) + channel * volume;
-  const int64_t samples = volume < kShiftSamples ? volume : kShiftSamples;
-  double sum = 0;
-  for (int64_t j = threadIdx.y * blockDim.x + threadIdx.x; j < samples; j += kReduceThreads) {
-    sum += double(x[j * volume / samples]);
-  }
-  sum = block_sum(sum);
-  if (threadIdx.x == 0 && threadIdx.y == 0) shifts[blockIdx.x] = static_cast<T>(sum / double(samples));
-}
-
-// cover = the window weight inside the volume at each position along z, then y, then x.
-template <typename T>
-__global__ void coverage_kernel(T* __restrict__ cover, Dims s, Window<T> win) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i < s.d) {
-    cover[i] = lncc::window_coverage(i, s.d, win.taps, win.k);
-  } else if (i < s.d + s.h) {
-    cover[i] = lncc::window_coverage(i - s.d, int64_t(s.h), win.taps, win.k);
-  } else if (i < s.d + s.h + s.w) {
-    cover[i] = lncc::window_coverage(i - s.d - s.h, int64_t(s.w), win.taps, win.k);
-  }
-}
 
 // out[c][m][p] = the z-window sums of moment m of planes first + p (p < planes) of channel c.
 template <typename T>
@@ -267,16 +228,6 @@ __global__ void __launch_bounds__(kReduceThreads) adjoints_kernel(StatsJob<T> jo
   }
 }
 
-// out = -(sum of the n partials) / numel, by one block in a fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kReduceThreads)
-    mean_kernel(const T* __restrict__ partials, int64_t n, T numel, T* __restrict__ out) {
-  T sum = 0;
-  for (int64_t i = threadIdx.y * blockDim.x + threadIdx.x; i < n; i += kReduceThreads) sum += partials[i];
-  sum = block_sum(sum);
-  if (threadIdx.x == 0 && threadIdx.y == 0) out[0] = -sum / numel;
-}
-
 // The gradients at planes [first, first + planes) from the z- and y-window sums of the adjoint maps
 // (x pass fused here).
 template <typename T>
@@ -360,11 +311,12 @@ struct Setup {
     const Dims& s = p.dims;
     win = make_window<T>(p, &full, &volume);
     shifts = at::empty({s.nc * 2}, a.options());
-    channel_mean_kernel<T><<<static_cast<unsigned int>(s.nc * 2), dim3(kBlockX, kBlockY), 0, stream>>>(
+    lncc_cuda::channel_mean_kernel<T><<<static_cast<unsigned int>(s.nc * 2), dim3(kBlockX, kBlockY), 0, stream>>>(
         a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.mutable_data_ptr<T>(), s.d * s.plane);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cover = at::empty({s.d + s.h + s.w}, a.options());
-    coverage_kernel<T><<<blocks_for(s.d + s.h + s.w), kThreads, 0, stream>>>(cover.mutable_data_ptr<T>(), s, win);
+    lncc_cuda::coverage_kernel<<<blocks_for(s.d + s.h + s.w), kThreads, 0, stream>>>(cover.mutable_data_ptr<T>(), s.d,
+                                                                                     s.h, s.w, win, win.k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     chunk = chunk_planes(s, halo);
     const int64_t planes = std::min(s.d, chunk + 2 * halo);
@@ -428,7 +380,7 @@ at::Tensor lncc_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.mean) {
-      mean_kernel<T><<<1, dim3(kBlockX, kBlockY), 0, setup.stream>>>(
+      lncc_cuda::mean_kernel<T><<<1, dim3(kBlockX, kBlockY), 0, setup.stream>>>(
           partials.const_data_ptr<T>(), partials.numel(), static_cast<T>(a.numel()), out.mutable_data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -8,6 +8,8 @@ dtypes to the compute dtype (the reference's rule) and narrows results back, as 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._extension import load_extension
@@ -69,15 +71,41 @@ def warp_backward(grad, vol, disp, padding, need_vol, need_disp):
     return _narrowed(grads, ((vol, need_vol), (disp, need_disp)))
 
 
+#: The CUDA lncc implementation: "separable" (cuda/lncc.cu, one kernel per axis: the default, measured
+#: on a GPU) or "tiled" (cuda/lncc_tiled.cu: the in-plane passes in shared memory, windows of at most
+#: LNCC_TILED_MAX_KERNEL_SIZE taps; larger windows stay separable). Read from the environment at each call.
+LNCC_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_LNCC"
+LNCC_CUDA_IMPLEMENTATIONS = ("separable", "tiled")
+LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
+
+
+def lncc_cuda_implementation() -> str:
+    """The CUDA lncc implementation :data:`LNCC_CUDA_VARIABLE` selects (default "separable")."""
+    choice = os.environ.get(LNCC_CUDA_VARIABLE, "") or "separable"
+    if choice not in LNCC_CUDA_IMPLEMENTATIONS:
+        raise ValueError(f"{LNCC_CUDA_VARIABLE} must be one of {LNCC_CUDA_IMPLEMENTATIONS}, got {choice!r}")
+    return choice
+
+
+def _lncc_kernels(a, kernel_size):
+    """(forward, backward) raw ops of lncc for a on this call."""
+    ops = _kernels()
+    if a.is_cuda and kernel_size <= LNCC_TILED_MAX_KERNEL_SIZE and lncc_cuda_implementation() == "tiled":
+        return ops.lncc_tiled, ops.lncc_tiled_backward
+    return ops.lncc, ops.lncc_backward
+
+
 def lncc(a, b, kernel_size, kernel, eps, reduction):
     dtype = compute_dtype(a, b)
-    return _kernels().lncc(_as(a, dtype), _as(b, dtype), kernel_size, kernel, eps, reduction)
+    forward, _ = _lncc_kernels(a, kernel_size)
+    return forward(_as(a, dtype), _as(b, dtype), kernel_size, kernel, eps, reduction)
 
 
 def lncc_backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b):
     dtype = compute_dtype(a, b)
-    grads = _kernels().lncc_backward(_as(grad, dtype), _as(a, dtype), _as(b, dtype), kernel_size, kernel, eps,
-                                     reduction, need_a, need_b)
+    _, backward = _lncc_kernels(a, kernel_size)
+    grads = backward(_as(grad, dtype), _as(a, dtype), _as(b, dtype), kernel_size, kernel, eps, reduction, need_a,
+                     need_b)
     return _narrowed(grads, ((a, need_a), (b, need_b)))
 
 

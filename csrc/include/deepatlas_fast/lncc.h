@@ -54,6 +54,13 @@ DA_HD T window_outside(T cover_z, T cover_y, T cover_x, T full, T volume) {
   return volume - cover_z * cover_y * cover_x;
 }
 
+// The GPU kernels' shift of one channel of n voxels: the mean of at most kShiftSamples evenly spread
+// voxels (shift_sample_index(j, n) for j < shift_samples(n)): only a typical value is needed.
+constexpr int64_t kShiftSamples = 1 << 16;
+
+DA_HD int64_t shift_samples(int64_t n) { return n < kShiftSamples ? n : kShiftSamples; }
+DA_HD int64_t shift_sample_index(int64_t j, int64_t n) { return j * n / shift_samples(n); }
+
 // Window sums over the in-volume voxels of the shifted moments a', b', a'^2, b'^2, a'b'.
 template <typename T>
 struct Moments {

@@ -1,0 +1,182 @@
+// CUDA kernels of lncc_tiled: the tile algorithm of include/deepatlas_fast/lncc_tile.h, one block of
+// 32 x 8 threads per unit (tile x channel x run of planes), its scratch in dynamic shared memory. Forward:
+// one kernel (NCC map, or a partial sum per block reduced by one block in a fixed order); backward, per
+// chunk of planes: the adjoint maps into a buffer, then their window sums combined into the gradients.
+// No atomics (bitwise reproducible), no host synchronisation (CUDA-graph capturable), the caller's stream.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "deepatlas_fast/host_cuda.h"
+#include "deepatlas_fast/lncc_tile_host.h"
+#include "lncc_common.cuh"
+
+namespace deepatlas_fast {
+namespace {
+
+using namespace lncc::tile;
+using lncc_cuda::kBlockX;
+using lncc_cuda::kBlockY;
+using lncc_cuda::kReduceThreads;
+
+constexpr unsigned int kMaxGridYZ = 65535;
+
+// The phases of a unit spread over the block's threads; sync() is the block barrier.
+struct BlockExec {
+  template <typename F>
+  __device__ void for_each(int n, F&& f) const {
+    for (int i = threadIdx.y * kBlockX + threadIdx.x; i < n; i += kReduceThreads) f(i);
+  }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+template <typename T>
+__device__ T* shared_scratch() {
+  extern __shared__ __align__(16) unsigned char scratch[];
+  return reinterpret_cast<T*>(scratch);
+}
+
+// The taps in shared memory: indexing the kernel argument by a runtime tap index would copy it to local
+// memory (a per-thread stack); the copy loop's indices are compile-time.
+template <typename T>
+__device__ const T* shared_taps(const Taps<T>& taps) {
+  __shared__ T shared[kMaxKernelSize];
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    DA_UNROLL
+    for (int j = 0; j < kMaxKernelSize; ++j) shared[j] = taps.tap[j];
+  }
+  __syncthreads();
+  return shared;
+}
+
+template <typename T>
+__device__ PlaneTile<T> block_tile(const Volume<T>& v) {
+  return plane_tile(shared_scratch<T>(), int(blockIdx.y), int(blockIdx.x), v.h, v.w, v.half);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    forward_kernel(Volume<T> v, Taps<T> taps, int k, Plan plan, T* __restrict__ map, T* __restrict__ partials) {
+  const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, 0, v.d);
+  const T partial = forward_unit(BlockExec{}, block_tile(v), v, shared_taps(taps), k, u.c, u.p0, u.p1, map);
+  if (partials != nullptr) {
+    const T total = lncc_cuda::block_sum(partial);
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+      partials[(int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = total;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) adjoint_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, int k, Plan plan) {
+  const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, ch.h0, ch.planes);
+  adjoint_unit(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), k, u.c, u.p0, u.p1);
+}
+
+template <int MAPS, typename T>
+__global__ void __launch_bounds__(kReduceThreads)
+    combine_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, int k, Plan plan, int64_t z0, int64_t planes,
+                   T* __restrict__ grad_a, T* __restrict__ grad_b) {
+  const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, z0, planes);
+  combine_unit<MAPS>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), k, u.c, u.p0, u.p1, grad_a, grad_b);
+}
+
+// Launches kernel on plan's grid with the unit scratch in dynamic shared memory (opted in above 48 KB).
+template <typename T, typename Kernel, typename... Args>
+void launch(Kernel kernel, const Volume<T>& v, const Plan& plan, int64_t z_units, Args... args) {
+  if (z_units == 0) return;
+  const size_t bytes = size_t(scratch_elements(v.half)) * sizeof(T);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  const dim3 grid(static_cast<unsigned int>(plan.tiles_x), static_cast<unsigned int>(plan.tiles_y),
+                  static_cast<unsigned int>(z_units));
+  kernel<<<grid, dim3(kBlockX, kBlockY), bytes, current_stream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+struct BlockRunner {
+  static constexpr int64_t kMaxZUnits = kMaxGridYZ;
+
+  at::Tensor shifts(const at::Tensor& a, const at::Tensor& b, int64_t nc) {
+    at::Tensor out = at::empty({nc * 2}, a.options());
+    lncc_cuda::channel_mean_kernel<T><<<static_cast<unsigned int>(nc * 2), dim3(kBlockX, kBlockY), 0,
+                                        current_stream()>>>(a.const_data_ptr<T>(), b.const_data_ptr<T>(),
+                                                            out.mutable_data_ptr<T>(), a.numel() / nc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
+  at::Tensor cover(const Volume<T>& v, const Taps<T>& taps, int k) {
+    at::Tensor out = at::empty({v.d + v.h + v.w}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)
+                                                      .device(at::kCUDA, c10::cuda::current_device()));
+    lncc_cuda::coverage_kernel<<<blocks_for(v.d + v.h + v.w), kThreads, 0, current_stream()>>>(
+        out.mutable_data_ptr<T>(), v.d, int64_t(v.h), int64_t(v.w), taps, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+
+  void forward(const Volume<T>& v, const Taps<T>& taps, int k, const Plan& plan, T* map, T* partials) {
+    launch(forward_kernel<T>, v, plan, v.nc * plan.runs, v, taps, k, plan, map, partials);
+  }
+
+  void mean(const T* partials, int64_t n, T numel, T* out) {
+    lncc_cuda::mean_kernel<T><<<1, dim3(kBlockX, kBlockY), 0, current_stream()>>>(partials, n, numel, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan) {
+    launch(adjoint_kernel<T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan);
+  }
+
+  void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan, int64_t z0,
+               int64_t planes, T* grad_a, T* grad_b) {
+    if (ch.needs.maps() == kMaxMaps) {
+      launch(combine_kernel<kMaxMaps, T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan, z0, planes, grad_a, grad_b);
+    } else {
+      launch(combine_kernel<3, T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan, z0, planes, grad_a, grad_b);
+    }
+  }
+};
+
+void check_grid(const at::Tensor& a) {
+  TORCH_CHECK((a.size(3) + kTileY - 1) / kTileY <= int64_t(kMaxGridYZ) &&
+                  a.size(0) * a.size(1) <= int64_t(kMaxGridYZ),
+              "deepatlas_fast: lncc_tiled: input too large for the CUDA kernels, got shape ", a.sizes());
+}
+
+at::Tensor lncc_tiled_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
+                              double eps, c10::string_view reduction) {
+  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
+  check_grid(a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled", [&] {
+    BlockRunner<scalar_t> runner;
+    out = lncc::tile::forward<scalar_t>(runner, a, b, kernel_size, kernel, eps, reduction);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> lncc_tiled_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                            int64_t kernel_size, c10::string_view kernel, double eps,
+                                            c10::string_view reduction, bool need_a, bool need_b) {
+  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
+  check_grid(a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
+    BlockRunner<scalar_t> runner;
+    grads = lncc::tile::backward<scalar_t>(runner, grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b);
+  });
+  return grads;
+}
+
+}  // namespace
+}  // namespace deepatlas_fast
+
+DEEPATLAS_FAST_LNCC_TILED_IMPL(CUDA)

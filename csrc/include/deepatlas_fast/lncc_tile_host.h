@@ -1,0 +1,134 @@
+// Host side of the tiled lncc (lncc_tile.h), shared by the CUDA op (cuda/lncc_tiled.cu) and its serial CPU
+// emulation (cpu/lncc_tiled.cpp): checks, window, frame, the backward's chunks. A Runner runs the units:
+//   at::Tensor shifts(a, b, nc)                  [nc][2] channel shifts (shift_sample_index)
+//   at::Tensor cover(volume, taps, k)            [d + h + w] window coverage
+//   void forward(volume, taps, k, plan, map, partials)   every unit; one partial per unit unless map
+//   void mean(partials, n, numel, out)           out = -(sum of the partials in order) / numel
+//   void adjoints(volume, chunk, taps, k, plan)  the chunk's buffer planes
+//   void combine(volume, chunk, taps, k, plan, z0, planes, grad_a, grad_b)   gradients at [z0, z0 + planes)
+// Runner::kMaxZUnits bounds channels x plane runs (CUDA's grid.z).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "host.h"
+#include "lncc_host.h"
+#include "lncc_tile.h"
+
+namespace deepatlas_fast {
+namespace lncc {
+namespace tile {
+
+constexpr int64_t kBufferVolumes = 2;  // the backward's adjoint buffer holds about this many input volumes
+constexpr int64_t kMinChunk = 8;       // ... unless its chunks would be thinner than this many planes
+
+struct Problem {
+  Options options;
+  int64_t nc, d;
+  int h, w;
+};
+
+inline Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
+                             double eps, c10::string_view reduction) {
+  const Options o = check_arguments(a, b, kernel_size, kernel, eps, reduction, kMaxKernelSize, "for lncc_tiled");
+  TORCH_CHECK(a.size(3) < (int64_t(1) << 30) && a.size(4) < (int64_t(1) << 30),
+              "deepatlas_fast: lncc_tiled: planes too large, got shape ", a.sizes());
+  return Problem{o, a.size(0) * a.size(1), a.size(2), int(a.size(3)), int(a.size(4))};
+}
+
+// The volume description without its frame (shifts, cover: filled by the caller) and the taps.
+template <typename T>
+Volume<T> describe(const Problem& p, const at::Tensor& a, const at::Tensor& b, Taps<T>* taps) {
+  Volume<T> v{};
+  v.a = a.const_data_ptr<T>();
+  v.b = b.const_data_ptr<T>();
+  v.nc = p.nc;
+  v.d = p.d;
+  v.h = p.h;
+  v.w = p.w;
+  v.plane = int64_t(p.h) * p.w;
+  v.half = p.options.k / 2;
+  for (int j = 0; j < p.options.k; ++j) taps->tap[j] = static_cast<T>(window_tap(j, p.options.k, p.options.gaussian));
+  v.full = window_total(taps->tap, p.options.k);
+  v.volume = static_cast<T>(double(v.full) * double(v.full) * double(v.full));
+  v.inv_volume = static_cast<T>(1.0 / double(v.volume));
+  v.eps = static_cast<T>(p.options.eps);
+  return v;
+}
+
+template <typename T, typename Runner>
+at::Tensor forward(Runner& runner, const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
+                   c10::string_view kernel, double eps, c10::string_view reduction) {
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+  const int k = p.options.k;
+  at::Tensor out = new_output(p.options.mean ? at::IntArrayRef{} : a.sizes(), a.options());
+  Taps<T> taps{};
+  Volume<T> v = describe<T>(p, a, b, &taps);
+  const at::Tensor shifts = runner.shifts(a, b, p.nc);
+  const at::Tensor cover = runner.cover(v, taps, k);
+  v.shifts = shifts.const_data_ptr<T>();
+  v.cover = cover.const_data_ptr<T>();
+  const Plan plan = plan_units(p.nc, p.d, p.h, p.w, Runner::kMaxZUnits);
+  if (p.options.mean) {
+    const int64_t units = int64_t(plan.tiles_x) * plan.tiles_y * p.nc * plan.runs;
+    at::Tensor partials = at::empty({units}, a.options());
+    runner.forward(v, taps, k, plan, nullptr, partials.mutable_data_ptr<T>());
+    runner.mean(partials.const_data_ptr<T>(), units, static_cast<T>(a.numel()), out.mutable_data_ptr<T>());
+  } else {
+    runner.forward(v, taps, k, plan, out.mutable_data_ptr<T>(), nullptr);
+  }
+  return out;
+}
+
+template <typename T, typename Runner>
+std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                 int64_t kernel_size, c10::string_view kernel, double eps, c10::string_view reduction,
+                                 bool need_a, bool need_b) {
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+  check_grad(grad, a, p.options.mean);
+  if (!need_a && !need_b) return {};
+  const int k = p.options.k;
+  at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
+  at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
+  Taps<T> taps{};
+  Volume<T> v = describe<T>(p, a, b, &taps);
+  const at::Tensor shifts = runner.shifts(a, b, p.nc);
+  const at::Tensor cover = runner.cover(v, taps, k);
+  v.shifts = shifts.const_data_ptr<T>();
+  v.cover = cover.const_data_ptr<T>();
+  Chunk<T> ch{};
+  ch.needs = {need_a, need_b};
+  ch.grad = p.options.mean ? nullptr : grad.const_data_ptr<T>();
+  ch.grad_scalar = p.options.mean ? grad.const_data_ptr<T>() : nullptr;
+  ch.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
+  const int maps = ch.needs.maps();
+  const int64_t chunk = backward_chunk(p.d, v.half, maps, kBufferVolumes, kMinChunk);
+  const at::Tensor buffer = at::empty({p.nc * maps * std::min(p.d, chunk + 2 * int64_t(v.half)) * v.plane}, a.options());
+  ch.buffer = buffer.data_ptr<T>();
+  for (int64_t z0 = 0; z0 < p.d; z0 += chunk) {
+    const int64_t z1 = std::min(p.d, z0 + chunk);
+    ch.h0 = std::max<int64_t>(0, z0 - v.half);
+    ch.planes = std::min(p.d, z1 + v.half) - ch.h0;
+    runner.adjoints(v, ch, taps, k, plan_units(p.nc, ch.planes, p.h, p.w, Runner::kMaxZUnits));
+    runner.combine(v, ch, taps, k, plan_units(p.nc, z1 - z0, p.h, p.w, Runner::kMaxZUnits), z0, z1 - z0,
+                   need_a ? grad_a.mutable_data_ptr<T>() : nullptr, need_b ? grad_b.mutable_data_ptr<T>() : nullptr);
+  }
+  return requested_gradients(need_a, grad_a, need_b, grad_b);
+}
+
+}  // namespace tile
+}  // namespace lncc
+}  // namespace deepatlas_fast
+
+// Registers lncc_tiled / lncc_tiled_backward for dispatch key KEY: cpu/lncc_tiled.cpp and
+// cuda/lncc_tiled.cu each define lncc_tiled_forward and lncc_tiled_backward in namespace deepatlas_fast.
+#define DEEPATLAS_FAST_LNCC_TILED_IMPL(KEY)                              \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                         \
+    m.impl("lncc_tiled", &deepatlas_fast::lncc_tiled_forward);           \
+    m.impl("lncc_tiled_backward", &deepatlas_fast::lncc_tiled_backward); \
+  }
