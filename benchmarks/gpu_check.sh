@@ -3,7 +3,7 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# The step limits add up to 9.5 minutes with the install (the device tool allows 10 per call, 15 per
+# The step limits add up to 9.7 minutes with the install (the device tool allows 10 per call, 15 per
 # session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s; a fresh machine's report
 # makes about one row per 5 s while Triton compiles, so its limit cuts it short (rows are written as made).
@@ -70,7 +70,7 @@ fi
 
 
 if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
-  KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
+  KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_lncc_tiled.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
   run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-50}" "not cpu and triton" $KERNEL_TESTS
 fi
@@ -97,10 +97,15 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
   if command -v ncu >/dev/null 2>&1; then
     log "ncu: cuda kernels at 256^3"
     echo "== ncu (csv: kernel, metric, value)" >> "$OUT/report.log"
-    timeout "${NCU_TIMEOUT:-60}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+    timeout "${NCU_TIMEOUT:-45}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread \
       $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
+    echo "== ncu: lncc, cuda (tiled)" >> "$OUT/report.log"
+    timeout "${NCU_TILED_TIMEOUT:-30}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+      $PY benchmarks/ncu_target.py --backend "cuda (tiled)" --ops lncc 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
+    echo "ncu (tiled lncc) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   else
     log "ncu: not found"
   fi

@@ -1,6 +1,6 @@
 """Where each op's time goes: torch.profiler's per-kernel table for one forward+backward of every op.
 
-    python benchmarks/kernel_profile.py                                  # 256³ on cuda, backends cuda and triton
+    python benchmarks/kernel_profile.py                                  # 256³ on cuda: cuda, cuda (tiled), triton
     python benchmarks/kernel_profile.py --side 24 --device cpu --backends cpu   # smoke run (any machine)
 
 The same inputs as the kernel report (``deepatlas_fast.bench.build_cases``, batch 1, fp32). For each op and
@@ -12,6 +12,7 @@ fwd/bwd timings where no hardware profiler runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -27,13 +28,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=256, help="cube side (default 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", default="cuda,triton", help="comma list of our backends (default cuda,triton)")
+    parser.add_argument("--backends", default="cuda,cuda (tiled),triton",
+                        help="comma list of the report's implementation names (default: cuda,cuda (tiled),triton)")
     parser.add_argument("--iters", type=int, default=3, help="profiled forward+backward passes (default 3)")
     parser.add_argument("--rows", type=int, default=8, help="kernels listed per op and backend (default 8)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     backends = args.backends.split(",")
-    cases = bench.build_cases(device, [(args.side, 1)], backends)
+    cases = bench.build_cases(device, [(args.side, 1)], [name.split(" ")[0] for name in backends])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for case in cases:
         for name in backends:
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
             if fn is None:
                 continue
             leaves, constants = case.inputs()
-            with finite_checks(False):
+            with finite_checks(False), getattr(fn, "context", contextlib.nullcontext)():  # a variant's setting
                 bench.forward_backward(fn, leaves, constants)  # warm-up
                 bench.sync(device)
                 with profile(activities=activities) as prof:

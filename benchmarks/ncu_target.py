@@ -3,11 +3,13 @@ the chosen backend at 256³ (the report's inputs), after a warm-up, between cuda
 `ncu --profile-from-start off` sees only those kernels.
 
     ncu --profile-from-start off --csv --metrics ... python benchmarks/ncu_target.py --backend cuda
+    ... python benchmarks/ncu_target.py --backend "cuda (tiled)" --ops lncc    # a report variant, one op
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,13 +22,18 @@ from deepatlas_fast import bench, finite_checks  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="cuda")
+    parser.add_argument("--backend", default="cuda", help="a backend or report implementation name (default cuda)")
+    parser.add_argument("--ops", default=None, help="comma list of ops (default: all)")
     parser.add_argument("--side", type=int, default=256)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    cases = [c for c in bench.build_cases(device, [(args.side, 1)], [args.backend]) if args.backend in c.impls]
+    cases = [c for c in bench.build_cases(device, [(args.side, 1)], [args.backend.split(" ")[0]])
+             if args.backend in c.impls and (args.ops is None or c.op in args.ops.split(","))]
     runs = [(case, case.impls[args.backend], *case.inputs()) for case in cases]
-    with finite_checks(False):
+    contexts = contextlib.ExitStack()
+    for fn in {id(fn): fn for _, fn, *_ in runs}.values():  # a variant's setting (all runs of one variant share it)
+        contexts.enter_context(getattr(fn, "context", contextlib.nullcontext)())
+    with contexts, finite_checks(False):
         for _, fn, leaves, constants in runs:  # warm-up: compile, allocator
             bench.forward_backward(fn, leaves, constants)
         torch.cuda.synchronize()

@@ -125,6 +125,33 @@ def _triton_lncc_variant(inplane: str, available):
     return {f"triton ({inplane} in-plane)": fn}
 
 
+def _cuda_lncc_variant(implementation: str, available):
+    """The cuda lncc with DEEPATLAS_FAST_CUDA_LNCC=``implementation`` (ops/_cpp.py) for a whole measurement:
+    {name: fn}, empty without the cuda backend."""
+    import deepatlas_fast as da
+
+    if "lncc" not in available.get("cuda", []):
+        return {}
+    from .ops import _cpp
+
+    fn = _with_backend("cuda", lambda a, b: da.lncc(a, b, 9))
+    fn.context = lambda: _environment(_cpp.LNCC_CUDA_VARIABLE, implementation)
+    return {f"cuda ({implementation})": fn}
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def stock_lncc(a, b, kernel_size=9):
     """MONAI 1.6's LocalNormalizedCrossCorrelationLoss when installed (what users run), else the package's
     own separable-convolution stock LNCC (the same numbers)."""
@@ -231,6 +258,7 @@ def build_cases(
                 return (a, (a + 0.5 * torch.randn(n, c, *shape, generator=gen).to(device)).contiguous()), ()
 
             impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9), point), **_triton_lncc_variant("dot", available),
+                     **_cuda_lncc_variant("tiled", available),
                      lncc_name: stock_lncc,
                      **compiled(point, lncc_name, stock_lncc), **peers}
             cases.append(Case("lncc", f"k=9 box {n}x1x{side}³", (n, 1, *shape), 24, make_lncc, impls,
@@ -271,6 +299,7 @@ def build_cases(
                 return (a, (a + 0.5 * torch.randn(2, 16, *shape, generator=gen).to(device)).contiguous()), ()
 
             impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9)), **_triton_lncc_variant("dot", available),
+                     **_cuda_lncc_variant("tiled", available),
                      lncc_name: stock_lncc, **peers}
             cases.append(Case("lncc", f"k=9 box 2x16x{lside}³", (2, 16, *lshape), 24 * 16, make_lncc16, impls,
                               reps=5, side=lside))
