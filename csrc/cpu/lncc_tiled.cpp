@@ -42,12 +42,12 @@ struct SerialRunner {
     return out;
   }
 
-  at::Tensor cover(const Volume<T>& v, const Taps<T>& taps, int k) {
+  at::Tensor cover(const Volume<T>& v, const Taps<T>& taps) {
     at::Tensor out = at::empty({v.d + v.h + v.w}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* c = out.mutable_data_ptr<T>();
-    for (int64_t i = 0; i < v.d; ++i) c[i] = lncc::window_coverage(i, v.d, taps.tap, k);
-    for (int i = 0; i < v.h; ++i) c[v.d + i] = lncc::window_coverage(int64_t(i), int64_t(v.h), taps.tap, k);
-    for (int i = 0; i < v.w; ++i) c[v.d + v.h + i] = lncc::window_coverage(int64_t(i), int64_t(v.w), taps.tap, k);
+    for (int64_t i = 0; i < v.d; ++i) c[i] = lncc::window_coverage(i, v.d, taps.tap, 2 * v.half + 1);
+    for (int i = 0; i < v.h; ++i) c[v.d + i] = lncc::window_coverage(int64_t(i), int64_t(v.h), taps.tap, 2 * v.half + 1);
+    for (int i = 0; i < v.w; ++i) c[v.d + v.h + i] = lncc::window_coverage(int64_t(i), int64_t(v.w), taps.tap, 2 * v.half + 1);
     return out;
   }
 
@@ -65,9 +65,9 @@ struct SerialRunner {
     });
   }
 
-  void forward(const Volume<T>& v, const Taps<T>& taps, int k, const Plan& plan, T* map, T* partials) {
+  void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
     each_unit(v, plan, 0, v.d, [&](int64_t i, const Unit& u, const PlaneTile<T>& t) {
-      const T partial = forward_unit(SerialExec{}, t, v, taps.tap, k, u.c, u.p0, u.p1, map);
+      const T partial = forward_unit(SerialExec{}, t, v, taps.tap, u.c, u.p0, u.p1, map);
       if (partials) partials[i] = partial;
     });
   }
@@ -78,19 +78,19 @@ struct SerialRunner {
     out[0] = -sum / numel;
   }
 
-  void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan) {
+  void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
     each_unit(v, plan, ch.h0, ch.planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
-      adjoint_unit(SerialExec{}, t, v, ch, taps.tap, k, u.c, u.p0, u.p1);
+      adjoint_unit(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1);
     });
   }
 
-  void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan, int64_t z0,
+  void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
     each_unit(v, plan, z0, planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
       if (ch.needs.maps() == kMaxMaps) {
-        combine_unit<kMaxMaps>(SerialExec{}, t, v, ch, taps.tap, k, u.c, u.p0, u.p1, grad_a, grad_b);
+        combine_unit<kMaxMaps>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
       } else {
-        combine_unit<3>(SerialExec{}, t, v, ch, taps.tap, k, u.c, u.p0, u.p1, grad_a, grad_b);
+        combine_unit<3>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
       }
     });
   }

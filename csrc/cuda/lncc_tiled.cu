@@ -23,14 +23,17 @@ using lncc_cuda::kBlockY;
 using lncc_cuda::kReduceThreads;
 
 constexpr unsigned int kMaxGridYZ = 65535;
+// Blocks per SM the register allocation must allow (at most 128 registers a thread): without this bound
+// ptxas chose 48 to 64 registers and spilled in the float64 combine kernels.
+constexpr int kMinBlocks = 2;
 
 // The phases of a unit spread over the block's threads; sync() is the block barrier.
 struct BlockExec {
   template <typename F>
-  __device__ void for_each(int n, F&& f) const {
+  __device__ __forceinline__ void for_each(int n, F&& f) const {
     for (int i = threadIdx.y * kBlockX + threadIdx.x; i < n; i += kReduceThreads) f(i);
   }
-  __device__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
 };
 
 template <typename T>
@@ -58,10 +61,10 @@ __device__ PlaneTile<T> block_tile(const Volume<T>& v) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads)
-    forward_kernel(Volume<T> v, Taps<T> taps, int k, Plan plan, T* __restrict__ map, T* __restrict__ partials) {
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
+    forward_kernel(Volume<T> v, Taps<T> taps, Plan plan, T* __restrict__ map, T* __restrict__ partials) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, 0, v.d);
-  const T partial = forward_unit(BlockExec{}, block_tile(v), v, shared_taps(taps), k, u.c, u.p0, u.p1, map);
+  const T partial = forward_unit(BlockExec{}, block_tile(v), v, shared_taps(taps), u.c, u.p0, u.p1, map);
   if (partials != nullptr) {
     const T total = lncc_cuda::block_sum(partial);
     if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -71,17 +74,17 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) adjoint_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, int k, Plan plan) {
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocks) adjoint_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, ch.h0, ch.planes);
-  adjoint_unit(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), k, u.c, u.p0, u.p1);
+  adjoint_unit(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1);
 }
 
 template <int MAPS, typename T>
-__global__ void __launch_bounds__(kReduceThreads)
-    combine_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, int k, Plan plan, int64_t z0, int64_t planes,
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
+    combine_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan, int64_t z0, int64_t planes,
                    T* __restrict__ grad_a, T* __restrict__ grad_b) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, z0, planes);
-  combine_unit<MAPS>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), k, u.c, u.p0, u.p1, grad_a, grad_b);
+  combine_unit<MAPS>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1, grad_a, grad_b);
 }
 
 // Launches kernel on plan's grid with the unit scratch in dynamic shared memory (opted in above 48 KB).
@@ -111,17 +114,17 @@ struct BlockRunner {
     return out;
   }
 
-  at::Tensor cover(const Volume<T>& v, const Taps<T>& taps, int k) {
+  at::Tensor cover(const Volume<T>& v, const Taps<T>& taps) {
     at::Tensor out = at::empty({v.d + v.h + v.w}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)
                                                       .device(at::kCUDA, c10::cuda::current_device()));
     lncc_cuda::coverage_kernel<<<blocks_for(v.d + v.h + v.w), kThreads, 0, current_stream()>>>(
-        out.mutable_data_ptr<T>(), v.d, int64_t(v.h), int64_t(v.w), taps, k);
+        out.mutable_data_ptr<T>(), v.d, int64_t(v.h), int64_t(v.w), taps, 2 * v.half + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 
-  void forward(const Volume<T>& v, const Taps<T>& taps, int k, const Plan& plan, T* map, T* partials) {
-    launch(forward_kernel<T>, v, plan, v.nc * plan.runs, v, taps, k, plan, map, partials);
+  void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
+    launch(forward_kernel<T>, v, plan, v.nc * plan.runs, v, taps, plan, map, partials);
   }
 
   void mean(const T* partials, int64_t n, T numel, T* out) {
@@ -129,16 +132,16 @@ struct BlockRunner {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan) {
-    launch(adjoint_kernel<T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan);
+  void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
+    launch(adjoint_kernel<T>, v, plan, v.nc * plan.runs, v, ch, taps, plan);
   }
 
-  void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, int k, const Plan& plan, int64_t z0,
+  void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
     if (ch.needs.maps() == kMaxMaps) {
-      launch(combine_kernel<kMaxMaps, T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan, z0, planes, grad_a, grad_b);
+      launch(combine_kernel<kMaxMaps, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan, z0, planes, grad_a, grad_b);
     } else {
-      launch(combine_kernel<3, T>, v, plan, v.nc * plan.runs, v, ch, taps, k, plan, z0, planes, grad_a, grad_b);
+      launch(combine_kernel<3, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan, z0, planes, grad_a, grad_b);
     }
   }
 };

@@ -36,7 +36,7 @@ namespace tile {
 constexpr int kTileX = 32;      // output columns per tile (one warp's worth of coalesced x)
 constexpr int kTileY = 16;      // output rows per tile
 constexpr int kMaxMaps = 5;     // moments (forward), adjoint maps with both gradients (backward)
-constexpr int kMaxKernelSize = 31;  // the scratch grows with the halo: 31 taps, float64 = 173 KB
+constexpr int kMaxKernelSize = 31;  // the scratch grows with the halo (scratch_elements)
 constexpr int kPlanesPerUnit = 16;  // planes a unit streams (units = tiles x channels x plane runs)
 
 // The window's taps along each axis (window_tap), by value: a CUDA kernel argument.
@@ -46,30 +46,6 @@ struct Taps {
   DA_HD T operator[](int j) const { return tap[j]; }
   DA_HD const T* data() const { return tap; }
 };
-
-// Scratch elements of one unit for a window of `half` voxels each side: z sums [maps][halo_y][halo_x],
-// then x sums [maps][halo_y][kTileX].
-DA_HD int scratch_elements(int half) {
-  const int halo_y = kTileY + 2 * half, halo_x = kTileX + 2 * half;
-  return kMaxMaps * halo_y * (halo_x + kTileX);
-}
-
-// The tile of a unit in a plane of h x w voxels: outputs [y0, y0 + kTileY) x [x0, x0 + kTileX) (clipped).
-template <typename T>
-struct PlaneTile {
-  T* z_sums;
-  T* x_sums;
-  int y0, x0, h, w, half;
-  DA_HD int halo_y() const { return kTileY + 2 * half; }
-  DA_HD int halo_x() const { return kTileX + 2 * half; }
-};
-
-template <typename T>
-DA_HD PlaneTile<T> plane_tile(T* scratch, int tile_y, int tile_x, int h, int w, int half) {
-  PlaneTile<T> t{scratch, nullptr, tile_y * kTileY, tile_x * kTileX, h, w, half};
-  t.x_sums = scratch + kMaxMaps * t.halo_y() * t.halo_x();
-  return t;
-}
 
 // The window sums of MAPS maps at one point, by value (registers on CUDA).
 template <typename T, int MAPS>
@@ -85,32 +61,129 @@ DA_HD Sums<T, MAPS> zero_sums() {
   return s;
 }
 
-// Phases A-C above for one plane. column(y, x) returns the z-window sums of the MAPS maps at the
-// in-volume column (y, x); visit(y, x, sums) receives the window sums at each in-volume output voxel.
-// taps: the k taps of the window along each axis.
-template <int MAPS, typename T, typename Exec, typename Column, typename Visit>
-DA_HD void window_sums(const Exec& ex, const PlaneTile<T>& t, const T* taps, int k, Column&& column,
-                       Visit&& visit) {
-  const int hy = t.halo_y(), hx = t.halo_x();
+// The tile of a unit in a plane of h x w voxels: outputs [y0, y0 + kTileY) x [x0, x0 + kTileX) (clipped),
+// and its scratch: z sums [maps][halo_y][z_pitch], x sums [maps][halo_y][x_pitch], y sums
+// [maps][kTileY][kTileX]. The odd pitches spread the sliding passes' rows over the 32 shared-memory banks.
+template <typename T>
+struct PlaneTile {
+  T* z_sums;
+  T* x_sums;
+  T* y_sums;
+  int y0, x0, h, w, half;
+  DA_HD int halo_y() const { return kTileY + 2 * half; }
+  DA_HD int halo_x() const { return kTileX + 2 * half; }
+  DA_HD int z_pitch() const { return halo_x() + 1; }
+  DA_HD static constexpr int x_pitch() { return kTileX + 1; }
+};
+
+// Scratch elements of one unit for a window of `half` voxels each side (k = 31, float64: 197 KB).
+DA_HD int scratch_elements(int half) {
+  const int halo_y = kTileY + 2 * half, halo_x = kTileX + 2 * half;
+  return kMaxMaps * (halo_y * (halo_x + 1) + halo_y * (kTileX + 1) + kTileY * kTileX);
+}
+
+template <typename T>
+DA_HD PlaneTile<T> plane_tile(T* scratch, int tile_y, int tile_x, int h, int w, int half) {
+  PlaneTile<T> t{scratch, nullptr, nullptr, tile_y * kTileY, tile_x * kTileX, h, w, half};
+  t.x_sums = t.z_sums + kMaxMaps * t.halo_y() * t.z_pitch();
+  t.y_sums = t.x_sums + kMaxMaps * t.halo_y() * t.x_pitch();
+  return t;
+}
+
+// Sliding box passes: the first window of a run is summed, each next one adds the tap entering and
+// subtracts the one leaving; kSlideX outputs per run along x (two runs per row), kTileY along y.
+constexpr int kSlideX = kTileX / 2;
+
+// The window sums at plane z (of d) of MAPS maps at every output voxel of the tile, in four phases:
+//   A. z sums at every column of the tile and its halo: maps_at(y, x, p) is the maps' value at voxel
+//      (p, y, x) of the volume, zero outside it. A box window slides from the previous plane's sums
+//      (`first`: the unit's first plane, summed afresh), other windows sum their k taps.
+//   B. x sums at every (halo row, output column);  C. y sums at every output voxel;
+//   D. visit(y, x, sums) at each in-volume output voxel.
+// The next plane's phase A may follow phase D at once: it touches only the z sums, which phase B has
+// finished reading, and its barrier comes before phases B and C overwrite what C and D read.
+template <int MAPS, typename T, typename Exec, typename MapsAt, typename Visit>
+DA_HD void window_sums(const Exec& ex, const PlaneTile<T>& t, const T* taps, bool box, int64_t z, int64_t d,
+                       bool first, MapsAt&& maps_at, Visit&& visit) {
+  const int hy = t.halo_y(), hx = t.halo_x(), zp = t.z_pitch(), xp = t.x_pitch(), k = 2 * t.half + 1;
+  const bool slide_z = box && !first;
   ex.for_each(hy * hx, [&](int i) {
     const int iy = i / hx, ix = i - iy * hx;
     const int y = t.y0 - t.half + iy, x = t.x0 - t.half + ix;
+    T* out = t.z_sums + iy * zp + ix;
+    if (y < 0 || y >= t.h || x < 0 || x >= t.w) {
+      if (!slide_z) {
+        DA_UNROLL
+        for (int q = 0; q < MAPS; ++q) out[q * hy * zp] = T(0);
+      }
+      return;
+    }
+    if (slide_z) {
+      Sums<T, MAPS> in = zero_sums<T, MAPS>(), gone = zero_sums<T, MAPS>();
+      if (z + t.half < d) in = maps_at(y, x, z + t.half);
+      if (z - t.half - 1 >= 0) gone = maps_at(y, x, z - t.half - 1);
+      DA_UNROLL
+      for (int q = 0; q < MAPS; ++q) out[q * hy * zp] += in.v[q] - gone.v[q];
+      return;
+    }
     Sums<T, MAPS> sums = zero_sums<T, MAPS>();
-    if (y >= 0 && y < t.h && x >= 0 && x < t.w) sums = column(y, x);
+    const int64_t lo = z - t.half > 0 ? z - t.half : 0, hi = z + t.half < d ? z + t.half : d - 1;
+    DA_NO_UNROLL
+    for (int64_t p = lo; p <= hi; ++p) {
+      const T tap = taps[p - z + t.half];
+      const Sums<T, MAPS> m = maps_at(y, x, p);
+      DA_UNROLL
+      for (int q = 0; q < MAPS; ++q) sums.v[q] += tap * m.v[q];
+    }
     DA_UNROLL
-    for (int q = 0; q < MAPS; ++q) t.z_sums[(q * hy + iy) * hx + ix] = sums.v[q];
+    for (int q = 0; q < MAPS; ++q) out[q * hy * zp] = sums.v[q];
   });
   ex.sync();
-  ex.for_each(hy * kTileX, [&](int i) {
-    const int iy = i / kTileX, ox = i - iy * kTileX;
-    DA_UNROLL
-    for (int q = 0; q < MAPS; ++q) {
-      const T* row = t.z_sums + (q * hy + iy) * hx + ox;
+  if (box) {  // task = (row of any map, half row): rows [map][halo row] are consecutive in both buffers
+    ex.for_each(MAPS * hy * 2, [&](int i) {
+      const int row = i / 2, start = (i - 2 * row) * kSlideX;
+      const T* in = t.z_sums + row * zp + start;
+      T* out = t.x_sums + row * xp + start;
       T sum = 0;
-      for (int j = 0; j < k; ++j) sum += taps[j] * row[j];
-      t.x_sums[(q * hy + iy) * kTileX + ox] = sum;
-    }
-  });
+      for (int j = 0; j < k; ++j) sum += in[j];
+      out[0] = sum;
+      for (int o = 1; o < kSlideX; ++o) {
+        sum += in[o + k - 1] - in[o - 1];
+        out[o] = sum;
+      }
+    });
+  } else {
+    ex.for_each(MAPS * hy * kTileX, [&](int i) {
+      const int row = i / kTileX, ox = i - row * kTileX;
+      const T* in = t.z_sums + row * zp + ox;
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += taps[j] * in[j];
+      t.x_sums[row * xp + ox] = sum;
+    });
+  }
+  ex.sync();
+  if (box) {  // task = (map, output column)
+    ex.for_each(MAPS * kTileX, [&](int i) {
+      const int q = i / kTileX, ox = i - q * kTileX;
+      const T* in = t.x_sums + q * hy * xp + ox;
+      T* out = t.y_sums + q * kTileY * kTileX + ox;
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += in[j * xp];
+      out[0] = sum;
+      for (int o = 1; o < kTileY; ++o) {
+        sum += in[(o + k - 1) * xp] - in[(o - 1) * xp];
+        out[o * kTileX] = sum;
+      }
+    });
+  } else {
+    ex.for_each(MAPS * kTileY * kTileX, [&](int i) {
+      const int q = i / (kTileY * kTileX), oy = (i / kTileX) % kTileY, ox = i % kTileX;
+      const T* in = t.x_sums + (q * hy + oy) * xp + ox;
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += taps[j] * in[j * xp];
+      t.y_sums[(q * kTileY + oy) * kTileX + ox] = sum;
+    });
+  }
   ex.sync();
   ex.for_each(kTileY * kTileX, [&](int i) {
     const int oy = i / kTileX, ox = i - oy * kTileX;
@@ -118,12 +191,7 @@ DA_HD void window_sums(const Exec& ex, const PlaneTile<T>& t, const T* taps, int
     if (y >= t.h || x >= t.w) return;
     Sums<T, MAPS> sums;
     DA_UNROLL
-    for (int q = 0; q < MAPS; ++q) {
-      const T* col = t.x_sums + (q * hy + oy) * kTileX + ox;
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += taps[j] * col[j * kTileX];
-      sums.v[q] = sum;
-    }
+    for (int q = 0; q < MAPS; ++q) sums.v[q] = t.y_sums[(q * kTileY + oy) * kTileX + ox];
     visit(y, x, sums);
   });
 }
@@ -139,6 +207,7 @@ struct Volume {
   int h, w;
   int64_t plane;
   int half;
+  bool box;  // the box window (taps all 1): its sums slide (window_sums)
   T full, volume, inv_volume, eps;  // full: the sum of the taps; volume: full^3
 };
 
@@ -151,35 +220,25 @@ DA_HD WindowStats<T> stats_from_sums(const Volume<T>& v, int64_t c, int64_t z, i
   return window_stats(m, outside, v.shifts[2 * c], v.shifts[2 * c + 1], v.inv_volume);
 }
 
-// z-window sums of the 5 shifted moments of channel c at column (y, x), centred on plane z.
+// The 5 shifted moments of channel c at voxel (p, y, x); sa, sb: the channel's shifts.
 template <typename T>
-DA_HD Sums<T, kMaxMaps> moment_column(const Volume<T>& v, const T* taps, int k, int64_t c, int64_t z, int y, int x) {
-  const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
-  Sums<T, kMaxMaps> s = zero_sums<T, kMaxMaps>();
-  const int64_t column = c * v.d * v.plane + int64_t(y) * v.w + x;
-  for (int j = 0; j < k; ++j) {
-    const int64_t t = z + j - v.half;
-    if (t < 0 || t >= v.d) continue;
-    const T xa = DA_LOAD(v.a + column + t * v.plane) - sa, xb = DA_LOAD(v.b + column + t * v.plane) - sb;
-    const T wa = taps[j] * xa, wb = taps[j] * xb;
-    s.v[0] += wa;
-    s.v[1] += wb;
-    s.v[2] += wa * xa;
-    s.v[3] += wb * xb;
-    s.v[4] += wa * xb;
-  }
-  return s;
+DA_HD Sums<T, kMaxMaps> moments_at(const Volume<T>& v, int64_t c, T sa, T sb, int y, int x, int64_t p) {
+  const int64_t at = (c * v.d + p) * v.plane + int64_t(y) * v.w + x;
+  const T xa = DA_LOAD(v.a + at) - sa, xb = DA_LOAD(v.b + at) - sb;
+  return Sums<T, kMaxMaps>{{xa, xb, xa * xa, xb * xb, xa * xb}};
 }
 
 // ---- forward: the NCC map, or the unit's partial sum of it (returned; reduction="mean")
 
 template <typename T, typename Exec>
-DA_HD T forward_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const T* taps, int k, int64_t c,
-                     int64_t z0, int64_t z1, T* map) {
+DA_HD T forward_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const T* taps, int64_t c, int64_t z0,
+                     int64_t z1, T* map) {
+  const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
   T partial = 0;
   for (int64_t z = z0; z < z1; ++z) {
     window_sums<kMaxMaps>(
-        ex, t, taps, k, [&](int y, int x) { return moment_column(v, taps, k, c, z, y, x); },
+        ex, t, taps, v.box, z, v.d, z == z0,
+        [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
         [&](int y, int x, const Sums<T, kMaxMaps>& sums) {
           const T ncc = ncc_value(stats_from_sums(v, c, z, y, x, sums), v.eps);
           if (map) {
@@ -220,10 +279,12 @@ DA_HD T* buffer_at(const Chunk<T>& ch, const Volume<T>& v, int64_t c, int map, i
 // The adjoint maps of channel c at planes [p0, p1) (within the chunk's buffer planes).
 template <typename T, typename Exec>
 DA_HD void adjoint_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const Chunk<T>& ch,
-                        const T* taps, int k, int64_t c, int64_t p0, int64_t p1) {
+                        const T* taps, int64_t c, int64_t p0, int64_t p1) {
+  const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
   for (int64_t z = p0; z < p1; ++z) {
     window_sums<kMaxMaps>(
-        ex, t, taps, k, [&](int y, int x) { return moment_column(v, taps, k, c, z, y, x); },
+        ex, t, taps, v.box, z, v.d, z == p0,
+        [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
         [&](int y, int x, const Sums<T, kMaxMaps>& sums) {
           const int64_t yx = int64_t(y) * v.w + x;
           const T g = ch.grad ? ch.grad[(c * v.d + z) * v.plane + yx] : ch.grad_scalar[0] * ch.mean_scale;
@@ -246,23 +307,18 @@ DA_HD void adjoint_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& 
 // (MAPS = needs.maps(): 3 with one gradient, 5 with both).
 template <int MAPS, typename T, typename Exec>
 DA_HD void combine_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const Chunk<T>& ch,
-                        const T* taps, int k, int64_t c, int64_t z0, int64_t z1, T* grad_a, T* grad_b) {
+                        const T* taps, int64_t c, int64_t z0, int64_t z1, T* grad_a, T* grad_b) {
   const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
+  const int64_t map_stride = ch.planes * v.plane;
+  const T* maps = buffer_at(ch, v, c, 0, ch.h0);
   for (int64_t z = z0; z < z1; ++z) {
     window_sums<MAPS>(
-        ex, t, taps, k,
-        [&](int y, int x) {
-          Sums<T, MAPS> s = zero_sums<T, MAPS>();
-          const T* column = buffer_at(ch, v, c, 0, z) + int64_t(y) * v.w + x;
-          const int64_t map_stride = ch.planes * v.plane;
-          const int64_t first = z - v.half > 0 ? z - v.half : 0, last = z + v.half < v.d ? z + v.half : v.d - 1;
-          DA_NO_UNROLL
-          for (int64_t p = first; p <= last; ++p) {
-            const T tap = taps[p - z + v.half];
-            const T* at = column + (p - z) * v.plane;
-            DA_UNROLL
-            for (int q = 0; q < MAPS; ++q) s.v[q] += tap * DA_LOAD(at + q * map_stride);
-          }
+        ex, t, taps, v.box, z, v.d, z == z0,
+        [&](int y, int x, int64_t p) {
+          const T* at = maps + (p - ch.h0) * v.plane + int64_t(y) * v.w + x;
+          Sums<T, MAPS> s;
+          DA_UNROLL
+          for (int q = 0; q < MAPS; ++q) s.v[q] = DA_LOAD(at + q * map_stride);
           return s;
         },
         [&](int y, int x, const Sums<T, MAPS>& s) {

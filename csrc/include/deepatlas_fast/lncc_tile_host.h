@@ -1,11 +1,11 @@
 // Host side of the tiled lncc (lncc_tile.h), shared by the CUDA op (cuda/lncc_tiled.cu) and its serial CPU
 // emulation (cpu/lncc_tiled.cpp): checks, window, frame, the backward's chunks. A Runner runs the units:
 //   at::Tensor shifts(a, b, nc)                  [nc][2] channel shifts (shift_sample_index)
-//   at::Tensor cover(volume, taps, k)            [d + h + w] window coverage
-//   void forward(volume, taps, k, plan, map, partials)   every unit; one partial per unit unless map
+//   at::Tensor cover(volume, taps)               [d + h + w] window coverage
+//   void forward(volume, taps, plan, map, partials)   every unit; one partial per unit unless map
 //   void mean(partials, n, numel, out)           out = -(sum of the partials in order) / numel
-//   void adjoints(volume, chunk, taps, k, plan)  the chunk's buffer planes
-//   void combine(volume, chunk, taps, k, plan, z0, planes, grad_a, grad_b)   gradients at [z0, z0 + planes)
+//   void adjoints(volume, chunk, taps, plan)     the chunk's buffer planes
+//   void combine(volume, chunk, taps, plan, z0, planes, grad_a, grad_b)   gradients at [z0, z0 + planes)
 // Runner::kMaxZUnits bounds channels x plane runs (CUDA's grid.z).
 #pragma once
 
@@ -53,6 +53,7 @@ Volume<T> describe(const Problem& p, const at::Tensor& a, const at::Tensor& b, T
   v.w = p.w;
   v.plane = int64_t(p.h) * p.w;
   v.half = p.options.k / 2;
+  v.box = !p.options.gaussian;
   for (int j = 0; j < p.options.k; ++j) taps->tap[j] = static_cast<T>(window_tap(j, p.options.k, p.options.gaussian));
   v.full = window_total(taps->tap, p.options.k);
   v.volume = static_cast<T>(double(v.full) * double(v.full) * double(v.full));
@@ -65,22 +66,21 @@ template <typename T, typename Runner>
 at::Tensor forward(Runner& runner, const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
                    c10::string_view kernel, double eps, c10::string_view reduction) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  const int k = p.options.k;
   at::Tensor out = new_output(p.options.mean ? at::IntArrayRef{} : a.sizes(), a.options());
   Taps<T> taps{};
   Volume<T> v = describe<T>(p, a, b, &taps);
   const at::Tensor shifts = runner.shifts(a, b, p.nc);
-  const at::Tensor cover = runner.cover(v, taps, k);
+  const at::Tensor cover = runner.cover(v, taps);
   v.shifts = shifts.const_data_ptr<T>();
   v.cover = cover.const_data_ptr<T>();
   const Plan plan = plan_units(p.nc, p.d, p.h, p.w, Runner::kMaxZUnits);
   if (p.options.mean) {
     const int64_t units = int64_t(plan.tiles_x) * plan.tiles_y * p.nc * plan.runs;
     at::Tensor partials = at::empty({units}, a.options());
-    runner.forward(v, taps, k, plan, nullptr, partials.mutable_data_ptr<T>());
+    runner.forward(v, taps, plan, nullptr, partials.mutable_data_ptr<T>());
     runner.mean(partials.const_data_ptr<T>(), units, static_cast<T>(a.numel()), out.mutable_data_ptr<T>());
   } else {
-    runner.forward(v, taps, k, plan, out.mutable_data_ptr<T>(), nullptr);
+    runner.forward(v, taps, plan, out.mutable_data_ptr<T>(), nullptr);
   }
   return out;
 }
@@ -92,13 +92,12 @@ std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const a
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
   check_grad(grad, a, p.options.mean);
   if (!need_a && !need_b) return {};
-  const int k = p.options.k;
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
   Taps<T> taps{};
   Volume<T> v = describe<T>(p, a, b, &taps);
   const at::Tensor shifts = runner.shifts(a, b, p.nc);
-  const at::Tensor cover = runner.cover(v, taps, k);
+  const at::Tensor cover = runner.cover(v, taps);
   v.shifts = shifts.const_data_ptr<T>();
   v.cover = cover.const_data_ptr<T>();
   Chunk<T> ch{};
@@ -114,8 +113,8 @@ std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const a
     const int64_t z1 = std::min(p.d, z0 + chunk);
     ch.h0 = std::max<int64_t>(0, z0 - v.half);
     ch.planes = std::min(p.d, z1 + v.half) - ch.h0;
-    runner.adjoints(v, ch, taps, k, plan_units(p.nc, ch.planes, p.h, p.w, Runner::kMaxZUnits));
-    runner.combine(v, ch, taps, k, plan_units(p.nc, z1 - z0, p.h, p.w, Runner::kMaxZUnits), z0, z1 - z0,
+    runner.adjoints(v, ch, taps, plan_units(p.nc, ch.planes, p.h, p.w, Runner::kMaxZUnits));
+    runner.combine(v, ch, taps, plan_units(p.nc, z1 - z0, p.h, p.w, Runner::kMaxZUnits), z0, z1 - z0,
                    need_a ? grad_a.mutable_data_ptr<T>() : nullptr, need_b ? grad_b.mutable_data_ptr<T>() : nullptr);
   }
   return requested_gradients(need_a, grad_a, need_b, grad_b);
