@@ -66,9 +66,11 @@ struct SerialRunner {
   }
 
   void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
-    each_unit(v, plan, 0, v.d, [&](int64_t i, const Unit& u, const PlaneTile<T>& t) {
-      const T partial = forward_unit(SerialExec{}, t, v, taps.tap, u.c, u.p0, u.p1, map);
-      if (partials) partials[i] = partial;
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      each_unit(v, plan, 0, v.d, [&](int64_t i, const Unit& u, const PlaneTile<T>& t) {
+        const T partial = forward_unit<decltype(window)::value>(SerialExec{}, t, v, taps.tap, u.c, u.p0, u.p1, map);
+        if (partials) partials[i] = partial;
+      });
     });
   }
 
@@ -79,19 +81,24 @@ struct SerialRunner {
   }
 
   void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
-    each_unit(v, plan, ch.h0, ch.planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
-      adjoint_unit(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1);
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      each_unit(v, plan, ch.h0, ch.planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
+        adjoint_unit<decltype(window)::value>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1);
+      });
     });
   }
 
   void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
-    each_unit(v, plan, z0, planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
-      if (ch.needs.maps() == kMaxMaps) {
-        combine_unit<kMaxMaps>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
-      } else {
-        combine_unit<3>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
-      }
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      constexpr int K = decltype(window)::value;
+      each_unit(v, plan, z0, planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
+        if (ch.needs.maps() == kMaxMaps) {
+          combine_unit<kMaxMaps, K>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
+        } else {
+          combine_unit<3, K>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
+        }
+      });
     });
   }
 };

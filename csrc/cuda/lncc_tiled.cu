@@ -60,11 +60,11 @@ __device__ PlaneTile<T> block_tile(const Volume<T>& v) {
   return plane_tile(shared_scratch<T>(), int(blockIdx.y), int(blockIdx.x), v.h, v.w, v.half);
 }
 
-template <typename T>
+template <int K, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
     forward_kernel(Volume<T> v, Taps<T> taps, Plan plan, T* __restrict__ map, T* __restrict__ partials) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, 0, v.d);
-  const T partial = forward_unit(BlockExec{}, block_tile(v), v, shared_taps(taps), u.c, u.p0, u.p1, map);
+  const T partial = forward_unit<K>(BlockExec{}, block_tile(v), v, shared_taps(taps), u.c, u.p0, u.p1, map);
   if (partials != nullptr) {
     const T total = lncc_cuda::block_sum(partial);
     if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -73,18 +73,18 @@ __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
   }
 }
 
-template <typename T>
+template <int K, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks) adjoint_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, ch.h0, ch.planes);
-  adjoint_unit(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1);
+  adjoint_unit<K>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1);
 }
 
-template <int MAPS, typename T>
+template <int MAPS, int K, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
     combine_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan, int64_t z0, int64_t planes,
                    T* __restrict__ grad_a, T* __restrict__ grad_b) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, z0, planes);
-  combine_unit<MAPS>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1, grad_a, grad_b);
+  combine_unit<MAPS, K>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1, grad_a, grad_b);
 }
 
 // Launches kernel on plan's grid with the unit scratch in dynamic shared memory (opted in above 48 KB).
@@ -124,7 +124,9 @@ struct BlockRunner {
   }
 
   void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
-    launch(forward_kernel<T>, v, plan, v.nc * plan.runs, v, taps, plan, map, partials);
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      launch(forward_kernel<decltype(window)::value, T>, v, plan, v.nc * plan.runs, v, taps, plan, map, partials);
+    });
   }
 
   void mean(const T* partials, int64_t n, T numel, T* out) {
@@ -133,16 +135,22 @@ struct BlockRunner {
   }
 
   void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
-    launch(adjoint_kernel<T>, v, plan, v.nc * plan.runs, v, ch, taps, plan);
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      launch(adjoint_kernel<decltype(window)::value, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan);
+    });
   }
 
   void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
-    if (ch.needs.maps() == kMaxMaps) {
-      launch(combine_kernel<kMaxMaps, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan, z0, planes, grad_a, grad_b);
-    } else {
-      launch(combine_kernel<3, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan, z0, planes, grad_a, grad_b);
-    }
+    with_window_size(2 * v.half + 1, [&](auto window) {
+      constexpr int K = decltype(window)::value;
+      const int64_t z_units = v.nc * plan.runs;
+      if (ch.needs.maps() == kMaxMaps) {
+        launch(combine_kernel<kMaxMaps, K, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
+      } else {
+        launch(combine_kernel<3, K, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
+      }
+    });
   }
 };
 

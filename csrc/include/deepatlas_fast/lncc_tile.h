@@ -18,6 +18,8 @@
 // phase B overwrites the x sums that C reads.
 #pragma once
 
+#include <type_traits>
+
 #include "deepatlas_fast/common.h"
 #include "deepatlas_fast/lncc.h"
 
@@ -90,100 +92,78 @@ DA_HD PlaneTile<T> plane_tile(T* scratch, int tile_y, int tile_x, int h, int w, 
   return t;
 }
 
-// Sliding box passes: the first window of a run is summed, each next one adds the tap entering and
-// subtracts the one leaving; kSlideX outputs per run along x (two runs per row), kTileY along y.
-constexpr int kSlideX = kTileX / 2;
+// Outputs per task of phase B (two runs per row) and phase C (one run per column).
+constexpr int kRunX = kTileX / 2;
+constexpr int kRunY = kTileY;
+
+// out[o * out_stride] = sum over j < k of taps[j] in[(o + j) * in_stride], for o < R: a run of window
+// sums along one axis, each summed directly over its own taps in order (no running sums: a sliding sum
+// would carry the rounding error of bright voxels into the flat windows after them). K > 0: the window
+// size at compile time, the run's R + K - 1 inputs read once into registers; K = 0: k at run time.
+template <int K, int R, typename T>
+DA_HD void window_run(const T* in, int in_stride, T* out, int out_stride, const T* taps, int k) {
+  if constexpr (K > 0) {
+    T v[R + K - 1], w[K];
+    DA_UNROLL
+    for (int i = 0; i < R + K - 1; ++i) v[i] = in[i * in_stride];
+    DA_UNROLL
+    for (int j = 0; j < K; ++j) w[j] = taps[j];
+    DA_UNROLL
+    for (int o = 0; o < R; ++o) {
+      T sum = 0;
+      DA_UNROLL
+      for (int j = 0; j < K; ++j) sum += w[j] * v[o + j];
+      out[o * out_stride] = sum;
+    }
+  } else {
+    for (int o = 0; o < R; ++o) {
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += taps[j] * in[(o + j) * in_stride];
+      out[o * out_stride] = sum;
+    }
+  }
+}
 
 // The window sums at plane z (of d) of MAPS maps at every output voxel of the tile, in four phases:
 //   A. z sums at every column of the tile and its halo: maps_at(y, x, p) is the maps' value at voxel
-//      (p, y, x) of the volume, zero outside it. A box window slides from the previous plane's sums
-//      (`first`: the unit's first plane, summed afresh), other windows sum their k taps.
-//   B. x sums at every (halo row, output column);  C. y sums at every output voxel;
-//   D. visit(y, x, sums) at each in-volume output voxel.
-// The next plane's phase A may follow phase D at once: it touches only the z sums, which phase B has
-// finished reading, and its barrier comes before phases B and C overwrite what C and D read.
-template <int MAPS, typename T, typename Exec, typename MapsAt, typename Visit>
-DA_HD void window_sums(const Exec& ex, const PlaneTile<T>& t, const T* taps, bool box, int64_t z, int64_t d,
-                       bool first, MapsAt&& maps_at, Visit&& visit) {
+//      (p, y, x) of the volume (called for in-volume voxels only; the padding is zero);
+//   B. x sums at every (halo row, output column), runs of kRunX;  C. y sums at every output voxel, runs
+//      of kRunY;  D. visit(y, x, sums) at each in-volume output voxel.
+// K: the window size when known at compile time (window_run), else 0. The next plane's phase A may follow
+// phase D at once: it writes only the z sums, which phase B has finished reading, and its barrier comes
+// before phases B and C overwrite what C and D read.
+template <int MAPS, int K, typename T, typename Exec, typename MapsAt, typename Visit>
+DA_HD void window_sums(const Exec& ex, const PlaneTile<T>& t, const T* taps, int64_t z, int64_t d,
+                       MapsAt&& maps_at, Visit&& visit) {
   const int hy = t.halo_y(), hx = t.halo_x(), zp = t.z_pitch(), xp = t.x_pitch(), k = 2 * t.half + 1;
-  const bool slide_z = box && !first;
   ex.for_each(hy * hx, [&](int i) {
     const int iy = i / hx, ix = i - iy * hx;
     const int y = t.y0 - t.half + iy, x = t.x0 - t.half + ix;
-    T* out = t.z_sums + iy * zp + ix;
-    if (y < 0 || y >= t.h || x < 0 || x >= t.w) {
-      if (!slide_z) {
-        DA_UNROLL
-        for (int q = 0; q < MAPS; ++q) out[q * hy * zp] = T(0);
-      }
-      return;
-    }
-    if (slide_z) {
-      Sums<T, MAPS> in = zero_sums<T, MAPS>(), gone = zero_sums<T, MAPS>();
-      if (z + t.half < d) in = maps_at(y, x, z + t.half);
-      if (z - t.half - 1 >= 0) gone = maps_at(y, x, z - t.half - 1);
-      DA_UNROLL
-      for (int q = 0; q < MAPS; ++q) out[q * hy * zp] += in.v[q] - gone.v[q];
-      return;
-    }
     Sums<T, MAPS> sums = zero_sums<T, MAPS>();
-    const int64_t lo = z - t.half > 0 ? z - t.half : 0, hi = z + t.half < d ? z + t.half : d - 1;
-    DA_NO_UNROLL
-    for (int64_t p = lo; p <= hi; ++p) {
-      const T tap = taps[p - z + t.half];
-      const Sums<T, MAPS> m = maps_at(y, x, p);
-      DA_UNROLL
-      for (int q = 0; q < MAPS; ++q) sums.v[q] += tap * m.v[q];
+    if (y >= 0 && y < t.h && x >= 0 && x < t.w) {
+      const int64_t lo = z - t.half > 0 ? z - t.half : 0, hi = z + t.half < d ? z + t.half : d - 1;
+      DA_NO_UNROLL
+      for (int64_t p = lo; p <= hi; ++p) {
+        const T tap = taps[p - z + t.half];
+        const Sums<T, MAPS> m = maps_at(y, x, p);
+        DA_UNROLL
+        for (int q = 0; q < MAPS; ++q) sums.v[q] += tap * m.v[q];
+      }
     }
     DA_UNROLL
-    for (int q = 0; q < MAPS; ++q) out[q * hy * zp] = sums.v[q];
+    for (int q = 0; q < MAPS; ++q) t.z_sums[(q * hy + iy) * zp + ix] = sums.v[q];
   });
   ex.sync();
-  if (box) {  // task = (row of any map, half row): rows [map][halo row] are consecutive in both buffers
-    ex.for_each(MAPS * hy * 2, [&](int i) {
-      const int row = i / 2, start = (i - 2 * row) * kSlideX;
-      const T* in = t.z_sums + row * zp + start;
-      T* out = t.x_sums + row * xp + start;
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += in[j];
-      out[0] = sum;
-      for (int o = 1; o < kSlideX; ++o) {
-        sum += in[o + k - 1] - in[o - 1];
-        out[o] = sum;
-      }
-    });
-  } else {
-    ex.for_each(MAPS * hy * kTileX, [&](int i) {
-      const int row = i / kTileX, ox = i - row * kTileX;
-      const T* in = t.z_sums + row * zp + ox;
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += taps[j] * in[j];
-      t.x_sums[row * xp + ox] = sum;
-    });
-  }
+  // task = (row, half row); rows [map][halo row] are consecutive in both buffers
+  ex.for_each(MAPS * hy * 2, [&](int i) {
+    const int row = i / 2, start = (i - 2 * row) * kRunX;
+    window_run<K, kRunX>(t.z_sums + row * zp + start, 1, t.x_sums + row * xp + start, 1, taps, k);
+  });
   ex.sync();
-  if (box) {  // task = (map, output column)
-    ex.for_each(MAPS * kTileX, [&](int i) {
-      const int q = i / kTileX, ox = i - q * kTileX;
-      const T* in = t.x_sums + q * hy * xp + ox;
-      T* out = t.y_sums + q * kTileY * kTileX + ox;
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += in[j * xp];
-      out[0] = sum;
-      for (int o = 1; o < kTileY; ++o) {
-        sum += in[(o + k - 1) * xp] - in[(o - 1) * xp];
-        out[o * kTileX] = sum;
-      }
-    });
-  } else {
-    ex.for_each(MAPS * kTileY * kTileX, [&](int i) {
-      const int q = i / (kTileY * kTileX), oy = (i / kTileX) % kTileY, ox = i % kTileX;
-      const T* in = t.x_sums + (q * hy + oy) * xp + ox;
-      T sum = 0;
-      for (int j = 0; j < k; ++j) sum += taps[j] * in[j * xp];
-      t.y_sums[(q * kTileY + oy) * kTileX + ox] = sum;
-    });
-  }
+  ex.for_each(MAPS * kTileX, [&](int i) {  // task = (map, output column)
+    const int q = i / kTileX, ox = i - q * kTileX;
+    window_run<K, kRunY>(t.x_sums + q * hy * xp + ox, xp, t.y_sums + q * kTileY * kTileX + ox, kTileX, taps, k);
+  });
   ex.sync();
   ex.for_each(kTileY * kTileX, [&](int i) {
     const int oy = i / kTileX, ox = i - oy * kTileX;
@@ -207,7 +187,6 @@ struct Volume {
   int h, w;
   int64_t plane;
   int half;
-  bool box;  // the box window (taps all 1): its sums slide (window_sums)
   T full, volume, inv_volume, eps;  // full: the sum of the taps; volume: full^3
 };
 
@@ -228,17 +207,16 @@ DA_HD Sums<T, kMaxMaps> moments_at(const Volume<T>& v, int64_t c, T sa, T sb, in
   return Sums<T, kMaxMaps>{{xa, xb, xa * xa, xb * xb, xa * xb}};
 }
 
-// ---- forward: the NCC map, or the unit's partial sum of it (returned; reduction="mean")
+// ---- forward: the NCC map, or the unit's partial sum of it (returned; reduction="mean"). K: window_sums.
 
-template <typename T, typename Exec>
+template <int K, typename T, typename Exec>
 DA_HD T forward_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const T* taps, int64_t c, int64_t z0,
                      int64_t z1, T* map) {
   const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
   T partial = 0;
   for (int64_t z = z0; z < z1; ++z) {
-    window_sums<kMaxMaps>(
-        ex, t, taps, v.box, z, v.d, z == z0,
-        [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
+    window_sums<kMaxMaps, K>(
+        ex, t, taps, z, v.d, [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
         [&](int y, int x, const Sums<T, kMaxMaps>& sums) {
           const T ncc = ncc_value(stats_from_sums(v, c, z, y, x, sums), v.eps);
           if (map) {
@@ -276,15 +254,14 @@ DA_HD T* buffer_at(const Chunk<T>& ch, const Volume<T>& v, int64_t c, int map, i
   return ch.buffer + ((c * ch.needs.maps() + map) * ch.planes + (z - ch.h0)) * v.plane;
 }
 
-// The adjoint maps of channel c at planes [p0, p1) (within the chunk's buffer planes).
-template <typename T, typename Exec>
+// The adjoint maps of channel c at planes [p0, p1) (within the chunk's buffer planes). K: window_sums.
+template <int K, typename T, typename Exec>
 DA_HD void adjoint_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const Chunk<T>& ch,
                         const T* taps, int64_t c, int64_t p0, int64_t p1) {
   const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
   for (int64_t z = p0; z < p1; ++z) {
-    window_sums<kMaxMaps>(
-        ex, t, taps, v.box, z, v.d, z == p0,
-        [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
+    window_sums<kMaxMaps, K>(
+        ex, t, taps, z, v.d, [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
         [&](int y, int x, const Sums<T, kMaxMaps>& sums) {
           const int64_t yx = int64_t(y) * v.w + x;
           const T g = ch.grad ? ch.grad[(c * v.d + z) * v.plane + yx] : ch.grad_scalar[0] * ch.mean_scale;
@@ -304,16 +281,16 @@ DA_HD void adjoint_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& 
 }
 
 // The gradients of channel c at planes [z0, z1) from the window sums of the chunk's MAPS adjoint maps
-// (MAPS = needs.maps(): 3 with one gradient, 5 with both).
-template <int MAPS, typename T, typename Exec>
+// (MAPS = needs.maps(): 3 with one gradient, 5 with both). K: window_sums.
+template <int MAPS, int K, typename T, typename Exec>
 DA_HD void combine_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& v, const Chunk<T>& ch,
                         const T* taps, int64_t c, int64_t z0, int64_t z1, T* grad_a, T* grad_b) {
   const T sa = v.shifts[2 * c], sb = v.shifts[2 * c + 1];
   const int64_t map_stride = ch.planes * v.plane;
   const T* maps = buffer_at(ch, v, c, 0, ch.h0);
   for (int64_t z = z0; z < z1; ++z) {
-    window_sums<MAPS>(
-        ex, t, taps, v.box, z, v.d, z == z0,
+    window_sums<MAPS, K>(
+        ex, t, taps, z, v.d,
         [&](int y, int x, int64_t p) {
           const T* at = maps + (p - ch.h0) * v.plane + int64_t(y) * v.w + x;
           Sums<T, MAPS> s;
@@ -335,6 +312,19 @@ DA_HD void combine_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& 
 }
 
 // ---- the plan shared by the launchers
+
+// f(std::integral_constant<int, K>{}) with K = k for the window sizes compiled as such, else K = 0.
+template <typename F>
+void with_window_size(int k, F&& f) {
+  switch (k) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 9: return f(std::integral_constant<int, 9>{});
+    case 11: return f(std::integral_constant<int, 11>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
 
 // Units: tiles_x x tiles_y tiles times nc channels times runs of at most `run` planes of a range of
 // `planes` planes (run grows so that nc x runs stays within max_z_units, CUDA's grid.z).

@@ -53,7 +53,6 @@ Volume<T> describe(const Problem& p, const at::Tensor& a, const at::Tensor& b, T
   v.w = p.w;
   v.plane = int64_t(p.h) * p.w;
   v.half = p.options.k / 2;
-  v.box = !p.options.gaussian;
   for (int j = 0; j < p.options.k; ++j) taps->tap[j] = static_cast<T>(window_tap(j, p.options.k, p.options.gaussian));
   v.full = window_total(taps->tap, p.options.k);
   v.volume = static_cast<T>(double(v.full) * double(v.full) * double(v.full));
