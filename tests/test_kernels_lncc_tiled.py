@@ -199,3 +199,15 @@ def test_cuda_no_host_sync_and_graph_capture(device):
     torch.cuda.synchronize()
     for x, y in zip(captured, expected):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_realistic_size(device, dtype):
+    """96 x 80 x 112, two channels (dozens of blocks per axis, several backward chunks), k = 9 and 13
+    (register-blocked and run-time window sizes), against the float64 reference."""
+    if device != "cuda":
+        pytest.skip("CUDA only: the CPU emulation runs these sizes too slowly for CI")
+    rel = 1e-9 if dtype == torch.float64 else 2e-4
+    a, b = pair((1, 2, 96, 80, 112), 31, dtype, device)
+    check(a, b, 9, "box", "mean", seed=31, rel=rel, needs=[(True, True), (False, True)])
+    check(a, b, 13, "gaussian", "none", seed=32, rel=rel, needs=[(True, False)])
