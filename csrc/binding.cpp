@@ -41,6 +41,8 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
   m.def("lncc(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
   m.def("lncc_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction,"
         " bool need_a, bool need_b) -> Tensor[]");
+  // the volume gradient of sample / warp by tiles (splat_tile.h): CUDA kernels, and their emulation on the CPU
+  m.def("sample_splat_tiled(Tensor grad, Tensor field, int[] vol_size, str padding, bool warp) -> Tensor");
   // the tile algorithm of lncc (lncc_tile.h): CUDA kernels, and their serial emulation on the CPU
   m.def("lncc_tiled(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
   m.def("lncc_tiled_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps,"

@@ -78,13 +78,28 @@ LNCC_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_LNCC"
 LNCC_CUDA_IMPLEMENTATIONS = ("separable", "tiled")
 LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
 
+#: The CUDA volume gradient of sample / warp: "atomic" (cuda/sampling.cu, 8 global atomic adds per point
+#: and channel: the default, measured on a GPU) or "tiled" (cuda/splat_tiled.cu: per tile of points, in
+#: shared memory first). Read from the environment at each call.
+SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
+SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
+
+
+def _environment_choice(variable: str, choices: tuple) -> str:
+    choice = os.environ.get(variable, "") or choices[0]
+    if choice not in choices:
+        raise ValueError(f"{variable} must be one of {choices}, got {choice!r}")
+    return choice
+
 
 def lncc_cuda_implementation() -> str:
     """The CUDA lncc implementation :data:`LNCC_CUDA_VARIABLE` selects (default "separable")."""
-    choice = os.environ.get(LNCC_CUDA_VARIABLE, "") or "separable"
-    if choice not in LNCC_CUDA_IMPLEMENTATIONS:
-        raise ValueError(f"{LNCC_CUDA_VARIABLE} must be one of {LNCC_CUDA_IMPLEMENTATIONS}, got {choice!r}")
-    return choice
+    return _environment_choice(LNCC_CUDA_VARIABLE, LNCC_CUDA_IMPLEMENTATIONS)
+
+
+def splat_cuda_implementation() -> str:
+    """The CUDA sampling volume gradient :data:`SPLAT_CUDA_VARIABLE` selects (default "atomic")."""
+    return _environment_choice(SPLAT_CUDA_VARIABLE, SPLAT_CUDA_IMPLEMENTATIONS)
 
 
 def _lncc_kernels(a, kernel_size):

@@ -18,9 +18,18 @@ IMPLEMENTS = _cpp.load_kernels("CUDA")
 def _sampling_backward(cpp_backward, warp, grad, vol, field, padding, need_vol, need_field):
     """The CUDA kernels' backward, except under ``torch.use_deterministic_algorithms(True)``: their volume
     gradient is splatted with atomics (the raw op raises there), so it comes from the Triton kernels'
-    sort-then-gather instead, bitwise reproducible, as the triton backend does."""
-    if not (need_vol and torch.are_deterministic_algorithms_enabled()):
+    sort-then-gather instead, bitwise reproducible, as the triton backend does. With
+    ``DEEPATLAS_FAST_CUDA_SPLAT=tiled`` the volume gradient is ``sample_splat_tiled``'s."""
+    if not need_vol:
         return cpp_backward(grad, vol, field, padding, need_vol, need_field)
+    if not torch.are_deterministic_algorithms_enabled():
+        if _cpp.splat_cuda_implementation() == "atomic":
+            return cpp_backward(grad, vol, field, padding, need_vol, need_field)
+        dtype = compute_dtype(vol, field)
+        grad_vol = torch.ops.deepatlas_fast_C.sample_splat_tiled(
+            grad.to(dtype).contiguous(), field.to(dtype).contiguous(), list(vol.shape[2:]), padding, warp)
+        rest = cpp_backward(grad, vol, field, padding, False, need_field) if need_field else []
+        return [grad_vol.to(vol.dtype), *rest]
     try:
         from ..kernels.sampling import deterministic_volume_gradient
     except ImportError as error:

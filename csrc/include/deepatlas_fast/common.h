@@ -7,9 +7,18 @@
 #if defined(__CUDACC__)
 #define DA_HD __host__ __device__ __forceinline__
 #define DA_UNROLL _Pragma("unroll")
+#define DA_NO_UNROLL _Pragma("unroll 1")
 #else
 #define DA_HD inline
 #define DA_UNROLL _Pragma("GCC unroll 8")
+#define DA_NO_UNROLL
+#endif
+
+// A read-only load: through the read-only data cache in device code.
+#if defined(__CUDA_ARCH__)
+#define DA_LOAD(ptr) __ldg(ptr)
+#else
+#define DA_LOAD(ptr) (*(ptr))
 #endif
 
 namespace deepatlas_fast {

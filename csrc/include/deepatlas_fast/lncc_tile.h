@@ -23,14 +23,6 @@
 #include "deepatlas_fast/common.h"
 #include "deepatlas_fast/lncc.h"
 
-#if defined(__CUDACC__)
-#define DA_LOAD(p) __ldg(p)
-#define DA_NO_UNROLL _Pragma("unroll 1")
-#else
-#define DA_LOAD(p) (*(p))
-#define DA_NO_UNROLL
-#endif
-
 namespace deepatlas_fast {
 namespace lncc {
 namespace tile {

@@ -64,6 +64,34 @@ inline Geometry check_backward(const at::Tensor& grad, const at::Tensor& vol, co
   return g;
 }
 
+// sample_splat_tiled's arguments: grad [n, c, d, h, w] (the output's gradient) and the field [n, 3, d, h, w]
+// of one float dtype and device, vol_size = (D, H, W) of the volume, each >= 1; returns the geometry.
+inline Geometry check_splat(const at::Tensor& grad, const at::Tensor& field, at::IntArrayRef vol_size, bool warp) {
+  const char* name = field_name(warp);
+  check_input(grad, "grad", 5);
+  check_input(field, name, 5);
+  check_same_dtype(field, name, grad, "grad");
+  check_device(grad, "grad", field, name);
+  TORCH_CHECK(field.size(1) == 3, "deepatlas_fast: ", name, " must have 3 channels, got shape ", field.sizes());
+  TORCH_CHECK(grad.size(0) == field.size(0) && grad.sizes().slice(2) == field.sizes().slice(2),
+              "deepatlas_fast: grad must have the shape [", field.size(0), ", C, *", name, ".shape[2:]], got ",
+              grad.sizes());
+  TORCH_CHECK(vol_size.size() == 3 && vol_size[0] >= 1 && vol_size[1] >= 1 && vol_size[2] >= 1,
+              "deepatlas_fast: vol_size must be 3 sizes (D, H, W), each >= 1, got ", vol_size);
+  Geometry g;
+  g.n = field.size(0);
+  g.c = grad.size(1);
+  g.volume = 1;
+  g.points = 1;
+  for (int a = 0; a < 3; ++a) {
+    g.size[a] = vol_size[a];
+    g.out_size[a] = field.size(2 + a);
+    g.volume *= g.size[a];
+    g.points *= g.out_size[a];
+  }
+  return g;
+}
+
 }  // namespace sampling
 }  // namespace deepatlas_fast
 
@@ -77,3 +105,8 @@ inline Geometry check_backward(const at::Tensor& grad, const at::Tensor& vol, co
     m.impl("warp", &deepatlas_fast::forward<true>);              \
     m.impl("warp_backward", &deepatlas_fast::backward<true>);    \
   }
+
+// Registers sample_splat_tiled for dispatch key KEY: cpu/splat_tiled.cpp and cuda/splat_tiled.cu each define
+// splat_tiled in namespace deepatlas_fast.
+#define DEEPATLAS_FAST_SPLAT_TILED_IMPL(KEY) \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) { m.impl("sample_splat_tiled", &deepatlas_fast::splat_tiled); }

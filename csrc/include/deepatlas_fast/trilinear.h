@@ -80,12 +80,6 @@ DA_HD void trilinear_corners(const I low[3], const T frac[3], const I size[3], C
   }
 }
 
-#if defined(__CUDA_ARCH__)
-#define DA_LOAD(ptr) __ldg(ptr)
-#else
-#define DA_LOAD(ptr) (*(ptr))
-#endif
-
 // The sampled value of one channel plane: sum of in-volume corner values times their weights.
 template <typename T, typename I>
 DA_HD T corner_value(const T* plane, const Corners<T, I>& k) {
@@ -110,11 +104,13 @@ DA_HD void add_position_gradient(const T* plane, const Corners<T, I>& k, T up, T
   for (int a = 0; a < 3; ++a) d_pos[a] += up * dot[a];
 }
 
-// Everything one sampled point needs: corners (grid_sample cells) and the padding slopes.
+// Everything one sampled point needs: corners (grid_sample cells), the padding slopes and the cell (its
+// lowest corner's voxel along D, H, W; possibly outside the volume).
 template <typename T, typename I = int64_t>
 struct SamplePoint {
   Corners<T, I> corners;
   T slope[3];
+  I low[3];
 };
 
 template <typename T, typename I>
@@ -126,6 +122,7 @@ DA_UNROLL
     T position;
     axis_position(coord[a], size[a], zeros, position, point.slope[a]);
     cell_of(position, size[a], false, low[a], frac[a]);
+    point.low[a] = low[a];
   }
   trilinear_corners(low, frac, size, point.corners);
 }
