@@ -47,7 +47,10 @@ def _extension_and_builder():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cuda_standard = "-std=c++17"  # nvcc's, as torch builds CUDA extensions (cuda_sm90.py compiles with it too)
+    # nvcc's standard: C++20, as the .cpp files, libtorch itself and torch's own extension default since
+    # torch 2.12 (torch's headers use C++20 features: nvcc warns on them under C++17). cuda_sm90.py compiles
+    # with it too.
+    cuda_standard = "-std=c++20"
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: std::atomic_ref; OpenMP: at::parallel_for
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
     if with_cuda:

@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-STANDARD = "-std=c++17"  # setup.py's cuda_standard
+STANDARD = "-std=c++20"  # setup.py's cuda_standard
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")

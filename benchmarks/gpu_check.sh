@@ -70,9 +70,9 @@ fi
 
 
 if has cudatests; then  # the kernel tests on the GPU: the cuda backend first, then triton
-  KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_lncc_tiled.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
-  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
-  run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-50}" "not cpu and triton" $KERNEL_TESTS
+  KERNEL_TESTS="tests/test_kernels_lncc_tiled.py tests/test_kernels_splat_tiled.py tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
+  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-95}" "not cpu and not triton" $KERNEL_TESTS
+  run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-35}" "not cpu and triton" $KERNEL_TESTS
 fi
 
 if has report; then
@@ -101,11 +101,11 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread \
       $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
-    echo "== ncu: lncc, cuda (tiled)" >> "$OUT/report.log"
+    echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient)" >> "$OUT/report.log"
     timeout "${NCU_TILED_TIMEOUT:-30}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-      $PY benchmarks/ncu_target.py --backend "cuda (tiled)" --ops lncc 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
-    echo "ncu (tiled lncc) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
+      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
+    echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   else
     log "ncu: not found"
   fi

@@ -1,6 +1,6 @@
 """Where each op's time goes: torch.profiler's per-kernel table for one forward+backward of every op.
 
-    python benchmarks/kernel_profile.py                                  # 256³ on cuda: cuda, cuda (tiled), triton
+    python benchmarks/kernel_profile.py                                  # 256³ on cuda: cuda, its tiled variants, triton
     python benchmarks/kernel_profile.py --side 24 --device cpu --backends cpu   # smoke run (any machine)
 
 The same inputs as the kernel report (``deepatlas_fast.bench.build_cases``, batch 1, fp32). For each op and
@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=256, help="cube side (default 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", default="cuda,cuda (tiled),triton",
-                        help="comma list of the report's implementation names (default: cuda,cuda (tiled),triton)")
+    parser.add_argument("--backends", default="cuda,cuda (tiled),cuda (tiled splat),triton",
+                        help="comma list of the report's implementation names (default: cuda, its tiled variants, "
+                             "triton)")
     parser.add_argument("--iters", type=int, default=3, help="profiled forward+backward passes (default 3)")
     parser.add_argument("--rows", type=int, default=8, help="kernels listed per op and backend (default 8)")
     args = parser.parse_args(argv)

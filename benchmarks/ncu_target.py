@@ -3,7 +3,7 @@ the chosen backend at 256³ (the report's inputs), after a warm-up, between cuda
 `ncu --profile-from-start off` sees only those kernels.
 
     ncu --profile-from-start off --csv --metrics ... python benchmarks/ncu_target.py --backend cuda
-    ... python benchmarks/ncu_target.py --backend "cuda (tiled)" --ops lncc    # a report variant, one op
+    ... python benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample  # variants
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from deepatlas_fast import bench, finite_checks  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="cuda", help="a backend or report implementation name (default cuda)")
+    parser.add_argument("--backend", default="cuda",
+                        help="comma list of backends or report implementation names (default cuda)")
     parser.add_argument("--ops", default=None, help="comma list of ops (default: all)")
     parser.add_argument("--side", type=int, default=256)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    cases = [c for c in bench.build_cases(device, [(args.side, 1)], [args.backend.split(" ")[0]])
-             if args.backend in c.impls and (args.ops is None or c.op in args.ops.split(","))]
-    runs = [(case, case.impls[args.backend], *case.inputs()) for case in cases]
+    names = args.backend.split(",")
+    cases = [c for c in bench.build_cases(device, [(args.side, 1)], sorted({n.split(" ")[0] for n in names}))
+             if args.ops is None or c.op in args.ops.split(",")]
+    runs = [(case, case.impls[name], *case.inputs()) for name in names for case in cases if name in case.impls]
     contexts = contextlib.ExitStack()
     for fn in {id(fn): fn for _, fn, *_ in runs}.values():  # a variant's setting (all runs of one variant share it)
         contexts.enter_context(getattr(fn, "context", contextlib.nullcontext)())

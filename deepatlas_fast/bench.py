@@ -125,18 +125,34 @@ def _triton_lncc_variant(inplane: str, available):
     return {f"triton ({inplane} in-plane)": fn}
 
 
+def _cuda_variant(op: str, op_fn, variable: str, value: str, label: str, available):
+    """The cuda backend's ``op`` with the environment variable ``variable`` (ops/_cpp.py) set to ``value``
+    for a whole measurement: {"cuda (label)": fn}, empty without the cuda backend."""
+    if op not in available.get("cuda", []):
+        return {}
+    fn = _with_backend("cuda", op_fn)
+    fn.context = lambda: _environment(variable, value)
+    return {f"cuda ({label})": fn}
+
+
 def _cuda_lncc_variant(implementation: str, available):
-    """The cuda lncc with DEEPATLAS_FAST_CUDA_LNCC=``implementation`` (ops/_cpp.py) for a whole measurement:
-    {name: fn}, empty without the cuda backend."""
+    """The cuda lncc with DEEPATLAS_FAST_CUDA_LNCC=``implementation``: {name: fn}."""
     import deepatlas_fast as da
 
-    if "lncc" not in available.get("cuda", []):
-        return {}
     from .ops import _cpp
 
-    fn = _with_backend("cuda", lambda a, b: da.lncc(a, b, 9))
-    fn.context = lambda: _environment(_cpp.LNCC_CUDA_VARIABLE, implementation)
-    return {f"cuda ({implementation})": fn}
+    return _cuda_variant("lncc", lambda a, b: da.lncc(a, b, 9), _cpp.LNCC_CUDA_VARIABLE, implementation,
+                         implementation, available)
+
+
+def _cuda_splat_variant(implementation: str, available):
+    """The cuda sample with DEEPATLAS_FAST_CUDA_SPLAT=``implementation`` (its volume gradient): {name: fn}."""
+    import deepatlas_fast as da
+
+    from .ops import _cpp
+
+    return _cuda_variant("sample", da.sample, _cpp.SPLAT_CUDA_VARIABLE, implementation, f"{implementation} splat",
+                         available)
 
 
 @contextlib.contextmanager
@@ -242,14 +258,16 @@ def build_cases(
             def make(n=n, shape=shape):
                 return vol_coords(n, 1, shape), ()
 
-            impls = {**ours("sample", da.sample, point), "stock": stock.sample, **compiled(point, "stock", stock.sample)}
+            impls = {**ours("sample", da.sample, point), **_cuda_splat_variant("tiled", available), "stock": stock.sample,
+                     **compiled(point, "stock", stock.sample)}
             cases.append(Case("sample", f"C=1 both grads {n}x{side}³", (n, 1, *shape), 56, make, impls, side=side))
 
             def make_coords(n=n, shape=shape):
                 vol, coords = vol_coords(n, 1, shape)
                 return (coords,), (vol,)
 
-            coords_only = {name: (lambda c, v, f=f: f(v, c)) for name, f in impls.items()}
+            coords_only = {name: (lambda c, v, f=f: f(v, c)) for name, f in impls.items()
+                           if "splat" not in name}  # a volume-gradient variant: the same as its backend here
             cases.append(Case("sample", f"C=1 coords grad {n}x{side}³", (n, 1, *shape), 52, make_coords, coords_only,
                               side=side))
         if "lncc" in ops:
@@ -289,7 +307,8 @@ def build_cases(
                 return vol_coords(1, 16, shape), ()
 
             cases.append(Case("sample", f"C=16 both grads 1x{side}³", (1, 16, *shape), 36 + 20 * 16, make16,
-                              {**ours("sample", da.sample), "stock": stock.sample}, side=side))
+                              {**ours("sample", da.sample), **_cuda_splat_variant("tiled", available),
+                               "stock": stock.sample}, side=side))
         if "lncc" in ops:
             lside = 128 if side == 160 else side
             lshape = (lside,) * 3

@@ -1,7 +1,7 @@
 // Host-only helpers of the C++ ops (CPU and CUDA launchers): output allocation, checks and results.
 // The per-op host code shared by cpu/ and cuda/ (argument checks of the raw torch.ops.deepatlas_fast_C
 // ops, geometry from the shapes, option parsing) is in sampling_host.h, inversion_host.h, jacobian_host.h
-// and lncc_host.h. Host-only, but compiled by nvcc too: C++17.
+// and lncc_host.h. Host-only, but compiled by nvcc too (C++20, as the .cpp files).
 #pragma once
 
 #include <ATen/core/Tensor.h>
