@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--find-max", dest="find_max", action="store_true", default=True,
                    help="search the largest cube and batch that fit (default on)")
     p.add_argument("--no-find-max", dest="find_max", action="store_false")
+    p.add_argument("--time-breakdown", action="store_true",
+                   help="also profile one loss-side forward + backward: time by kernel (first size and ops)")
     p.add_argument("--memory-breakdown", action="store_true",
                    help="CUDA: record one step of the first setting (first size, ops, precision, checkpointing) and "
                         "list what is allocated at its peak, by the deepatlas_fast line that allocated it")
@@ -165,12 +167,10 @@ def measure(case: Case, images, ops, bf16, repeats):
     return statistics.median(times), peak, loss
 
 
-def measure_loss_side(case: Case, images, ops, repeats):
-    """The objective alone, as the anchor's "loss side": forward + backward of ``deepatlas_loss`` from
-    network outputs (fp32): the coordinate map a leaf with gradient, the features without (the autoencoder
-    is frozen in training), the frame as the model gave it. Median ms and peak MiB beyond what was
-    allocated before (images, outputs, model) - the loss's own working memory."""
-    device = case.device
+def loss_side_step(case: Case, images, ops):
+    """The objective alone, as the anchor's "loss side": a function running forward + backward of
+    ``deepatlas_loss`` from network outputs (fp32): the coordinate map a leaf with gradient, the features
+    without (the autoencoder is frozen in training), the frame as the model gave it."""
     with torch.no_grad():
         fixed = case.model(images)
     raw = fixed["coords_raw"].detach().float()
@@ -185,6 +185,14 @@ def measure_loss_side(case: Case, images, ops, repeats):
         loss, _ = deepatlas_loss(case.model, images, case.weights, ops=ops, outputs=outputs)
         loss.backward()
 
+    return once
+
+
+def measure_loss_side(case: Case, images, ops, repeats):
+    """:func:`loss_side_step`'s median ms and peak MiB beyond what was allocated before (images, outputs,
+    model) - the loss's own working memory."""
+    device = case.device
+    once = loss_side_step(case, images, ops)
     once()  # warm-up
     _sync(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -281,6 +289,8 @@ def main(argv=None) -> int:
             fit_table(args, device, emit)
         if args.memory_breakdown and device.type == "cuda":
             memory_breakdown(args, device, emit)
+        if args.time_breakdown:
+            time_breakdown(args, device, emit)
     finally:  # what was measured, also when a later section fails
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -368,6 +378,29 @@ def memory_breakdown(args, device, emit, rows: int = 15):
     for site, size in sorted(by_site.items(), key=lambda item: -item[1])[:rows]:
         emit(f"| {size / 2**30:.2f} | `{site}` |")
     del case, images
+    _free(device)
+
+
+def time_breakdown(args, device, emit, rows: int = 15):
+    """Where the loss side's time goes: torch.profiler's kernel table (on a CPU: its ops) for one forward +
+    backward of the objective (first size, first ops), after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernel_profile import kernel_table
+
+    side, ops = args.sizes[0], args.ops[0]
+    case = Case(args, device, False)
+    images = make_pair(side, args.batch, device)
+    once = loss_side_step(case, images, ops)
+    once()  # warm-up
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        once()
+        _sync(device)
+    emit("", f"loss side's time by kernel ({side}^3, batch {args.batch}, {ops}, fp32; one forward + backward)", "",
+         kernel_table(prof, device, rows))
+    del case, images, once
     _free(device)
 
 

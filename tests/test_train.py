@@ -510,12 +510,13 @@ def test_train_step_benchmark_quick_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_step_gpu.py"), "--quick", "--device", "cpu",
-         "--out", str(out)],
+         "--time-breakdown", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
-    for word in ("fused", "stock", "fp32", "bf16", "largest cube", "loss side"):
+    for word in ("fused", "stock", "fp32", "bf16", "largest cube", "loss side", "loss side's time by kernel",
+                 "deepatlas_fast_C::lncc"):
         assert word in text, word
     assert "nan" not in text.lower().replace("n/a", "")
 
