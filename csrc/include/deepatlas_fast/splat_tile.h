@@ -47,11 +47,13 @@ DA_HD Tiles tiles_of(const Geometry& g) {
 }
 
 // The output point of thread tid in tile `tile`, or -1 where that position is outside the output grid.
+// Tile numbers fit in 32 bits (the launchers check): 32-bit divisions.
 template <typename I>
 DA_HD I tile_point(const Geometry& g, const Tiles& t, int64_t tile, int tid) {
-  const int64_t x = (tile % t.x) * kTileX + tid % kTileX;
-  const int64_t y = (tile / t.x % t.y) * kTileY + tid / kTileX % kTileY;
-  const int64_t z = (tile / (t.x * t.y)) * kTileZ + tid / (kTileX * kTileY);
+  const uint32_t n = uint32_t(tile), tx = uint32_t(t.x), ty = uint32_t(t.y);
+  const int64_t x = int64_t(n % tx) * kTileX + tid % kTileX;
+  const int64_t y = int64_t(n / tx % ty) * kTileY + tid / kTileX % kTileY;
+  const int64_t z = int64_t(n / (tx * ty)) * kTileZ + tid / (kTileX * kTileY);
   if (x >= g.out_size[2] || y >= g.out_size[1] || z >= g.out_size[0]) return I(-1);
   return static_cast<I>((z * g.out_size[1] + y) * g.out_size[2] + x);
 }
