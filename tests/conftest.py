@@ -59,6 +59,19 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=DEVICES)
+def cpp_device(request):
+    """Each device whose C++ kernels of the module's ``OP`` are built here: "cpu" (the C++ cpu kernels, and
+    the CPU emulations of the CUDA tile kernels) and, with a GPU, "cuda"."""
+    from deepatlas_fast.ops import registry
+
+    reason = registry.unavailable_reason("cpu" if request.param == "cpu" else "cuda", request.module.OP,
+                                         request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def phantom(request):
     """A phantom as stored in files, of the test module's ``SHAPE`` and ``SPACING``: ``(image, labels, affine)``."""

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from conftest import DEVICES
-from deepatlas_fast.ops import _cpp, registry
+from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import similarity as reference
 from helpers import g
 
@@ -21,13 +20,10 @@ OP = "lncc"
 NEEDS = [(True, True), (True, False), (False, True)]
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    """Each device whose C++ extension registers lncc_tiled (the CPU emulation, the CUDA kernels)."""
-    reason = registry.unavailable_reason("cpu" if request.param == "cpu" else "cuda", OP, request.param)
-    if reason is not None:
-        pytest.skip(reason)
-    return request.param
+@pytest.fixture
+def device(cpp_device):
+    """The CPU emulation, and the CUDA kernels where a GPU is."""
+    return cpp_device
 
 
 def ops():

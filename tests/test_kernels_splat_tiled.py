@@ -13,20 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from conftest import DEVICES
-from deepatlas_fast.ops import _cpp, registry
+from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import sampling as reference
 from helpers import g, rand_coords
 
 OP = "sample"
 
 
-@pytest.fixture(params=DEVICES)
-def device(request):
-    reason = registry.unavailable_reason("cpu" if request.param == "cpu" else "cuda", OP, request.param)
-    if reason is not None:
-        pytest.skip(reason)
-    return request.param
+@pytest.fixture
+def device(cpp_device):
+    """The CPU emulation, and the CUDA kernels where a GPU is."""
+    return cpp_device
 
 
 def splat(grad, field, vol_size, padding, warp):

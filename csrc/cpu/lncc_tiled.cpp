@@ -13,7 +13,6 @@
 #include "deepatlas_fast/lncc_tile_host.h"
 
 namespace deepatlas_fast {
-namespace {
 
 using namespace lncc::tile;
 
@@ -26,9 +25,13 @@ struct SerialExec {
   void sync() const {}
 };
 
+// The Runner of lncc_tile_host.h: units one after the other within each worker thread.
 template <typename T>
 struct SerialRunner {
   static constexpr int64_t kMaxZUnits = std::numeric_limits<int64_t>::max();
+
+  static void check(const at::Tensor&) {}
+  explicit SerialRunner(const at::Tensor&) {}
 
   at::Tensor shifts(const at::Tensor& a, const at::Tensor& b, int64_t nc) {
     at::Tensor out = at::empty({nc * 2}, a.options());
@@ -103,30 +106,6 @@ struct SerialRunner {
   }
 };
 
-at::Tensor lncc_tiled_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
-                              double eps, c10::string_view reduction) {
-  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled", [&] {
-    SerialRunner<scalar_t> runner;
-    out = lncc::tile::forward<scalar_t>(runner, a, b, kernel_size, kernel, eps, reduction);
-  });
-  return out;
-}
-
-std::vector<at::Tensor> lncc_tiled_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-                                            int64_t kernel_size, c10::string_view kernel, double eps,
-                                            c10::string_view reduction, bool need_a, bool need_b) {
-  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
-  std::vector<at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
-    SerialRunner<scalar_t> runner;
-    grads = lncc::tile::backward<scalar_t>(runner, grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b);
-  });
-  return grads;
-}
-
-}  // namespace
 }  // namespace deepatlas_fast
 
-DEEPATLAS_FAST_LNCC_TILED_IMPL(CPU)
+DEEPATLAS_FAST_LNCC_TILED_IMPL(CPU, SerialRunner)

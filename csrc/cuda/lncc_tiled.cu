@@ -102,9 +102,21 @@ void launch(Kernel kernel, const Volume<T>& v, const Plan& plan, int64_t z_units
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// The Runner of lncc_tile_host.h: kernel launches on the current stream.
 template <typename T>
 struct BlockRunner {
   static constexpr int64_t kMaxZUnits = kMaxGridYZ;
+
+  // grid.y covers the tile rows; grid.z channels x plane runs (at least one run per channel)
+  static void check(const at::Tensor& a) {
+    TORCH_CHECK((a.size(3) + kTileY - 1) / kTileY <= int64_t(kMaxGridYZ) &&
+                    a.size(0) * a.size(1) <= int64_t(kMaxGridYZ),
+                "deepatlas_fast: lncc_tiled: input too large for the CUDA kernels, got shape ", a.sizes());
+  }
+  explicit BlockRunner(const at::Tensor& a) : guard(a.device()) {}
+  c10::cuda::CUDAGuard guard;
 
   at::Tensor shifts(const at::Tensor& a, const at::Tensor& b, int64_t nc) {
     at::Tensor out = at::empty({nc * 2}, a.options());
@@ -155,40 +167,6 @@ struct BlockRunner {
   }
 };
 
-void check_grid(const at::Tensor& a) {
-  TORCH_CHECK((a.size(3) + kTileY - 1) / kTileY <= int64_t(kMaxGridYZ) &&
-                  a.size(0) * a.size(1) <= int64_t(kMaxGridYZ),
-              "deepatlas_fast: lncc_tiled: input too large for the CUDA kernels, got shape ", a.sizes());
-}
-
-at::Tensor lncc_tiled_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
-                              double eps, c10::string_view reduction) {
-  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
-  check_grid(a);
-  const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled", [&] {
-    BlockRunner<scalar_t> runner;
-    out = lncc::tile::forward<scalar_t>(runner, a, b, kernel_size, kernel, eps, reduction);
-  });
-  return out;
-}
-
-std::vector<at::Tensor> lncc_tiled_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-                                            int64_t kernel_size, c10::string_view kernel, double eps,
-                                            c10::string_view reduction, bool need_a, bool need_b) {
-  lncc::tile::check_problem(a, b, kernel_size, kernel, eps, reduction);  // before the dtype dispatch
-  check_grid(a);
-  const c10::cuda::CUDAGuard guard(a.device());
-  std::vector<at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
-    BlockRunner<scalar_t> runner;
-    grads = lncc::tile::backward<scalar_t>(runner, grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b);
-  });
-  return grads;
-}
-
-}  // namespace
 }  // namespace deepatlas_fast
 
-DEEPATLAS_FAST_LNCC_TILED_IMPL(CUDA)
+DEEPATLAS_FAST_LNCC_TILED_IMPL(CUDA, BlockRunner)

@@ -6,9 +6,11 @@
 //   void mean(partials, n, numel, out)           out = -(sum of the partials in order) / numel
 //   void adjoints(volume, chunk, taps, plan)     the chunk's buffer planes
 //   void combine(volume, chunk, taps, plan, z0, planes, grad_a, grad_b)   gradients at [z0, z0 + planes)
-// Runner::kMaxZUnits bounds channels x plane runs (CUDA's grid.z).
+// Runner::kMaxZUnits bounds channels x plane runs (CUDA's grid.z); Runner::check(a) rejects what the
+// backend cannot run; a Runner is constructed from a (the CUDA one holds a device guard).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -41,10 +43,19 @@ inline Problem check_problem(const at::Tensor& a, const at::Tensor& b, int64_t k
   return Problem{o, a.size(0) * a.size(1), a.size(2), int(a.size(3)), int(a.size(4))};
 }
 
-// The volume description without its frame (shifts, cover: filled by the caller) and the taps.
+// The volume, its taps and its frame (shifts and coverage, made by the runner; the tensors the volume
+// points into).
 template <typename T>
-Volume<T> describe(const Problem& p, const at::Tensor& a, const at::Tensor& b, Taps<T>* taps) {
-  Volume<T> v{};
+struct Described {
+  Volume<T> volume;
+  Taps<T> taps;
+  at::Tensor shifts, cover;
+};
+
+template <typename T, typename Runner>
+Described<T> describe(Runner& runner, const Problem& p, const at::Tensor& a, const at::Tensor& b) {
+  Described<T> out{};
+  Volume<T>& v = out.volume;
   v.a = a.const_data_ptr<T>();
   v.b = b.const_data_ptr<T>();
   v.nc = p.nc;
@@ -53,12 +64,18 @@ Volume<T> describe(const Problem& p, const at::Tensor& a, const at::Tensor& b, T
   v.w = p.w;
   v.plane = int64_t(p.h) * p.w;
   v.half = p.options.k / 2;
-  for (int j = 0; j < p.options.k; ++j) taps->tap[j] = static_cast<T>(window_tap(j, p.options.k, p.options.gaussian));
-  v.full = window_total(taps->tap, p.options.k);
+  for (int j = 0; j < p.options.k; ++j) {
+    out.taps.tap[j] = static_cast<T>(window_tap(j, p.options.k, p.options.gaussian));
+  }
+  v.full = window_total(out.taps.tap, p.options.k);
   v.volume = static_cast<T>(double(v.full) * double(v.full) * double(v.full));
   v.inv_volume = static_cast<T>(1.0 / double(v.volume));
   v.eps = static_cast<T>(p.options.eps);
-  return v;
+  out.shifts = runner.shifts(a, b, p.nc);
+  out.cover = runner.cover(v, out.taps);
+  v.shifts = out.shifts.template const_data_ptr<T>();
+  v.cover = out.cover.template const_data_ptr<T>();
+  return out;
 }
 
 template <typename T, typename Runner>
@@ -66,12 +83,9 @@ at::Tensor forward(Runner& runner, const at::Tensor& a, const at::Tensor& b, int
                    c10::string_view kernel, double eps, c10::string_view reduction) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
   at::Tensor out = new_output(p.options.mean ? at::IntArrayRef{} : a.sizes(), a.options());
-  Taps<T> taps{};
-  Volume<T> v = describe<T>(p, a, b, &taps);
-  const at::Tensor shifts = runner.shifts(a, b, p.nc);
-  const at::Tensor cover = runner.cover(v, taps);
-  v.shifts = shifts.const_data_ptr<T>();
-  v.cover = cover.const_data_ptr<T>();
+  const Described<T> described = describe<T>(runner, p, a, b);
+  const Volume<T>& v = described.volume;
+  const Taps<T>& taps = described.taps;
   const Plan plan = plan_units(p.nc, p.d, p.h, p.w, Runner::kMaxZUnits);
   if (p.options.mean) {
     const int64_t units = int64_t(plan.tiles_x) * plan.tiles_y * p.nc * plan.runs;
@@ -93,12 +107,9 @@ std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const a
   if (!need_a && !need_b) return {};
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
-  Taps<T> taps{};
-  Volume<T> v = describe<T>(p, a, b, &taps);
-  const at::Tensor shifts = runner.shifts(a, b, p.nc);
-  const at::Tensor cover = runner.cover(v, taps);
-  v.shifts = shifts.const_data_ptr<T>();
-  v.cover = cover.const_data_ptr<T>();
+  const Described<T> described = describe<T>(runner, p, a, b);
+  const Volume<T>& v = described.volume;
+  const Taps<T>& taps = described.taps;
   Chunk<T> ch{};
   ch.needs = {need_a, need_b};
   ch.grad = p.options.mean ? nullptr : grad.const_data_ptr<T>();
@@ -119,14 +130,43 @@ std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const a
   return requested_gradients(need_a, grad_a, need_b, grad_b);
 }
 
+// The ops' entry points for a backend's Runner<T> (constructed from a; Runner<T>::check(a) runs first):
+// the problem is checked before the dtype dispatch, so a wrong dtype gets this file's message.
+template <template <typename> class Runner>
+at::Tensor forward_op(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
+                      double eps, c10::string_view reduction) {
+  check_problem(a, b, kernel_size, kernel, eps, reduction);
+  Runner<float>::check(a);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled", [&] {
+    Runner<scalar_t> runner(a);
+    out = forward<scalar_t>(runner, a, b, kernel_size, kernel, eps, reduction);
+  });
+  return out;
+}
+
+template <template <typename> class Runner>
+std::vector<at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                                    int64_t kernel_size, c10::string_view kernel, double eps,
+                                    c10::string_view reduction, bool need_a, bool need_b) {
+  check_problem(a, b, kernel_size, kernel, eps, reduction);
+  Runner<float>::check(a);
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
+    Runner<scalar_t> runner(a);
+    grads = backward<scalar_t>(runner, grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b);
+  });
+  return grads;
+}
+
 }  // namespace tile
 }  // namespace lncc
 }  // namespace deepatlas_fast
 
-// Registers lncc_tiled / lncc_tiled_backward for dispatch key KEY: cpu/lncc_tiled.cpp and
-// cuda/lncc_tiled.cu each define lncc_tiled_forward and lncc_tiled_backward in namespace deepatlas_fast.
-#define DEEPATLAS_FAST_LNCC_TILED_IMPL(KEY)                              \
-  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                         \
-    m.impl("lncc_tiled", &deepatlas_fast::lncc_tiled_forward);           \
-    m.impl("lncc_tiled_backward", &deepatlas_fast::lncc_tiled_backward); \
+// Registers lncc_tiled / lncc_tiled_backward for dispatch key KEY with the runner template RUNNER (in
+// namespace deepatlas_fast): cpu/lncc_tiled.cpp's SerialRunner, cuda/lncc_tiled.cu's BlockRunner.
+#define DEEPATLAS_FAST_LNCC_TILED_IMPL(KEY, RUNNER)                                                   \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                                                      \
+    m.impl("lncc_tiled", &deepatlas_fast::lncc::tile::forward_op<deepatlas_fast::RUNNER>);            \
+    m.impl("lncc_tiled_backward", &deepatlas_fast::lncc::tile::backward_op<deepatlas_fast::RUNNER>);  \
   }

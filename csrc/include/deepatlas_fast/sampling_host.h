@@ -15,14 +15,15 @@ namespace sampling {
 
 inline const char* field_name(bool warp) { return warp ? "disp" : "coords"; }
 
-inline Geometry geometry(const at::Tensor& vol, const at::Tensor& field) {
+// n items of c channels, a volume of vol_size (D, H, W) sampled at the points of field [n, 3, d, h, w].
+inline Geometry geometry(int64_t n, int64_t c, at::IntArrayRef vol_size, const at::Tensor& field) {
   Geometry g;
-  g.n = vol.size(0);
-  g.c = vol.size(1);
+  g.n = n;
+  g.c = c;
   g.volume = 1;
   g.points = 1;
   for (int a = 0; a < 3; ++a) {
-    g.size[a] = vol.size(2 + a);
+    g.size[a] = vol_size[a];
     g.out_size[a] = field.size(2 + a);
     g.volume *= g.size[a];
     g.points *= g.out_size[a];
@@ -48,7 +49,7 @@ inline Geometry check_forward(const at::Tensor& vol, const at::Tensor& field, bo
               vol.size(0), "), got shape ", field.sizes());
   TORCH_CHECK(vol.size(2) > 0 && vol.size(3) > 0 && vol.size(4) > 0,
               "deepatlas_fast: vol must have every spatial size >= 1, got shape ", vol.sizes());
-  return geometry(vol, field);
+  return geometry(vol.size(0), vol.size(1), vol.sizes().slice(2), field);
 }
 
 // As check_forward, and grad (the output's gradient) [n, c, d, h, w] of vol's dtype and device.
@@ -78,18 +79,7 @@ inline Geometry check_splat(const at::Tensor& grad, const at::Tensor& field, at:
               grad.sizes());
   TORCH_CHECK(vol_size.size() == 3 && vol_size[0] >= 1 && vol_size[1] >= 1 && vol_size[2] >= 1,
               "deepatlas_fast: vol_size must be 3 sizes (D, H, W), each >= 1, got ", vol_size);
-  Geometry g;
-  g.n = field.size(0);
-  g.c = grad.size(1);
-  g.volume = 1;
-  g.points = 1;
-  for (int a = 0; a < 3; ++a) {
-    g.size[a] = vol_size[a];
-    g.out_size[a] = field.size(2 + a);
-    g.volume *= g.size[a];
-    g.points *= g.out_size[a];
-  }
-  return g;
+  return geometry(field.size(0), grad.size(1), vol_size, field);
 }
 
 }  // namespace sampling
