@@ -2,20 +2,16 @@
 // registration of `lncc_tiled`), so that the CPU tests run the same tile code the GPU runs.
 //
 // A work unit is one in-plane tile of kTileY x kTileX output voxels of one channel over a run of planes.
-// Per plane it computes the window sums of `MAPS` maps at every output voxel of the tile in three phases
-// separated by barriers, all in the unit's scratch (shared memory on CUDA):
-//   A. z-window sums of the maps at every column of the tile plus a halo of `half` voxels each side
-//      (column(): the caller's maps, straight from global memory, zero outside the volume);
-//   B. x-window sums of A at every (halo row, output column);
-//   C. y-window sums of B at every output voxel, handed to visit().
-// The forward's maps are the 5 shifted moments (lncc.h) and visit() forms the NCC; the backward runs it
-// twice: once for the adjoint maps (written to a buffer), once over those maps to combine the gradients.
-// Versus one kernel per axis (cuda/lncc.cu) the intermediate sums never leave the unit's scratch.
+// Per plane, window_sums computes the window sums of MAPS maps at every output voxel of the tile in four
+// phases separated by barriers, in the unit's scratch (shared memory on CUDA): z sums at every column of
+// the tile and its halo, read from global memory; x sums; y sums; then a visit of each output voxel. The
+// forward's maps are the 5 shifted moments (lncc.h) and its visit forms the NCC; the backward runs it twice:
+// once for the adjoint maps (written to a buffer), once over those maps to combine the gradients. Versus one
+// kernel per axis (cuda/lncc.cu), the intermediate sums never leave the unit's scratch. Every window sum is
+// a direct sum over its own taps, as the reference's convolution.
 //
 // Exec runs the phases: for_each(n, f) calls f(i) for i in [0, n) (on CUDA spread over the block's
-// threads), sync() is the barrier between phases (__syncthreads on CUDA, nothing when serial). Phase C
-// needs no barrier after it: the next plane's phase A writes only the z sums, and its barrier comes before
-// phase B overwrites the x sums that C reads.
+// threads), sync() is the barrier between phases (__syncthreads on CUDA, nothing when serial).
 #pragma once
 
 #include <type_traits>
@@ -57,7 +53,8 @@ DA_HD Sums<T, MAPS> zero_sums() {
 
 // The tile of a unit in a plane of h x w voxels: outputs [y0, y0 + kTileY) x [x0, x0 + kTileX) (clipped),
 // and its scratch: z sums [maps][halo_y][z_pitch], x sums [maps][halo_y][x_pitch], y sums
-// [maps][kTileY][kTileX]. The odd pitches spread the sliding passes' rows over the 32 shared-memory banks.
+// [maps][kTileY][kTileX]. The odd pitches spread the rows that the threads of phase B run along over the 32
+// shared-memory banks.
 template <typename T>
 struct PlaneTile {
   T* z_sums;
