@@ -3,8 +3,10 @@
 //
 // Forward: one pass over output points (parallel), corners computed once per point and reused for every
 // channel. Backward: the coordinate gradient is a gather in the same pass; the volume gradient is a splat,
-// run per (batch, channel) plane in point order when there are enough planes for the threads (or when
-// torch.use_deterministic_algorithms(True): bitwise reproducible), else over points with atomic adds.
+// by (batch item, channel group) tasks in point order when there are enough planes for the threads (or
+// when torch.use_deterministic_algorithms(True): bitwise reproducible, whatever the grouping), the groups
+// as large as the thread count allows (corners once per group; one group per item also gathers the
+// coordinate gradient), else over points with atomic adds.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
@@ -86,20 +89,33 @@ void point_pass(const T* grad, const T* vol, const T* field, T* grad_field, T* g
   });
 }
 
-// Volume gradient one (batch, channel) plane per task, points in order: no atomics, reproducible.
-template <typename T, bool WARP>
-void plane_splat(const T* grad, const T* field, T* grad_vol, const Geometry& g, bool zeros) {
-  at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+// Volume gradient by tasks of (batch item, group of `group` consecutive channels), points in order: corners
+// once per point and task, no atomics; every plane gets its points' contributions in point order whatever
+// the grouping (bitwise reproducible). With one group per item (group == c) the task can gather the
+// coordinate gradient in the same pass (NEED_COORDS).
+template <typename T, bool WARP, bool NEED_COORDS>
+void splat_groups(const T* grad, const T* vol, const T* field, T* grad_field, T* grad_vol, const Geometry& g,
+                  bool zeros, int64_t group) {
+  const int64_t groups = (g.c + group - 1) / group;
+  at::parallel_for(0, g.n * groups, 1, [&](int64_t begin, int64_t end) {
     SamplePoint<T> point;
-    for (int64_t plane_id = begin; plane_id < end; ++plane_id) {
-      const int64_t b = plane_id / g.c;
-      T* plane = grad_vol + plane_id * g.volume;
-      const T* up = grad + plane_id * g.points;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups, c0 = (task % groups) * group, c1 = std::min(g.c, c0 + group);
       for (int64_t p = 0; p < g.points; ++p) {
         sample_field_point<T, WARP>(field, g, b, p, zeros, point);
         const Corners<T>& k = point.corners;
-        for (int j = 0; j < 8; ++j)
-          if (k.inside[j]) plane[k.index[j]] += up[p] * k.weight[j];
+        T d_pos[3] = {0, 0, 0};
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          const T up = grad[(b * g.c + ch) * g.points + p];
+          if (NEED_COORDS) add_position_gradient(vol + (b * g.c + ch) * g.volume, k, up, d_pos);
+          T* plane = grad_vol + (b * g.c + ch) * g.volume;
+          for (int j = 0; j < 8; ++j)
+            if (k.inside[j]) plane[k.index[j]] += up * k.weight[j];
+        }
+        if (NEED_COORDS) {
+          T* out = grad_field + b * 3 * g.points + p;
+          for (int a = 0; a < 3; ++a) out[a * g.points] = d_pos[a] * point.slope[a];
+        }
       }
     }
   });
@@ -125,7 +141,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, 
   if (!need_vol && !need_field) return {};
   at::Tensor grad_vol = need_vol ? at::zeros(vol.sizes(), vol.options()) : at::Tensor();
   at::Tensor grad_field = need_field ? new_output(field.sizes(), field.options()) : at::Tensor();
-  const bool by_plane = at::globalContext().deterministicAlgorithms() || g.n * g.c >= at::get_num_threads();
+  // The volume gradient in channel groups (no atomics) when there are enough tasks for the threads or
+  // determinism is asked for: as few groups per item as keep every thread busy (corners once per group).
+  const int64_t threads = at::get_num_threads();
+  const bool grouped = at::globalContext().deterministicAlgorithms() || g.n * g.c >= threads;
+  const int64_t groups = std::min(g.c, std::max<int64_t>(1, (threads + g.n - 1) / std::max<int64_t>(g.n, 1)));
+  const int64_t group = (g.c + groups - 1) / groups;
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "deepatlas_fast_sample_backward", [&] {
     using T = scalar_t;
     const T* up = grad.const_data_ptr<T>();
@@ -133,16 +154,20 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, 
     const T* f = field.const_data_ptr<T>();
     T* gf = need_field ? grad_field.mutable_data_ptr<T>() : nullptr;
     T* gv = need_vol ? grad_vol.mutable_data_ptr<T>() : nullptr;
-    if (need_field) {
-      if (need_vol && !by_plane) {
+    if (!need_vol) {
+      point_pass<T, WARP, true, false>(up, v, f, gf, gv, g, zeros);
+    } else if (!grouped) {
+      if (need_field) {
         point_pass<T, WARP, true, true>(up, v, f, gf, gv, g, zeros);
       } else {
-        point_pass<T, WARP, true, false>(up, v, f, gf, gv, g, zeros);
+        point_pass<T, WARP, false, true>(up, v, f, gf, gv, g, zeros);
       }
-    } else if (!by_plane) {
-      point_pass<T, WARP, false, true>(up, v, f, gf, gv, g, zeros);
+    } else if (need_field && group == g.c) {  // one group per item: both gradients in one pass
+      splat_groups<T, WARP, true>(up, v, f, gf, gv, g, zeros, group);
+    } else {
+      if (need_field) point_pass<T, WARP, true, false>(up, v, f, gf, gv, g, zeros);
+      splat_groups<T, WARP, false>(up, v, f, gf, gv, g, zeros, group);
     }
-    if (need_vol && by_plane) plane_splat<T, WARP>(up, f, gv, g, zeros);
   });
   return requested_gradients(need_vol, grad_vol, need_field, grad_field);
 }
