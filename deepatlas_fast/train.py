@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 PathLike = Union[str, os.PathLike]
 
 AMP_MODES = ("auto", "bf16", "off")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 OPS_MODES = ("fused", "stock")
 MODALITIES = ("auto", "ct", "mr")
 # keys that may change between a run and its resumption (they do not change what is computed)
@@ -128,6 +129,10 @@ class TrainConfig:
         grad_clip: gradient-norm clipping (1.0; 0 disables).
         amp: ``"auto"`` (bf16 autocast on a GPU that supports it, off on CPU) | ``"bf16"`` | ``"off"``.
         activation_checkpointing: recompute CoordNet activations in the backward (less memory).
+        memory_format: layout of the convolution weights (and so of the activations): ``"auto"``
+            (``channels_last`` on CPU, where oneDNN's 3-D convolutions prefer it: a 64^3 pair's step on 2
+            cores 3.1 -> 2.6 s; ``contiguous`` on a GPU, not yet measured there) | ``"channels_last"`` |
+            ``"contiguous"``.
         augment: random intensity and spatial augmentation of the crops (True).
         seed: seeds model initialisation, phantoms, crops and augmentation (0).
         log_every: steps per ``metrics.csv`` row (values are means over those steps) (10).
@@ -152,6 +157,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: str = "auto"
     activation_checkpointing: bool = False
+    memory_format: str = "auto"
     augment: bool = True
     seed: int = 0
     log_every: int = 10
@@ -210,6 +216,7 @@ class TrainConfig:
         self.grad_clip = _float(self.grad_clip, "config.grad_clip", minimum=0.0)
         self.amp = _choice(self.amp, "config.amp", AMP_MODES)
         self.activation_checkpointing = _bool(self.activation_checkpointing, "config.activation_checkpointing")
+        self.memory_format = _choice(self.memory_format, "config.memory_format", MEMORY_FORMATS)
         self.augment = _bool(self.augment, "config.augment")
         self.seed = _int(self.seed, "config.seed", minimum=0)
         self.log_every = _int(self.log_every, "config.log_every", minimum=1)
@@ -786,6 +793,21 @@ def _loss_weights(config: TrainConfig):
         raise ConfigError(f"config.loss: {exc} (known keys: {known})") from None
 
 
+def model_memory_format(choice: str, device) -> torch.memory_format:
+    """The weights' layout for ``config.memory_format`` on ``device`` ("auto": channels_last on a CPU)."""
+    if choice == "auto":
+        choice = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    return torch.channels_last_3d if choice == "channels_last" else torch.contiguous_format
+
+
+def set_convolution_memory_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """Lays out the weights of the model's 3-D (transposed) convolutions in ``memory_format``; their
+    activations follow. Other parameters and buffers (the atlas, frames) keep theirs."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            module.to(memory_format=memory_format)
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute CoordNet's convolution blocks in the backward instead of storing their activations.
 
@@ -1011,6 +1033,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.to(dev)
+    set_convolution_memory_format(model, model_memory_format(config.memory_format, dev))
     feature_params = list(model.features.parameters()) if model.features is not None else []
     net_params = [p for n, p in model.named_parameters() if not n.startswith("features.") and n != "atlas"]
     coord_params = net_params + [model.atlas]

@@ -50,6 +50,7 @@ def test_config_partial_yaml_keeps_defaults(tmp_path):
         ({"stages": [{"steps": 2, "size": 4}]}, r"config.stages\[0\].size must be >= 8"),
         ({"stages": []}, r"config.stages must be a non-empty list"),
         ({"amp": "fp16"}, r"config.amp must be one of"),
+        ({"memory_format": "nhwc"}, r"config.memory_format must be one of"),
         ({"batch_size": 1}, r"config.batch_size must be >= 2"),
         ({"spacing": -1}, r"config.spacing must be > 0"),
         ({"lr": "fast"}, r"config.lr must be a number"),
@@ -62,6 +63,15 @@ def test_config_partial_yaml_keeps_defaults(tmp_path):
 def test_config_errors_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(data)
+
+
+def test_memory_format_choice():
+    from deepatlas_fast.train import model_memory_format
+
+    assert model_memory_format("auto", "cpu") == torch.channels_last_3d
+    assert model_memory_format("auto", "cuda") == torch.contiguous_format
+    assert model_memory_format("channels_last", "cuda") == torch.channels_last_3d
+    assert model_memory_format("contiguous", "cpu") == torch.contiguous_format
 
 
 def test_config_file_errors(tmp_path):
