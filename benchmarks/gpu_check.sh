@@ -3,21 +3,21 @@
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
-# The step limits add up to 9.6 minutes with the install (the device tool allows 10 per call, 15 per
+# The step limits add up to 9.8 minutes with the install (the device tool allows 10 per call, 15 per
 # session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
 # then, are now cut at 25 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
 # _SPLAT=tiled) are tested first and join the report, the profile and ncu only if their tests pass.
-# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu train train4"); each
-# step has its own time limit and a failing step does not stop the next. REPORT_ARGS / TRAIN_ARGS pass
-# options to the two benchmark scripts.
+# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu train
+# trainnhwc train4"); each step has its own time limit and a failing step does not stop the next.
+# REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu train train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu train trainnhwc train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -69,7 +69,7 @@ if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash
 fi
 
 if has gputests; then
-  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-60}" "not cpu" tests/test_gpu.py
+  run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-50}" "not cpu" tests/test_gpu.py
 fi
 
 
@@ -107,7 +107,7 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
   if command -v ncu >/dev/null 2>&1; then
     log "ncu: cuda kernels at 256^3"
     echo "== ncu (csv: kernel, metric, value)" >> "$OUT/report.log"
-    timeout "${NCU_TIMEOUT:-45}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+    timeout "${NCU_TIMEOUT:-40}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread \
       $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
@@ -128,6 +128,14 @@ if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_B
     --out "$OUT/train_step.md" ${TRAIN_ARGS:---sizes 256 --repeats 2 --max-side 448 --side-step 64 --max-batch 2 --fit-memory-gib 79} \
     > "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
+fi
+
+if has trainnhwc; then  # the U-Net is most of a fused step: channels_last convolutions (contiguous rows: "train")
+  log "training step: channels_last convolutions"
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAINNHWC_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py \
+    --sizes 256 --ops fused --precision fp32 bf16 --checkpointing off --repeats 2 --no-loss-side --no-find-max \
+    --memory-format channels_last >> "$OUT/train_step.log" 2>&1
+  echo "train step (channels_last) exit code: $?"
 fi
 
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing); where memory and loss-side time go

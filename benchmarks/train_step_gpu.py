@@ -35,7 +35,11 @@ import deepatlas_fast  # noqa: E402
 from deepatlas_fast.model import DeepAtlas, bound_coords  # noqa: E402
 from deepatlas_fast.objective import LossWeights, deepatlas_loss  # noqa: E402
 from deepatlas_fast.tour import blob_volume  # noqa: E402
-from deepatlas_fast.train import enable_activation_checkpointing  # noqa: E402
+from deepatlas_fast.train import (  # noqa: E402
+    enable_activation_checkpointing,
+    model_memory_format,
+    set_convolution_memory_format,
+)
 
 
 def parse_args(argv=None):
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--find-max", dest="find_max", action="store_true", default=True,
                    help="search the largest cube and batch that fit (default on)")
     p.add_argument("--no-find-max", dest="find_max", action="store_false")
+    p.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                   help="layout of the convolution weights and activations (train's config.memory_format)")
     p.add_argument("--time-breakdown", action="store_true",
                    help="also profile one loss-side forward + backward: time by kernel (first size and ops)")
     p.add_argument("--memory-breakdown", action="store_true",
@@ -92,6 +98,7 @@ class Case:
         self.model = DeepAtlas(base=args.base, levels=args.levels, features=args.features,
                                template_shape=(args.template,) * 3, frame=args.frame).to(device)
         self.model.freeze_features()
+        set_convolution_memory_format(self.model, model_memory_format(args.memory_format, device))
         if checkpointing:
             enable_activation_checkpointing(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -266,7 +273,8 @@ def main(argv=None) -> int:
         f"- torch {torch.__version__}, deepatlas-fast {deepatlas_fast.__version__}, "
         f"date {datetime.date.today().isoformat()}",
         f"- model: CoordNet base {args.base}, {args.levels} levels, {args.frame} frame; autoencoder {args.features} channels (frozen); "
-        f"template {args.template}^3; batch {args.batch}; AdamW + clipping; default LossWeights",
+        f"template {args.template}^3; batch {args.batch}; AdamW + clipping; default LossWeights; "
+        f"{args.memory_format} convolutions",
         f"- backends (fused): " + ", ".join(f"{op}={deepatlas_fast.get_backend(op, device.type)}"
                                              for op in ("sample", "lncc", "jacobian_var", "invert")),
         "- step ms: median of {} steps after a warm-up{}; peak MiB: max allocated during those steps "
