@@ -35,11 +35,8 @@ import deepatlas_fast  # noqa: E402
 from deepatlas_fast.model import DeepAtlas, bound_coords  # noqa: E402
 from deepatlas_fast.objective import LossWeights, deepatlas_loss  # noqa: E402
 from deepatlas_fast.tour import blob_volume  # noqa: E402
-from deepatlas_fast.train import (  # noqa: E402
-    enable_activation_checkpointing,
-    model_memory_format,
-    set_convolution_memory_format,
-)
+from deepatlas_fast.model import preferred_memory_format, set_convolution_memory_format  # noqa: E402
+from deepatlas_fast.train import enable_activation_checkpointing  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -98,7 +95,7 @@ class Case:
         self.model = DeepAtlas(base=args.base, levels=args.levels, features=args.features,
                                template_shape=(args.template,) * 3, frame=args.frame).to(device)
         self.model.freeze_features()
-        set_convolution_memory_format(self.model, model_memory_format(args.memory_format, device))
+        set_convolution_memory_format(self.model, preferred_memory_format(device, args.memory_format))
         if checkpointing:
             enable_activation_checkpointing(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]

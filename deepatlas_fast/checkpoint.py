@@ -196,10 +196,11 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", with_me
             "model_config"}``.
 
     Returns:
-        the model in eval mode (with the bundle's ``preprocessing`` dict attached as
-        ``model.preprocessing``), or ``(model, info)`` when ``with_metadata``.
+        the model in eval mode, its convolutions in the device's preferred layout
+        (:func:`~deepatlas_fast.model.preferred_memory_format`), with the bundle's ``preprocessing`` dict
+        attached as ``model.preprocessing``; or ``(model, info)`` when ``with_metadata``.
     """
-    from .model import DeepAtlas
+    from .model import DeepAtlas, preferred_memory_format, set_convolution_memory_format
 
     obj = read_model(path)
     config = dict(obj["model_config"])
@@ -213,7 +214,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", with_me
             f"model: {str(path)!r} does not match DeepAtlas({obj['model_config']}): "
             f"missing keys {list(missing)}, unexpected keys {list(unexpected)}"
         )
-    model = model.to(device).eval()
+    model = set_convolution_memory_format(model.to(device).eval(), preferred_memory_format(device))
     model.preprocessing = dict(obj.get("preprocessing") or {})
     if with_metadata:
         info = {k: obj.get(k) for k in ("preprocessing", "metadata", "template_shape", "model_config")}

@@ -565,3 +565,21 @@ class DeepAtlas(nn.Module):
             # through the graph, or it marks it ready twice
             "atlas": self.atlas.view_as(self.atlas),
         }
+
+
+def preferred_memory_format(device, choice: str = "auto") -> torch.memory_format:
+    """The convolution layout for ``choice`` on ``device``: "channels_last", "contiguous", or "auto" =
+    channels_last on a CPU (oneDNN's 3-D convolutions prefer it: a 64^3 pair's training step on 2 cores
+    3.21 -> 2.51 s, a 96^3 CoordNet forward 2.14 -> 1.88 s) and contiguous on a GPU (not yet measured)."""
+    if choice == "auto":
+        choice = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    return torch.channels_last_3d if choice == "channels_last" else torch.contiguous_format
+
+
+def set_convolution_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """Lays out the weights of the model's 3-D (transposed) convolutions in ``memory_format`` (their
+    activations follow); other parameters and buffers (the atlas, frames) keep theirs. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            module.to(memory_format=memory_format)
+    return model

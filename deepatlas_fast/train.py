@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .model import preferred_memory_format, set_convolution_memory_format
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,9 +131,8 @@ class TrainConfig:
         amp: ``"auto"`` (bf16 autocast on a GPU that supports it, off on CPU) | ``"bf16"`` | ``"off"``.
         activation_checkpointing: recompute CoordNet activations in the backward (less memory).
         memory_format: layout of the convolution weights (and so of the activations): ``"auto"``
-            (``channels_last`` on CPU, where oneDNN's 3-D convolutions prefer it: a 64^3 pair's step on 2
-            cores 3.1 -> 2.6 s; ``contiguous`` on a GPU, not yet measured there) | ``"channels_last"`` |
-            ``"contiguous"``.
+            (:func:`deepatlas_fast.model.preferred_memory_format`: ``channels_last`` on CPU, ``contiguous`` on
+            a GPU) | ``"channels_last"`` | ``"contiguous"``.
         augment: random intensity and spatial augmentation of the crops (True).
         seed: seeds model initialisation, phantoms, crops and augmentation (0).
         log_every: steps per ``metrics.csv`` row (values are means over those steps) (10).
@@ -793,21 +793,6 @@ def _loss_weights(config: TrainConfig):
         raise ConfigError(f"config.loss: {exc} (known keys: {known})") from None
 
 
-def model_memory_format(choice: str, device) -> torch.memory_format:
-    """The weights' layout for ``config.memory_format`` on ``device`` ("auto": channels_last on a CPU)."""
-    if choice == "auto":
-        choice = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
-    return torch.channels_last_3d if choice == "channels_last" else torch.contiguous_format
-
-
-def set_convolution_memory_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
-    """Lays out the weights of the model's 3-D (transposed) convolutions in ``memory_format``; their
-    activations follow. Other parameters and buffers (the atlas, frames) keep theirs."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
-            module.to(memory_format=memory_format)
-
-
 def enable_activation_checkpointing(model) -> None:
     """Recompute CoordNet's convolution blocks in the backward instead of storing their activations.
 
@@ -1033,7 +1018,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.to(dev)
-    set_convolution_memory_format(model, model_memory_format(config.memory_format, dev))
+    set_convolution_memory_format(model, preferred_memory_format(dev, config.memory_format))
     feature_params = list(model.features.parameters()) if model.features is not None else []
     net_params = [p for n, p in model.named_parameters() if not n.startswith("features.") and n != "atlas"]
     coord_params = net_params + [model.atlas]

@@ -66,12 +66,22 @@ def test_config_errors_name_the_key(data, match):
 
 
 def test_memory_format_choice():
-    from deepatlas_fast.train import model_memory_format
+    from deepatlas_fast.model import DeepAtlas, preferred_memory_format, set_convolution_memory_format
 
-    assert model_memory_format("auto", "cpu") == torch.channels_last_3d
-    assert model_memory_format("auto", "cuda") == torch.contiguous_format
-    assert model_memory_format("channels_last", "cuda") == torch.channels_last_3d
-    assert model_memory_format("contiguous", "cpu") == torch.contiguous_format
+    assert preferred_memory_format("cpu") == torch.channels_last_3d
+    assert preferred_memory_format("cuda") == torch.contiguous_format
+    assert preferred_memory_format("cuda", "channels_last") == torch.channels_last_3d
+    assert preferred_memory_format("cpu", "contiguous") == torch.contiguous_format
+    model = DeepAtlas(base=4, levels=2, features=2, feature_width=4, template_shape=(8, 8, 8))
+    x = torch.rand(1, 1, 12, 10, 14)
+    with torch.no_grad():
+        before = model(x)["coords"]
+        set_convolution_memory_format(model, torch.channels_last_3d)
+        after = model(x)["coords"]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+    assert model.atlas.is_contiguous()  # only the convolutions change layout
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
 def test_config_file_errors(tmp_path):
