@@ -88,6 +88,17 @@ class _ConvBlock(nn.Sequential):
         )
 
 
+def _cat_channels(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat`` along channels, in the channels-last layout when an input is in it (a convolution's
+    output with channels-last weights, :func:`set_convolution_memory_format`): the next convolution then
+    reads the result as is, instead of a mixed concatenation coming out contiguous and converted."""
+    channels_last = any(t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+                        for t in tensors)
+    if not channels_last:
+        return torch.cat(list(tensors), dim=1)
+    return torch.cat([t.contiguous(memory_format=torch.channels_last_3d) for t in tensors], dim=1)
+
+
 def _check_images(name: str, x, in_channels: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N, {in_channels}, D, H, W], got {type(x).__name__}")
@@ -276,7 +287,7 @@ class CoordNet(nn.Module):
             skips.append(h)
         shape = skips[top].shape[2:]
         ident = self._identity(top, shape, x, frame)
-        h = self.bottleneck(torch.cat([h, ident.to(h.dtype)], dim=1))
+        h = self.bottleneck(_cat_channels([h, ident.to(h.dtype)]))
         if self.locator is not None and init is None:
             shift = anchor_shift(self.locator(h).float(), ident)
         else:
@@ -294,7 +305,7 @@ class CoordNet(nn.Module):
             if level >= init_level:  # still given by init: the decoder runs for its features only
                 disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
-            h = self.decoders[level](torch.cat([self._up(h, shape), skips[level], coarse], dim=1))
+            h = self.decoders[level](_cat_channels([self._up(h, shape), skips[level], coarse]))
             if level < init_level:
                 disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)
@@ -389,7 +400,7 @@ class FeatureNet(nn.Module):
         _check_images("x", x, self.in_channels)
         fine = self.fine(x)
         coarse = F.interpolate(self.coarse(fine), size=x.shape[2:], mode="trilinear", align_corners=False)
-        return self.code(torch.cat([fine, coarse], dim=1))
+        return self.code(_cat_channels([fine, coarse]))
 
     def decode(self, features: Tensor) -> Tensor:
         """``[N, F, D, H, W]`` -> reconstruction ``[N, C, D, H, W]``."""
