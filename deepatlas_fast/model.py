@@ -581,7 +581,7 @@ class DeepAtlas(nn.Module):
 def preferred_memory_format(device, choice: str = "auto") -> torch.memory_format:
     """The convolution layout for ``choice`` on ``device``: "channels_last", "contiguous", or "auto" =
     channels_last on a CPU (oneDNN's 3-D convolutions prefer it: a 64^3 pair's training step on 2 cores
-    3.21 -> 2.51 s, a 96^3 CoordNet forward 2.14 -> 1.88 s) and contiguous on a GPU (not yet measured)."""
+    3.2 -> 2.3 s, a 96^3 CoordNet forward 2.2 -> 1.65 s) and contiguous on a GPU (not yet measured)."""
     if choice == "auto":
         choice = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     return torch.channels_last_3d if choice == "channels_last" else torch.contiguous_format
