@@ -33,6 +33,10 @@ CASES = {  # name -> (call that must raise, part of the expected message)
     "sample: 2-channel coords": ("ops.sample(f(1, 1, 4, 4, 4), f(1, 2, 3, 3, 3), 'zeros')", "coords"),
     "lncc: shapes differ": ("ops.lncc(f(1, 1, 4, 4, 4), f(1, 1, 4, 4, 5), 3, 'box', 1e-5, 'mean')", "b must have"),
     "jacobian_det: 2 channels": ("ops.jacobian_det(f(1, 2, 4, 4, 4), None)", "field"),
+    "lncc_tiled: 33 taps": ("ops.lncc_tiled(f(1, 1, 4, 4, 4), f(1, 1, 4, 4, 4), 33, 'box', 1e-5, 'mean')",
+                            "kernel_size"),
+    "sample_splat_tiled: 2-channel coords": ("ops.sample_splat_tiled(f(1, 1, 3, 3, 3), f(1, 2, 3, 3, 3), [4, 4, 4], "
+                                             "'zeros', False)", "coords"),
 }
 
 
