@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     backends = args.backends.split(",")
-    cases = bench.build_cases(device, [(args.side, 1)], [name.split(" ")[0] for name in backends])
+    cases = bench.build_cases(device, [(args.side, 1)], sorted({bench.backend_of(name) for name in backends}))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for case in cases:
         for name in backends:

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     names = args.backend.split(",")
-    cases = [c for c in bench.build_cases(device, [(args.side, 1)], sorted({n.split(" ")[0] for n in names}))
+    cases = [c for c in bench.build_cases(device, [(args.side, 1)], sorted({bench.backend_of(n) for n in names}))
              if args.ops is None or c.op in args.ops.split(",")]
     runs = [(case, case.impls[name], *case.inputs()) for name in names for case in cases if name in case.impls]
     contexts = contextlib.ExitStack()

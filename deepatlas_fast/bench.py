@@ -155,6 +155,11 @@ def _cuda_splat_variant(implementation: str, available):
                          available)
 
 
+def backend_of(name: str) -> str:
+    """The backend behind a report implementation name: "cuda (tiled)" -> "cuda", "triton" -> "triton"."""
+    return name.split(" ")[0]
+
+
 @contextlib.contextmanager
 def _environment(name: str, value: str):
     previous = os.environ.get(name)

@@ -53,8 +53,6 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
     std::vector<T> box_sums(box_capacity<T>());
     const SerialBlock<T, int64_t> block{&states};
     const Tiles tiles = tiles_of(g);
-    TORCH_CHECK(tiles.count() < (int64_t(1) << 31), "deepatlas_fast: sample_splat_tiled: too many points, got ",
-                field.sizes());
     for (int64_t b = 0; b < g.n; ++b) {
       for (int64_t tile = 0; tile < tiles.count(); ++tile) {
         if (warp) {

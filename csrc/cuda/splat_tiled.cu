@@ -79,8 +79,7 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
   at::Tensor grad_vol = at::zeros({g.n, g.c, g.size[0], g.size[1], g.size[2]}, grad.options());
   if (g.n * g.c * g.points == 0) return grad_vol;
   const Tiles tiles = tiles_of(g);
-  TORCH_CHECK(tiles.count() < (int64_t(1) << 31) && g.n < 65536,
-              "deepatlas_fast: sample_splat_tiled: too many points for one launch, got ", field.sizes());
+  TORCH_CHECK(g.n < 65536, "deepatlas_fast: sample_splat_tiled: batch too large for one launch, got ", field.sizes());
   const dim3 grid(static_cast<unsigned int>(tiles.count()), static_cast<unsigned int>(g.n));
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "deepatlas_fast_sample_splat_tiled", [&] {
     using T = scalar_t;

@@ -78,10 +78,9 @@ Described<T> describe(Runner& runner, const Problem& p, const at::Tensor& a, con
   return out;
 }
 
+// The forward of a checked problem.
 template <typename T, typename Runner>
-at::Tensor forward(Runner& runner, const at::Tensor& a, const at::Tensor& b, int64_t kernel_size,
-                   c10::string_view kernel, double eps, c10::string_view reduction) {
-  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+at::Tensor forward(Runner& runner, const Problem& p, const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = new_output(p.options.mean ? at::IntArrayRef{} : a.sizes(), a.options());
   const Described<T> described = describe<T>(runner, p, a, b);
   const Volume<T>& v = described.volume;
@@ -98,13 +97,10 @@ at::Tensor forward(Runner& runner, const at::Tensor& a, const at::Tensor& b, int
   return out;
 }
 
+// The backward of a checked problem (grad checked too), at least one gradient asked for.
 template <typename T, typename Runner>
-std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
-                                 int64_t kernel_size, c10::string_view kernel, double eps, c10::string_view reduction,
-                                 bool need_a, bool need_b) {
-  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  check_grad(grad, a, p.options.mean);
-  if (!need_a && !need_b) return {};
+std::vector<at::Tensor> backward(Runner& runner, const Problem& p, const at::Tensor& grad, const at::Tensor& a,
+                                 const at::Tensor& b, bool need_a, bool need_b) {
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
   const Described<T> described = describe<T>(runner, p, a, b);
@@ -131,16 +127,16 @@ std::vector<at::Tensor> backward(Runner& runner, const at::Tensor& grad, const a
 }
 
 // The ops' entry points for a backend's Runner<T> (constructed from a; Runner<T>::check(a) runs first):
-// the problem is checked before the dtype dispatch, so a wrong dtype gets this file's message.
+// the problem is checked once, before the dtype dispatch, so a wrong dtype gets this file's message.
 template <template <typename> class Runner>
 at::Tensor forward_op(const at::Tensor& a, const at::Tensor& b, int64_t kernel_size, c10::string_view kernel,
                       double eps, c10::string_view reduction) {
-  check_problem(a, b, kernel_size, kernel, eps, reduction);
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
   Runner<float>::check(a);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled", [&] {
     Runner<scalar_t> runner(a);
-    out = forward<scalar_t>(runner, a, b, kernel_size, kernel, eps, reduction);
+    out = forward<scalar_t>(runner, p, a, b);
   });
   return out;
 }
@@ -149,12 +145,14 @@ template <template <typename> class Runner>
 std::vector<at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                                     int64_t kernel_size, c10::string_view kernel, double eps,
                                     c10::string_view reduction, bool need_a, bool need_b) {
-  check_problem(a, b, kernel_size, kernel, eps, reduction);
+  const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
+  check_grad(grad, a, p.options.mean);
+  if (!need_a && !need_b) return {};
   Runner<float>::check(a);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
     Runner<scalar_t> runner(a);
-    grads = backward<scalar_t>(runner, grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b);
+    grads = backward<scalar_t>(runner, p, grad, a, b, need_a, need_b);
   });
   return grads;
 }

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "host.h"
+#include "splat_tile.h"
 #include "trilinear.h"
 
 namespace deepatlas_fast {
@@ -66,7 +67,8 @@ inline Geometry check_backward(const at::Tensor& grad, const at::Tensor& vol, co
 }
 
 // sample_splat_tiled's arguments: grad [n, c, d, h, w] (the output's gradient) and the field [n, 3, d, h, w]
-// of one float dtype and device, vol_size = (D, H, W) of the volume, each >= 1; returns the geometry.
+// of one float dtype and device, vol_size = (D, H, W) of the volume, each >= 1, tiles numbered in 32 bits;
+// returns the geometry.
 inline Geometry check_splat(const at::Tensor& grad, const at::Tensor& field, at::IntArrayRef vol_size, bool warp) {
   const char* name = field_name(warp);
   check_input(grad, "grad", 5);
@@ -79,7 +81,10 @@ inline Geometry check_splat(const at::Tensor& grad, const at::Tensor& field, at:
               grad.sizes());
   TORCH_CHECK(vol_size.size() == 3 && vol_size[0] >= 1 && vol_size[1] >= 1 && vol_size[2] >= 1,
               "deepatlas_fast: vol_size must be 3 sizes (D, H, W), each >= 1, got ", vol_size);
-  return geometry(field.size(0), grad.size(1), vol_size, field);
+  const Geometry g = geometry(field.size(0), grad.size(1), vol_size, field);
+  TORCH_CHECK(splat::tiles_of(g).count() < (int64_t(1) << 31),  // splat::tile_point's 32-bit tile numbers
+              "deepatlas_fast: sample_splat_tiled: too many points, got ", field.sizes());
+  return g;
 }
 
 }  // namespace sampling
