@@ -89,3 +89,18 @@ def test_finite_checks_can_be_switched_off():
     assert out.shape == (1, 2, 3, 3, 3)
     with pytest.raises(ValueError, match="coords must be finite"):
         da.sample(VOL, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_counts_every_kind_of_bad_value_and_passes_large_finite_values(dtype):
+    """The check sums first (no temporaries): an infinity of either sign or a NaN anywhere fails with the
+    exact count; finite values whose sum overflows (and +inf beside -inf, whose sum is NaN) are told apart
+    by the exact pass."""
+    big = torch.finfo(dtype).max
+    vol = torch.full((1, 2, 4, 5, 6), big, dtype=dtype)
+    assert da.lncc(vol, vol.clone()).dtype == torch.float32  # sum overflows, every value finite: no error
+    for bad in ([float("inf")], [float("-inf")], [float("nan")], [float("inf"), float("-inf")]):
+        a = torch.zeros_like(vol)
+        a.view(-1)[: len(bad)] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(ValueError, match=f"a must be finite, got {len(bad)} NaN/inf"):
+            da.lncc(a, vol)
