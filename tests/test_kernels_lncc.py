@@ -344,3 +344,23 @@ def test_cpu_gradcheck(cpu_kernels, kernel, reduction):
     with da.use_backend("cpu"):
         assert torch.autograd.gradcheck(lambda x, y: da.lncc(x, y, 3, kernel, 1e-5, reduction),
                                         (a.requires_grad_(), b.requires_grad_()))
+
+
+SCRATCH = "DEEPATLAS_FAST_LNCC_SCRATCH_ELEMENTS"  # lncc_host.h's scratch budget of the C++ kernels
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_separable_passes_in_channel_groups_and_chunks(reduction, monkeypatch):
+    """The CUDA separable kernels under small scratch budgets: groups of 4 and 2 of 6 channels whole (two
+    buffers of 5 moment maps per channel), then one channel at a time in z-chunks with halos; channels with
+    different shifts, float64 and float32 against the float64 reference."""
+    if not torch.cuda.is_available() or registry.unavailable_reason("cuda", OP, "cuda") is not None:
+        pytest.skip("needs a GPU and the C++ cuda kernels")
+    a, b = pair((2, 3, 21, 10, 17), 15, device="cuda")
+    bright = torch.tensor([0.0, 1000.0, -500.0], dtype=a.dtype, device="cuda").view(1, 3, 1, 1, 1)
+    monkeypatch.setenv("DEEPATLAS_FAST_CUDA_LNCC", "separable")
+    for budget in (4 * 10 * 21 * 10 * 17, 10 * 12 * 10 * 17):
+        monkeypatch.setenv(SCRATCH, str(budget))
+        check("cuda", a, b, 5, "gaussian", reduction, seed=15)
+        check("cuda", (a + bright).float(), (b + bright).float(), 5, "gaussian", reduction, rel=1e-4, seed=15,
+              needs=[(True, True)])

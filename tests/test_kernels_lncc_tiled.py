@@ -4,7 +4,7 @@ GPU's code on a machine without one. On a GPU the same tests run the CUDA kernel
 switch to them (DEEPATLAS_FAST_CUDA_LNCC=tiled) is tested too.
 
 Sizes cover partial tiles (tiles are 16 x 32 in-plane), several runs of planes per unit (16 planes) and
-several backward chunks (the adjoint buffer holds about 2 volumes), windows from 1 to 31 taps."""
+several backward chunks and channel groups (forced by a small scratch budget), windows from 1 to 31 taps."""
 
 import pytest
 import torch
@@ -81,10 +81,35 @@ def test_many_shapes(device, shape, k, kernel, reduction, seed):
     check(a.float(), b.float(), k, kernel, reduction, seed, rel=2e-4, needs=[NEEDS[(seed + 1) % 3]])
 
 
-def test_backward_in_several_chunks(device):
-    """D = 60 with both gradients (5 adjoint maps): chunks of 24 output planes with halos of 4."""
+SCRATCH = "DEEPATLAS_FAST_LNCC_SCRATCH_ELEMENTS"  # lncc_host.h's scratch budget, overridden
+
+
+def test_backward_in_several_chunks(device, monkeypatch):
+    """D = 60 with both gradients (5 adjoint maps), a scratch budget of 32 planes of the 5 maps: chunks of
+    24 output planes with halos of 4."""
     a, b = pair((1, 1, 60, 9, 12), 3, device=device)
+    monkeypatch.setenv(SCRATCH, str(5 * 32 * 9 * 12))
     check(a, b, 9, "box", "none", seed=3, rel=1e-9, needs=[(True, True)])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_in_channel_groups(device, monkeypatch, reduction):
+    """2 x 3 channels, a budget of 4 whole channels of the adjoint maps: groups of 4 and 2 channels (each
+    with its own shifts, upstream gradient and outputs), whole depth; then 1 channel at a time in chunks."""
+    a, b = pair((2, 3, 13, 10, 17), 8, device=device)
+    bright = torch.tensor([0.0, 1000.0, -500.0], dtype=a.dtype, device=device).view(1, 3, 1, 1, 1)
+    a32, b32 = (a + bright).float(), (b + bright).float()  # each channel needs its own shifts in float32
+    for budget in (4 * 5 * 13 * 10 * 17, 5 * 10 * 10 * 17):
+        monkeypatch.setenv(SCRATCH, str(budget))
+        check(a, b, 5, "gaussian", reduction, seed=8, rel=1e-9)
+        check(a32, b32, 5, "gaussian", reduction, seed=8, rel=1e-4)
+
+
+def test_scratch_budget_must_be_positive(device, monkeypatch):
+    a, b = pair((1, 1, 5, 6, 7), 9, device=device)
+    monkeypatch.setenv(SCRATCH, "lots")
+    with pytest.raises(RuntimeError, match=SCRATCH):
+        ops().lncc_tiled_backward(torch.ones_like(a), a, b, 3, "box", 1e-5, "none", True, True)
 
 
 @pytest.mark.parametrize("kernel", ["box", "gaussian"])

@@ -10,8 +10,10 @@
 // gather-only (no atomics): bitwise reproducible.
 //
 // Sums are accumulated in the input dtype, in the frame of each channel's mean (see lncc.h; estimated from a
-// subsample). Extra memory: two chunk buffers of 5 maps each, the chunks sized so that both together hold
-// about kBufferVolumes input volumes (more for volumes thinner than kMinChunk + 2 h planes).
+// subsample). Extra memory: two chunk buffers of 5 maps per channel of a group of channels, sized so that both
+// together hold about kBufferVolumes channel volumes, at least lncc_host.h's kMinScratchElements, whatever the
+// number of channels (more for volumes thinner than kMinChunk + 2 h planes): the passes walk groups of channels,
+// then chunks of planes (lncc::chunk_plan).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,7 +32,7 @@ namespace deepatlas_fast {
 namespace {
 
 constexpr int kMaxTaps = 63;          // window taps travel as a kernel argument
-constexpr int64_t kBufferVolumes = 4;  // the chunk buffers hold about this many input volumes
+constexpr int64_t kBufferVolumes = 4;  // the chunk buffers hold about this many channel volumes
 constexpr int64_t kMinChunk = 8;       // ... unless the chunks would be thinner than this many planes
 constexpr int kMoments = 5;
 using lncc_cuda::block_sum;
@@ -292,10 +294,28 @@ dim3 slice_grid(const Dims& s, int64_t slices) {
               static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(slices, kMaxGridZ))));
 }
 
-// Chunks [z0, z1) of at most `chunk` planes; the buffers then hold (chunk + 2 halo) planes of 5 maps each.
-int64_t chunk_planes(const Dims& s, int64_t halo) {
-  const int64_t fit = kBufferVolumes * s.d / (2 * kMoments) - 2 * halo;
-  return std::min(s.d, std::max(fit, kMinChunk));
+// Groups of channels, chunks [z0, z1) of their planes; the buffers hold (chunk + 2 halo) planes of 5 maps per
+// channel of a group each.
+lncc::ChunkPlan chunk_plan(const Dims& s, int64_t halo) {
+  return lncc::chunk_plan(s.nc, s.d, s.plane, halo, 2 * kMoments, lncc::scratch_budget(s.d * s.plane, kBufferVolumes),
+                          kMinChunk);
+}
+
+// The channels [c0, c0 + nc) of a Dims.
+struct Group {
+  int64_t c0;
+  Dims dims;
+  int64_t offset() const { return c0 * dims.d * dims.plane; }  // of channel c0's first element
+};
+
+std::vector<Group> channel_groups(const Dims& s, int64_t group) {
+  std::vector<Group> groups;
+  for (int64_t c0 = 0; c0 < s.nc; c0 += group) {
+    Dims dims = s;
+    dims.nc = std::min(group, s.nc - c0);
+    groups.push_back(Group{c0, dims});
+  }
+  return groups;
 }
 
 // Inputs shared by the forward and the backward: window, shifts, coverage, chunk buffers.
@@ -304,6 +324,7 @@ struct Setup {
   Window<T> win;
   T full, volume;
   at::Tensor shifts, cover, buffer_1, buffer_2;
+  lncc::ChunkPlan plan;
   int64_t chunk;
   cudaStream_t stream;
 
@@ -318,17 +339,21 @@ struct Setup {
     lncc_cuda::coverage_kernel<<<blocks_for(s.d + s.h + s.w), kThreads, 0, stream>>>(cover.mutable_data_ptr<T>(), s.d,
                                                                                      s.h, s.w, win, win.k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    chunk = chunk_planes(s, halo);
-    const int64_t planes = std::min(s.d, chunk + 2 * halo);
-    buffer_1 = at::empty({s.nc * kMoments * planes * s.plane}, a.options());
-    buffer_2 = at::empty({s.nc * kMoments * planes * s.plane}, a.options());
+    plan = chunk_plan(s, halo);
+    chunk = plan.chunk;
+    const int64_t size = plan.group * kMoments * plan.planes(s.d, halo) * s.plane;
+    buffer_1 = at::empty({size}, a.options());
+    buffer_2 = at::empty({size}, a.options());
   }
 
-  // The z- then y-window sums of the moments of planes [first, first + planes) into buffer_2.
-  void moment_sums(const Dims& s, const at::Tensor& a, const at::Tensor& b, int64_t first, int64_t planes) {
+  // The z- then y-window sums of the moments of planes [first, first + planes) of a group's channels into
+  // buffer_2.
+  void moment_sums(const Group& g, const at::Tensor& a, const at::Tensor& b, int64_t first, int64_t planes) {
+    const Dims& s = g.dims;
     T* m = buffer_1.mutable_data_ptr<T>();
     moments_z_kernel<T><<<slice_grid(s, s.nc * planes), dim3(kBlockX, kBlockY), 0, stream>>>(
-        a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.const_data_ptr<T>(), m, s, first, planes, win);
+        a.const_data_ptr<T>() + g.offset(), b.const_data_ptr<T>() + g.offset(), shifts.const_data_ptr<T>() + 2 * g.c0,
+        m, s, first, planes, win);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t slices = s.nc * kMoments * planes;
     window_y_kernel<T><<<slice_grid(s, slices), dim3(kBlockX, kBlockY), 0, stream>>>(
@@ -336,10 +361,10 @@ struct Setup {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  StatsJob<T> stats_job(const Problem& p, int64_t first, int64_t planes) const {
+  StatsJob<T> stats_job(const Problem& p, const Group& g, int64_t first, int64_t planes) const {
     StatsJob<T> job{};
     job.sums = buffer_2.const_data_ptr<T>();
-    job.shifts = shifts.const_data_ptr<T>();
+    job.shifts = shifts.const_data_ptr<T>() + 2 * g.c0;
     job.cover = cover.const_data_ptr<T>();
     job.first = first;
     job.planes = planes;
@@ -360,24 +385,30 @@ at::Tensor lncc_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc", [&] {
     using T = scalar_t;
     Setup<T> setup(p, a, b, 0);
+    const std::vector<Group> groups = channel_groups(s, setup.plan.group);
     std::vector<int64_t> starts;
     for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) starts.push_back(z0);
-    const dim3 grid = slice_grid(s, s.nc * setup.chunk);
+    const dim3 grid = slice_grid(groups[0].dims, groups[0].dims.nc * setup.chunk);
     const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
-    at::Tensor partials = at::empty({p.mean ? int64_t(starts.size()) * blocks : 0}, a.options());
-    for (size_t i = 0; i < starts.size(); ++i) {
-      const int64_t z0 = starts[i], planes = std::min(setup.chunk, s.d - z0);
-      setup.moment_sums(s, a, b, z0, planes);
-      StatsJob<T> job = setup.stats_job(p, z0, planes);
-      if (p.mean) {
-        // the first chunk's grid for every chunk, so that each block owns one partial slot per chunk
-        job.out = partials.mutable_data_ptr<T>() + int64_t(i) * blocks;
-        ncc_partial_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, s, setup.win);
-      } else {
-        job.out = out.mutable_data_ptr<T>();
-        ncc_map_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, s, setup.win);
+    at::Tensor partials = at::empty({p.mean ? int64_t(groups.size() * starts.size()) * blocks : 0}, a.options());
+    int64_t slot = 0;
+    for (const Group& g : groups) {
+      for (const int64_t z0 : starts) {
+        const int64_t planes = std::min(setup.chunk, s.d - z0);
+        setup.moment_sums(g, a, b, z0, planes);
+        StatsJob<T> job = setup.stats_job(p, g, z0, planes);
+        if (p.mean) {
+          // the first group's first chunk's grid for every launch, so that each block owns one partial slot
+          // per (group, chunk); blocks without slices in a smaller group or chunk write 0
+          job.out = partials.mutable_data_ptr<T>() + slot * blocks;
+          ncc_partial_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, g.dims, setup.win);
+        } else {
+          job.out = out.mutable_data_ptr<T>() + g.offset();
+          ncc_map_kernel<T><<<grid, dim3(kBlockX, kBlockY), 0, setup.stream>>>(job, g.dims, setup.win);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ++slot;
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.mean) {
       lncc_cuda::mean_kernel<T><<<1, dim3(kBlockX, kBlockY), 0, setup.stream>>>(
@@ -404,33 +435,37 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
     using T = scalar_t;
     Setup<T> setup(p, a, b, half);
     const dim3 block(kBlockX, kBlockY);
-    for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) {
-      const int64_t z1 = std::min(s.d, z0 + setup.chunk);
-      const int64_t h0 = std::max<int64_t>(0, z0 - half), h1 = std::min(s.d, z1 + half);  // with the halo
-      setup.moment_sums(s, a, b, h0, h1 - h0);
-      StatsJob<T> job = setup.stats_job(p, h0, h1 - h0);
-      T* adjoints = setup.buffer_1.template mutable_data_ptr<T>();
-      job.out = adjoints;
-      job.grad = p.mean ? nullptr : grad.const_data_ptr<T>();
-      job.grad_scalar = p.mean ? grad.const_data_ptr<T>() : nullptr;
-      job.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
-      job.need_a = need_a;
-      job.need_b = need_b;
-      job.maps = maps;
-      adjoints_kernel<T><<<slice_grid(s, s.nc * (h1 - h0)), block, 0, setup.stream>>>(job, s, setup.win);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      T* sums = setup.buffer_2.template mutable_data_ptr<T>();
-      window_z_kernel<T><<<slice_grid(s, s.nc * maps * (z1 - z0)), block, 0, setup.stream>>>(
-          adjoints, sums, s, s.nc * maps, h0, h1 - h0, z0, z1 - z0, setup.win);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t slices = s.nc * maps * (z1 - z0);
-      window_y_kernel<T><<<slice_grid(s, slices), block, 0, setup.stream>>>(sums, adjoints, s, slices, setup.win);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_kernel<T><<<slice_grid(s, s.nc * (z1 - z0)), block, 0, setup.stream>>>(
-          adjoints, a.const_data_ptr<T>(), b.const_data_ptr<T>(), setup.shifts.template const_data_ptr<T>(),
-          need_a ? grad_a.mutable_data_ptr<T>() : nullptr, need_b ? grad_b.mutable_data_ptr<T>() : nullptr, s, z0,
-          z1 - z0, maps, setup.win);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (const Group& g : channel_groups(s, setup.plan.group)) {
+      const Dims& gs = g.dims;
+      for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) {
+        const int64_t z1 = std::min(s.d, z0 + setup.chunk);
+        const int64_t h0 = std::max<int64_t>(0, z0 - half), h1 = std::min(s.d, z1 + half);  // with the halo
+        setup.moment_sums(g, a, b, h0, h1 - h0);
+        StatsJob<T> job = setup.stats_job(p, g, h0, h1 - h0);
+        T* adjoints = setup.buffer_1.template mutable_data_ptr<T>();
+        job.out = adjoints;
+        job.grad = p.mean ? nullptr : grad.const_data_ptr<T>() + g.offset();
+        job.grad_scalar = p.mean ? grad.const_data_ptr<T>() : nullptr;
+        job.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
+        job.need_a = need_a;
+        job.need_b = need_b;
+        job.maps = maps;
+        adjoints_kernel<T><<<slice_grid(gs, gs.nc * (h1 - h0)), block, 0, setup.stream>>>(job, gs, setup.win);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        T* sums = setup.buffer_2.template mutable_data_ptr<T>();
+        window_z_kernel<T><<<slice_grid(gs, gs.nc * maps * (z1 - z0)), block, 0, setup.stream>>>(
+            adjoints, sums, gs, gs.nc * maps, h0, h1 - h0, z0, z1 - z0, setup.win);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int64_t slices = gs.nc * maps * (z1 - z0);
+        window_y_kernel<T><<<slice_grid(gs, slices), block, 0, setup.stream>>>(sums, adjoints, gs, slices, setup.win);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        combine_kernel<T><<<slice_grid(gs, gs.nc * (z1 - z0)), block, 0, setup.stream>>>(
+            adjoints, a.const_data_ptr<T>() + g.offset(), b.const_data_ptr<T>() + g.offset(),
+            setup.shifts.template const_data_ptr<T>() + 2 * g.c0,
+            need_a ? grad_a.mutable_data_ptr<T>() + g.offset() : nullptr,
+            need_b ? grad_b.mutable_data_ptr<T>() + g.offset() : nullptr, gs, z0, z1 - z0, maps, setup.win);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   });
   return requested_gradients(need_a, grad_a, need_b, grad_b);

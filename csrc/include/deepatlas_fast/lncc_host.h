@@ -7,6 +7,9 @@
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "host.h"
 #include "lncc.h"
 
@@ -59,6 +62,46 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& a, bool mean) {
     TORCH_CHECK(grad.sizes() == a.sizes(), "deepatlas_fast: grad must have the shape of a ", a.sizes(), ", got ",
                 grad.sizes());
   }
+}
+
+// ---- scratch memory of the chunked passes -----------------------------------------------------------
+
+// The smallest scratch budget, in elements: volumes this small are done whole (no halo recomputation,
+// few launches) however many channels they have.
+constexpr int64_t kMinScratchElements = int64_t(32) << 20;
+// Overrides the budget (elements, > 0): tests force chunks and channel groups on small volumes with it.
+constexpr const char* kScratchVariable = "DEEPATLAS_FAST_LNCC_SCRATCH_ELEMENTS";
+
+// The scratch budget of a pass over an input whose channels are `volume` elements each: `volumes` such
+// channel volumes, at least kMinScratchElements, whatever the number of channels (the scratch used to grow
+// with them: 4 x 18 channel volumes for a pair of 9-channel feature maps, 4.5 GiB at 256^3).
+inline int64_t scratch_budget(int64_t volume, int64_t volumes) {
+  if (const char* value = std::getenv(kScratchVariable)) {
+    char* end = nullptr;
+    const long long parsed = std::strtoll(value, &end, 10);
+    TORCH_CHECK(end != value && *end == '\0' && parsed > 0, "deepatlas_fast: ", kScratchVariable,
+                " must be a positive number of elements, got '", value, "'");
+    return parsed;
+  }
+  return std::max(volumes * volume, kMinScratchElements);
+}
+
+// How a pass whose scratch holds `maps` maps per channel, over a chunk's planes plus `halo` planes each
+// side, walks nc channels of d planes of `plane` elements within `budget` elements: `group` channels at a
+// time, `chunk` planes at a time. Whole channels (no halo) in groups as large as fit; else one channel at a
+// time in chunks as deep as fit, at least min_chunk planes (the budget is then exceeded).
+struct ChunkPlan {
+  int64_t group, chunk;
+  // planes a chunk's scratch holds
+  int64_t planes(int64_t d, int64_t halo) const { return std::min(d, chunk + 2 * halo); }
+};
+
+inline ChunkPlan chunk_plan(int64_t nc, int64_t d, int64_t plane, int64_t halo, int64_t maps, int64_t budget,
+                            int64_t min_chunk) {
+  const int64_t channel = maps * d * plane;
+  if (channel <= budget) return {std::max<int64_t>(1, std::min(nc, budget / channel)), d};
+  const int64_t fit = budget / (maps * plane) - 2 * halo;
+  return {1, std::min(d, std::max(fit, min_chunk))};
 }
 
 }  // namespace lncc

@@ -349,14 +349,6 @@ DA_HD Unit unit_of(const Plan& p, int tile_x, int tile_y, int64_t z_unit, int64_
   return u;
 }
 
-// Chunks of output planes for the backward: each chunk's buffer (maps x (chunk + 2 half) planes per
-// channel) holds about `buffer_volumes` input volumes, at least min_chunk planes.
-inline int64_t backward_chunk(int64_t d, int half, int maps, int64_t buffer_volumes, int64_t min_chunk) {
-  const int64_t fit = buffer_volumes * d / maps - 2 * int64_t(half);
-  const int64_t chunk = fit > min_chunk ? fit : min_chunk;
-  return chunk < d ? chunk : d;
-}
-
 }  // namespace tile
 }  // namespace lncc
 }  // namespace deepatlas_fast

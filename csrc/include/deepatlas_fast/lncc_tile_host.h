@@ -26,8 +26,10 @@ namespace deepatlas_fast {
 namespace lncc {
 namespace tile {
 
-constexpr int64_t kBufferVolumes = 2;  // the backward's adjoint buffer holds about this many input volumes
-constexpr int64_t kMinChunk = 8;       // ... unless its chunks would be thinner than this many planes
+// The backward's adjoint buffer holds about this many channel volumes (lncc_host.h's scratch_budget: at
+// least kMinScratchElements, whatever the number of channels) ...
+constexpr int64_t kBufferVolumes = 2;
+constexpr int64_t kMinChunk = 8;  // ... unless its chunks would be thinner than this many planes
 
 struct Problem {
   Options options;
@@ -112,16 +114,30 @@ std::vector<at::Tensor> backward(Runner& runner, const Problem& p, const at::Ten
   ch.grad_scalar = p.options.mean ? grad.const_data_ptr<T>() : nullptr;
   ch.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
   const int maps = ch.needs.maps();
-  const int64_t chunk = backward_chunk(p.d, v.half, maps, kBufferVolumes, kMinChunk);
-  const at::Tensor buffer = at::empty({p.nc * maps * std::min(p.d, chunk + 2 * int64_t(v.half)) * v.plane}, a.options());
+  const ChunkPlan plan = chunk_plan(p.nc, p.d, v.plane, v.half, maps, scratch_budget(p.d * v.plane, kBufferVolumes),
+                                    kMinChunk);
+  const at::Tensor buffer = at::empty({plan.group * maps * plan.planes(p.d, v.half) * v.plane}, a.options());
   ch.buffer = buffer.data_ptr<T>();
-  for (int64_t z0 = 0; z0 < p.d; z0 += chunk) {
-    const int64_t z1 = std::min(p.d, z0 + chunk);
-    ch.h0 = std::max<int64_t>(0, z0 - v.half);
-    ch.planes = std::min(p.d, z1 + v.half) - ch.h0;
-    runner.adjoints(v, ch, taps, plan_units(p.nc, ch.planes, p.h, p.w, Runner::kMaxZUnits));
-    runner.combine(v, ch, taps, plan_units(p.nc, z1 - z0, p.h, p.w, Runner::kMaxZUnits), z0, z1 - z0,
-                   need_a ? grad_a.mutable_data_ptr<T>() : nullptr, need_b ? grad_b.mutable_data_ptr<T>() : nullptr);
+  const int64_t channel = p.d * v.plane;
+  for (int64_t c0 = 0; c0 < p.nc; c0 += plan.group) {
+    // channels [c0, c0 + group) as a volume of their own
+    Volume<T> group = v;
+    group.nc = std::min(plan.group, p.nc - c0);
+    group.a += c0 * channel;
+    group.b += c0 * channel;
+    group.shifts += 2 * c0;
+    Chunk<T> gch = ch;
+    if (gch.grad != nullptr) gch.grad += c0 * channel;
+    T* group_grad_a = need_a ? grad_a.mutable_data_ptr<T>() + c0 * channel : nullptr;
+    T* group_grad_b = need_b ? grad_b.mutable_data_ptr<T>() + c0 * channel : nullptr;
+    for (int64_t z0 = 0; z0 < p.d; z0 += plan.chunk) {
+      const int64_t z1 = std::min(p.d, z0 + plan.chunk);
+      gch.h0 = std::max<int64_t>(0, z0 - v.half);
+      gch.planes = std::min(p.d, z1 + v.half) - gch.h0;
+      runner.adjoints(group, gch, taps, plan_units(group.nc, gch.planes, p.h, p.w, Runner::kMaxZUnits));
+      runner.combine(group, gch, taps, plan_units(group.nc, z1 - z0, p.h, p.w, Runner::kMaxZUnits), z0, z1 - z0,
+                     group_grad_a, group_grad_b);
+    }
   }
   return requested_gradients(need_a, grad_a, need_b, grad_b);
 }
