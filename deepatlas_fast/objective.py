@@ -38,6 +38,8 @@ agree to float rounding, the implicit term to the inversion tolerance.
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -129,6 +131,44 @@ class LossWeights:
         return cls(**values)
 
 
+class _Recompute:
+    """What autograd keeps instead of a saved tensor that :func:`recomputed_when_saved` rebuilds."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
+
+@contextmanager
+def recomputed_when_saved(tensor: Tensor, make):
+    """Inside the block, autograd saves ``tensor`` for a backward as the recipe ``make`` (a function
+    returning the same values, e.g. the ``sample`` call that produced it) and runs ``make()`` when the
+    backward needs it, so the tensor itself is freed once the forward is done with it.
+
+    The LNCC terms save their sampled feature volumes (C channels per exam) for the LNCC backward;
+    sampling them again costs a gather, holding them costs the largest share of the objective's memory.
+    ``make`` must not hold ``tensor`` itself; under ``torch.compile`` the block does nothing.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    target = weakref.ref(tensor)
+    device_type = tensor.device.type
+
+    def pack(saved):
+        return _Recompute(make) if saved is target() else saved
+
+    def unpack(saved):
+        if not isinstance(saved, _Recompute):
+            return saved
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+            return saved.make()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def _voxel_scale(shape: Sequence[int]) -> list[float]:
     """(size - 1) / 2 per axis: with it det(d coords / d index) is 1 for the identity."""
     return [(s - 1) / 2.0 for s in shape]
@@ -146,8 +186,10 @@ def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: Loss
     atlas = atlas.float()
     if atlas.shape[0] != n:
         atlas = atlas.expand(n, *atlas.shape[1:])
-    warped = ops.sample(atlas, coords.float())
-    return ops.lncc(features.float(), warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+    coords = coords.float()
+    warped = ops.sample(atlas, coords)
+    with recomputed_when_saved(warped, lambda: ops.sample(atlas.detach(), coords.detach())):
+        return ops.lncc(features.float(), warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
 
 
 def implicit_term(
@@ -164,7 +206,8 @@ def implicit_term(
     Args:
         coords: ``[N >= 2, 3, D, H, W]`` template coordinates. features: ``[N, C, D, H, W]``.
         template_shape: grid (D, H, W) the maps are inverted onto.
-        pairs: ``[N]`` long, partner b of each exam a (default ``(i + 1) mod N``).
+        pairs: ``[N]`` long, partner b of each exam a (default ``(i + 1) mod N``); read on the host (a
+            synchronisation on a GPU).
 
     Returns:
         ``-sum(mask * NCC) / (C * max(sum(mask), 1))`` (0 with no gradient if nothing is valid);
@@ -174,27 +217,37 @@ def implicit_term(
     n = coords.shape[0]
     if n < 2:
         raise ValueError(f"coords must hold at least 2 exams for the implicit term, got batch {n}")
-    default_pairs = pairs is None
-    if default_pairs:
-        pairs = torch.roll(torch.arange(n, device=coords.device), -1)
+    if pairs is None:
+        partners = [(a + 1) % n for a in range(n)]
+    else:
+        if not isinstance(pairs, torch.Tensor) or pairs.shape != (n,):
+            raise ValueError(f"pairs must be a tensor of {n} exam indices, got {getattr(pairs, 'shape', pairs)!r}")
+        partners = [int(b) for b in pairs.tolist()]
+        if not all(0 <= b < n for b in partners):
+            raise ValueError(f"pairs must hold exam indices in [0, {n}), got {partners}")
     coords = coords.float()
     features = features.float()
     psi, valid = ops.invert(coords, tuple(template_shape), weights.invert_iters, weights.invert_tol)
-    psi_b, valid_b = psi[pairs], valid[pairs].to(coords.dtype)
-    mask = ops.sample(valid_b, coords.detach(), "zeros") >= 0.5  # [N, 1, D, H, W]
-    target = ops.sample(psi_b, coords)  # position in exam b of each voxel of exam a
+    mask = ops.sample(valid[partners].to(coords.dtype), coords.detach(), "zeros") >= 0.5  # [N, 1, D, H, W]
+    target = ops.sample(psi[partners], coords)  # position in exam b of each voxel of exam a
     target = torch.where(mask, target, target.detach())
-    if default_pairs:  # a permutation (b = a + 1): sample exam b's own features at the targets of the exam
-        # pointing at it, then roll the result back, instead of holding a permuted copy of every feature
-        # volume until the backward (sample keeps its volume for the coordinate gradient)
-        warped = torch.roll(ops.sample(features.detach(), torch.roll(target, 1, 0)), -1, 0)
-    else:
-        warped = ops.sample(features[pairs].detach(), target)
-    ncc = ops.lncc(features, warped, weights.kernel_size, weights.kernel, weights.eps, "none")
-    maskf = mask.to(ncc.dtype)
-    count = maskf.sum() * ncc.shape[1]
-    # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
-    loss = -(ncc.sum(dim=1, keepdim=True) * maskf).sum() / count.clamp_min(1.0)
+    maskf = mask.to(coords.dtype)
+    sources = features.detach()
+    total = None
+    # one exam at a time, on batch slices (views): no permuted copy of the feature volumes or of the
+    # targets is held until the backward, and the NCC map's gradient (the mask broadcast over the
+    # channels, materialised by the lncc backward) exists for one exam at a time
+    for a, b in enumerate(partners):
+        source, where = sources[b : b + 1], target[a : a + 1]
+        warped = ops.sample(source, where)
+        # (the recipe binds this exam's slices now: the backward calls it after the loop has moved on)
+        with recomputed_when_saved(warped, lambda source=source, where=where.detach(): ops.sample(source, where)):
+            ncc = ops.lncc(features[a : a + 1], warped, weights.kernel_size, weights.kernel, weights.eps, "none")
+        # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
+        masked = (ncc.sum(dim=1, keepdim=True) * maskf[a : a + 1]).sum()
+        total = masked if total is None else total + masked
+    count = maskf.sum() * features.shape[1]
+    loss = -total / count.clamp_min(1.0)
     if return_valid_fraction:
         return loss, maskf.mean().detach()
     return loss

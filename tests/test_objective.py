@@ -1,6 +1,9 @@
 """The DeepATLAS objective (deepatlas_fast.objective): every term finite, decreasing on a toy problem,
 zero gradient where it must be, guards firing, and fused == stock."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,9 @@ from deepatlas_fast.objective import (
     implicit_term,
     jacobian_terms,
     reconstruction_loss,
+    recomputed_when_saved,
 )
+from deepatlas_fast.stock import get_ops
 from helpers import g
 
 S = 12
@@ -217,22 +222,58 @@ def test_bound_term_matches_its_formula_and_gradient():
     torch.testing.assert_close(torch.autograd.grad(_BoundLoss.apply(c), c)[0], torch.autograd.grad(expected, c)[0])
 
 
+def _implicit_batched(coords, feats, shape, w, ops, pairs):
+    """The implicit term as DESIGN §5 writes it, on whole batches (permuted copies of the features)."""
+    ops = get_ops(ops)
+    psi, valid = ops.invert(coords, shape, w.invert_iters, w.invert_tol)
+    mask = ops.sample(valid[pairs].to(coords.dtype), coords.detach(), "zeros") >= 0.5
+    target = ops.sample(psi[pairs], coords)
+    target = torch.where(mask, target, target.detach())
+    warped = ops.sample(feats[pairs].detach(), target)
+    ncc = ops.lncc(feats, warped, w.kernel_size, w.kernel, w.eps, "none")
+    return -(ncc * mask).sum() / (mask.sum() * feats.shape[1]).clamp_min(1)
+
+
 @pytest.mark.parametrize("ops", ["fused", "stock"])
-def test_implicit_default_pairs_equal_the_explicit_permutation(ops):
-    """The default pairs (b = a + 1) sample each exam's own features and roll the result instead of
-    copying the features: same loss and gradient as passing that permutation."""
+def test_implicit_term_equals_the_batched_formula(ops):
+    """One exam at a time on batch views, the sampled features recomputed for the backward: the loss and
+    gradient of the batched formula, for the default pairs (b = a + 1) and a given permutation."""
     n, shape = 3, (S, S, S)
     coords = (da.identity_coords(shape, batch=n) * 0.9 + 0.03 * torch.randn(n, 3, *shape, generator=g(9)))
     coords = coords.requires_grad_()
     feats = torch.rand(n, 2, *shape, generator=g(10))
     w = LossWeights(invert_iters=4)
-    pairs = torch.roll(torch.arange(n), -1)
-    default, frac = implicit_term(coords, feats, shape, w, ops, return_valid_fraction=True)
-    given, given_frac = implicit_term(coords, feats, shape, w, ops, pairs=pairs, return_valid_fraction=True)
-    assert float(frac) > 0.5
-    torch.testing.assert_close(default, given)
-    torch.testing.assert_close(frac, given_frac)
-    torch.testing.assert_close(torch.autograd.grad(default, coords)[0], torch.autograd.grad(given, coords)[0])
+    for pairs in (None, torch.tensor([2, 0, 1])):
+        expected = _implicit_batched(coords, feats, shape, w, ops, torch.roll(torch.arange(n), -1) if pairs is None else pairs)
+        loss, frac = implicit_term(coords, feats, shape, w, ops, pairs=pairs, return_valid_fraction=True)
+        assert float(frac) > 0.5
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, coords)[0], torch.autograd.grad(expected, coords)[0])
+    with pytest.raises(ValueError, match="pairs must hold exam indices"):
+        implicit_term(coords, feats, shape, w, ops, pairs=torch.tensor([0, 1, 3]))
+
+
+@pytest.mark.parametrize("ops", ["fused", "stock"])
+def test_recomputed_when_saved_frees_the_tensor_and_keeps_the_gradients(ops):
+    """The LNCC terms' sampled volumes are not held for the backward (rebuilt from their recipe there); the
+    gradients equal those of holding them."""
+    ops_ = get_ops(ops)
+    vol = torch.rand(2, 3, 7, 8, 9, generator=g(11), requires_grad=True)
+    coords = (da.identity_coords((6, 7, 8), batch=2) + 0.1 * torch.randn(2, 3, 6, 7, 8, generator=g(12)))
+    coords.requires_grad_()
+    feats = torch.rand(2, 3, 6, 7, 8, generator=g(13), requires_grad=True)
+    plain = ops_.lncc(feats, ops_.sample(vol, coords), 3, "box", 1e-5, "mean")
+    expected = torch.autograd.grad(plain, (vol, coords, feats))
+    warped = ops_.sample(vol, coords)
+    held = weakref.ref(warped)
+    with recomputed_when_saved(warped, lambda: ops_.sample(vol.detach(), coords.detach())):
+        loss = ops_.lncc(feats, warped, 3, "box", 1e-5, "mean")
+    del warped
+    gc.collect()
+    assert held() is None, "the sampled volume outlived the forward"
+    torch.testing.assert_close(loss, plain)
+    for ours, theirs in zip(torch.autograd.grad(loss, (vol, coords, feats)), expected):
+        torch.testing.assert_close(ours, theirs)
 
 
 def test_fused_and_stock_give_the_same_loss():

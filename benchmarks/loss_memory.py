@@ -1,0 +1,147 @@
+"""Peak memory of the DeepATLAS objective (the "loss side"), by allocation site, on any device.
+
+One forward + backward of ``deepatlas_loss`` from fixed network outputs (as ``train_step_gpu.py``'s loss side:
+the coordinate map a leaf with gradient, frozen features, made before the measurement) under ``torch.profiler`` with memory profiling;
+its allocation events are replayed in time order to find the peak of live bytes beyond what was allocated
+before, and the allocations live at that moment are grouped by where they were made (the objective's line,
+the op, or the autograd node of the backward). Sizes are also given in "volumes": one float32 channel of
+one exam (``side^3 * 4`` bytes), so that a CPU run at a small size predicts a GPU run at 256^3.
+
+    python benchmarks/loss_memory.py --side 96                     # CPU
+    python benchmarks/loss_memory.py --side 256 --device cuda      # GPU
+
+The device's kernels decide their own scratch (e.g. the CUDA lncc's chunk buffers), so the CPU table is a
+lower bound for the GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_step_gpu as steps  # noqa: E402
+from deepatlas_fast.model import bound_coords  # noqa: E402
+from deepatlas_fast.objective import deepatlas_loss  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--side", type=int, default=96, help="cube side of the pair (default 96)")
+    p.add_argument("--batch", type=int, default=2, help="exams (default 2: one pair)")
+    p.add_argument("--ops", default="fused", choices=["fused", "stock"])
+    p.add_argument("--features", type=int, default=8, help="autoencoder channels (default 8)")
+    p.add_argument("--template", type=int, default=64, help="template cube side (default 64)")
+    p.add_argument("--rows", type=int, default=15, help="sites listed (default 15)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def _site(event) -> str:
+    """Where an allocation event was made: the autograd node of a backward, else the innermost frame of the
+    package outside deepatlas_fast/ops (with the function it called), and the innermost op."""
+    from torch._C._profiler import _EventType
+
+    ops, frames = [], []
+    parent = event.parent
+    while parent is not None:
+        if parent.tag == _EventType.TorchOp:
+            ops.append(parent.name)
+        elif parent.tag == _EventType.PyCall:
+            frames.append(parent.name)
+        parent = parent.parent
+    op = ops[0] if ops else "?"
+    nodes = [name for name in ops if name.startswith("autograd::engine::evaluate_function: ")]
+    if nodes:
+        ours = [name for name in ops if name.startswith("deepatlas_fast")]
+        return f"backward of {nodes[-1].split(': ', 1)[1]} ({ours[0] if ours else op} {op})"
+    for i, frame in enumerate(frames):
+        if "deepatlas_fast/" in frame and "/ops/" not in frame:
+            called = f" > {frames[i - 1].rsplit('/', 1)[-1]}" if i > 0 else ""
+            return f"{frame.split('deepatlas_fast/', 1)[1]}{called} ({op})"
+    return f"{' < '.join(ops[:3]) or '?'}"
+
+
+def peak_by_site(profiler, device: torch.device):
+    """(peak bytes, {site: bytes live at the peak}) from the profiler's allocation events on ``device``."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag != _EventType.Allocation:
+            continue
+        fields = event.extra_fields
+        if fields.device.type != device.type:
+            continue
+        events.append((event.start_time_ns, fields.ptr, fields.alloc_size, event))
+    events.sort(key=lambda item: item[0])
+    alive, current, peak, at_peak = {}, 0, 0, {}
+    for _, ptr, size, event in events:
+        if size > 0:
+            alive[ptr] = (size, event)
+            current += size
+            if current > peak:
+                peak, at_peak = current, dict(alive)
+        elif ptr in alive:
+            current -= alive.pop(ptr)[0]
+    by_site = collections.Counter()
+    for size, event in at_peak.values():
+        by_site[_site(event)] += size
+    return peak, by_site
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    step_args = steps.parse_args(["--device", args.device, "--features", str(args.features),
+                                  "--template", str(args.template)])
+    case = steps.Case(step_args, device, False)
+    images = steps.make_pair(args.side, args.batch, device)
+    with torch.no_grad():
+        fixed = case.model(images)
+
+    def outputs():
+        """The network's outputs as the objective gets them: the coordinate map with gradient."""
+        raw = fixed["coords_raw"].detach().float().requires_grad_()
+        made = {"coords_raw": raw, "coords": bound_coords(raw), "features": fixed["features"].detach().float(),
+                "atlas": case.model.atlas.view_as(case.model.atlas)}
+        if fixed.get("frame") is not None:
+            made["frame"] = fixed["frame"]
+        return made
+
+    def once(made):
+        loss, _ = deepatlas_loss(case.model, images, case.weights, ops=args.ops, outputs=made)
+        loss.backward()
+
+    once(outputs())  # warm-up
+    made = outputs()
+    steps._sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, with_stack=True) as prof:
+        once(made)
+        steps._sync(device)
+    peak, by_site = peak_by_site(prof, device)
+    volume = args.side**3 * 4
+    channels = args.features + 1
+    print(f"loss side's peak on {device.type}: {args.batch} exams at {args.side}^3, {channels} feature channels "
+          f"(autoencoder + intensity), template {args.template}^3, ops {args.ops}, torch {torch.__version__}")
+    print(f"peak {peak / 2**20:.1f} MiB beyond what was allocated before = {peak / volume:.1f} volumes "
+          f"(1 volume = one float32 channel of one exam, {volume / 2**20:.2f} MiB); live at the peak:\n")
+    print("| volumes | MiB | allocated at |")
+    print("|---:|---:|---|")
+    for site, size in by_site.most_common(args.rows):
+        print(f"| {size / volume:.1f} | {size / 2**20:.1f} | `{site}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
