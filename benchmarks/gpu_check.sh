@@ -9,15 +9,15 @@
 # then, are now cut at 25 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
 # _SPLAT=tiled) are tested first and join the report, the profile and ncu only if their tests pass.
-# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu train
-# trainnhwc train4"); each step has its own time limit and a failing step does not stop the next.
+# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu lossmem
+# train trainnhwc train4"); each step has its own time limit and a failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu train trainnhwc train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train trainnhwc train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -92,7 +92,7 @@ if has report; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
   fi
   log "kernel report"
-  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-80}" $PY benchmarks/gpu_report.py --out "$OUT" \
+  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-75}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls $REPORT_SKIP --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
@@ -125,11 +125,18 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
   command -v ncu >/dev/null 2>&1 || log "ncu: not found"
 fi
 
+if has lossmem; then  # the objective's peak by allocation site at 256^3 (the CPU's table: 2026-11-27-loss-memory.md)
+  log "loss side's memory by site"
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${LOSSMEM_TIMEOUT:-25}" $PY benchmarks/loss_memory.py --side 256 \
+    --device cuda >> "$OUT/train_step.log" 2>&1
+  echo "loss memory exit code: $?" | tee -a "$OUT/train_step.log"
+fi
+
 if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops
   log "training step"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-85}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-75}" $PY benchmarks/train_step_gpu.py \
     --out "$OUT/train_step.md" ${TRAIN_ARGS:---sizes 256 --repeats 2 --max-side 448 --side-step 64 --max-batch 2 --fit-memory-gib 79} \
-    > "$OUT/train_step.log" 2>&1
+    >> "$OUT/train_step.log" 2>&1
   echo "train step exit code: $?"
 fi
 
