@@ -1,4 +1,4 @@
-"""Peak memory of the DeepATLAS objective (the "loss side"), by allocation site, on any device.
+"""Peak memory of the DeepATLAS objective (the "loss side") or of a whole training step, by allocation site, on any device.
 
 One forward + backward of ``deepatlas_loss`` from fixed network outputs (as ``train_step_gpu.py``'s loss side:
 the coordinate map a leaf with gradient, frozen features, made before the measurement) under ``torch.profiler`` with memory profiling;
@@ -9,6 +9,7 @@ one exam (``side^3 * 4`` bytes), so that a CPU run at a small size predicts a GP
 
     python benchmarks/loss_memory.py --side 96                     # CPU
     python benchmarks/loss_memory.py --side 256 --device cuda      # GPU
+    python benchmarks/loss_memory.py --side 64 --whole-step --precision bf16 --checkpointing on
 
 The device's kernels decide their own scratch (e.g. the CUDA lncc's chunk buffers), so the CPU table is a
 lower bound for the GPU's.
@@ -37,6 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--ops", default="fused", choices=["fused", "stock"])
     p.add_argument("--features", type=int, default=8, help="autoencoder channels (default 8)")
     p.add_argument("--template", type=int, default=64, help="template cube side (default 64)")
+    p.add_argument("--whole-step", action="store_true",
+                   help="measure a whole training step instead (network forward, objective, backward, AdamW update)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--whole-step: autocast (default fp32)")
+    p.add_argument("--checkpointing", default="off", choices=["off", "on"],
+                   help="--whole-step: activation checkpointing (default off)")
     p.add_argument("--rows", type=int, default=15, help="sites listed (default 15)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -104,8 +110,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     step_args = steps.parse_args(["--device", args.device, "--features", str(args.features),
                                   "--template", str(args.template)])
-    case = steps.Case(step_args, device, False)
+    case = steps.Case(step_args, device, args.whole_step and args.checkpointing == "on")
     images = steps.make_pair(args.side, args.batch, device)
+    if args.whole_step:
+        return report_whole_step(args, case, images, device)
     with torch.no_grad():
         fixed = case.model(images)
 
@@ -129,18 +137,40 @@ def main(argv=None) -> int:
     with profile(activities=activities, profile_memory=True, with_stack=True) as prof:
         once(made)
         steps._sync(device)
+    print(f"loss side's peak on {device.type}: {args.batch} exams at {args.side}^3, {args.features + 1} feature "
+          f"channels (autoencoder + intensity), template {args.template}^3, ops {args.ops}, torch {torch.__version__}")
+    print_table(args, prof, device)
+    return 0
+
+
+def report_whole_step(args, case, images, device) -> int:
+    """The same table for one whole training step (``train_step_gpu.py``'s Case.step), after a warm-up step
+    (the optimiser state exists before the measured one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bf16 = args.precision == "bf16"
+    case.step(images, args.ops, bf16)
+    steps._sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, with_stack=True) as prof:
+        case.step(images, args.ops, bf16)
+        steps._sync(device)
+    print(f"training step's peak on {device.type}: {args.batch} exams at {args.side}^3, CoordNet base 16, 4 levels, "
+          f"{args.features} autoencoder channels, template {args.template}^3, ops {args.ops}, {args.precision}, "
+          f"checkpointing {args.checkpointing}, torch {torch.__version__}")
+    print_table(args, prof, device)
+    return 0
+
+
+def print_table(args, prof, device) -> None:
     peak, by_site = peak_by_site(prof, device)
     volume = args.side**3 * 4
-    channels = args.features + 1
-    print(f"loss side's peak on {device.type}: {args.batch} exams at {args.side}^3, {channels} feature channels "
-          f"(autoencoder + intensity), template {args.template}^3, ops {args.ops}, torch {torch.__version__}")
     print(f"peak {peak / 2**20:.1f} MiB beyond what was allocated before = {peak / volume:.1f} volumes "
           f"(1 volume = one float32 channel of one exam, {volume / 2**20:.2f} MiB); live at the peak:\n")
     print("| volumes | MiB | allocated at |")
     print("|---:|---:|---|")
     for site, size in by_site.most_common(args.rows):
         print(f"| {size / volume:.1f} | {size / 2**20:.1f} | `{site}` |")
-    return 0
 
 
 if __name__ == "__main__":

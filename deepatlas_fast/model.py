@@ -566,12 +566,16 @@ class DeepAtlas(nn.Module):
         training crop gets its whole exam's frame, composed with the crop's geometry)."""
         if frame is None:
             frame = self.coordnet.frame_of(images)
+        # the features first: the autoencoder's temporaries (a frozen, no-grad pass) then come and go before
+        # the CoordNet's activations are held, instead of on top of them (the step's peak: 805 -> 655
+        # channel volumes for a 64^3 pair on the CPU, benchmarks/loss_memory.py --whole-step)
+        features = self.feature_stack(images)
         raw = self.coordnet(images, levels=levels, bound=False, frame=frame)
         return {
             "frame": frame,
             "coords_raw": raw,
             "coords": bound_coords(raw),
-            "features": self.feature_stack(images),
+            "features": features,
             # a view, not the parameter itself: DDP (find_unused_parameters) must find the atlas
             # through the graph, or it marks it ready twice
             "atlas": self.atlas.view_as(self.atlas),
