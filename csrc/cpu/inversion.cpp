@@ -122,9 +122,12 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
 // Initial guess, Newton steps and validity at every target point. DISP: field is a displacement on
 // the target grid, the guess is -disp and the output is p - u; else the guess is the finest level
 // resolved from acc and coarse, and the output is p.
-template <typename T, bool DISP>
+// I: the index type of the per-point math (int32_t where it fits, as on CUDA, so these tests run that code).
+template <typename T, bool DISP, typename I>
 void solve(const T* field, const Grid& src, const T* acc, const T* coarse, const Grid& coarse_grid,
            const Grid& target, int64_t n, int64_t iters, T tol, T* out, bool* valid) {
+  const GridOf<I> src_i = narrow_grid<I>(src), target_i = narrow_grid<I>(target);
+  const GridOf<I> coarse_i = narrow_grid<I>(coarse_grid);
   // parallel over rows of W points (no index divisions per point)
   const int64_t rows = target.size[0] * target.size[1], width = target.size[2];
   at::parallel_for(0, n * rows, std::max<int64_t>(1, kGrain / width), [&](int64_t begin, int64_t end) {
@@ -139,12 +142,12 @@ void solve(const T* field, const Grid& src, const T* acc, const T* coarse, const
         if (DISP) {
           for (int k = 0; k < 3; ++k) p[k] = u[k] - item[k * src.cells + t];
         } else {
-          resolve_guess(acc + b * 4 * target.cells, target, coarse ? coarse + b * 3 * coarse_grid.cells : nullptr,
-                        coarse_grid, t, p);
+          resolve_guess(acc + b * 4 * target.cells, target_i, coarse ? coarse + b * 3 * coarse_grid.cells : nullptr,
+                        coarse_i, static_cast<I>(t), p);
         }
         for (int k = 0; k < 3; ++k) p[k] = clamp_to(p[k], T(-1), T(1));
-        newton_solve<T, DISP>(item, src, u, p, iters);
-        valid[b * target.cells + t] = is_valid<T, DISP>(item, src, target, u, p, tol);
+        newton_solve<T, DISP>(item, src_i, u, p, iters);
+        valid[b * target.cells + t] = is_valid<T, DISP>(item, src_i, target_i, u, p, tol);
         for (int k = 0; k < 3; ++k) out[(b * 3 + k) * target.cells + t] = DISP ? p[k] - u[k] : p[k];
       }
     }
@@ -162,9 +165,13 @@ std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArray
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
     using T = scalar_t;
     const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
-    solve<T, false>(coords.const_data_ptr<T>(), src, acc.const_data_ptr<T>(),
-                    coarse.defined() ? coarse.const_data_ptr<T>() : nullptr, coarse_grid, target, n, iters, T(tol),
-                    out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>());
+    const auto run = [&](auto index) {
+      solve<T, false, decltype(index)>(coords.const_data_ptr<T>(), src, acc.const_data_ptr<T>(),
+                                       coarse.defined() ? coarse.const_data_ptr<T>() : nullptr, coarse_grid, target,
+                                       n, iters, T(tol), out.inverse.mutable_data_ptr<T>(),
+                                       out.valid.mutable_data_ptr<bool>());
+    };
+    fits_int32(n, 4, src, target) ? run(int32_t(0)) : run(int64_t(0));
   });
   return {out.inverse, out.valid};
 }
@@ -175,8 +182,11 @@ std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, i
   const Outputs out = new_outputs(disp, grid);
   AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
     using T = scalar_t;
-    solve<T, true>(disp.const_data_ptr<T>(), grid, nullptr, nullptr, grid, grid, n, iters, T(tol),
-                   out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>());
+    const auto run = [&](auto index) {
+      solve<T, true, decltype(index)>(disp.const_data_ptr<T>(), grid, nullptr, nullptr, grid, grid, n, iters, T(tol),
+                                      out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>());
+    };
+    fits_int32(n, 3, grid, grid) ? run(int32_t(0)) : run(int64_t(0));
   });
   return {out.inverse, out.valid};
 }
@@ -185,9 +195,10 @@ std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, i
 
 // out[corners of p] -= w * J(p)^-T g for the valid, non-singular target points of one item whose cell
 // touches source D planes [d_begin, d_end), in target order. DISP: inverse holds p - u, the map is id + field.
-template <typename T, bool DISP>
+template <typename T, bool DISP, typename I>
 void backward_slab(const T* grad, const T* field, const T* inverse, const bool* valid, const Grid& src,
                    const Grid& target, int64_t d_begin, int64_t d_end, T* out) {
+  const GridOf<I> src_i = narrow_grid<I>(src);
   int64_t t = 0;
   for (int64_t i0 = 0; i0 < target.size[0]; ++i0) {
     for (int64_t i1 = 0; i1 < target.size[1]; ++i1) {
@@ -200,13 +211,13 @@ void backward_slab(const T* grad, const T* field, const T* inverse, const bool* 
           p[1] += identity_coordinate<T>(i1, target.size[1]);
           p[2] += identity_coordinate<T>(i2, target.size[2]);
         }
-        const int64_t low_d = cell_low_d(p[0], src);
+        const int64_t low_d = cell_low_d(p[0], src_i);
         if (low_d + 1 < d_begin || low_d >= d_end) continue;
         const T g[3] = {grad[t], grad[target.cells + t], grad[2 * target.cells + t]};
         T lambda[3];
-        if (!backward_lambda<T, DISP>(field, src, p, g, lambda)) continue;
-        Corners<T> corners;
-        cell_corners(p, src, corners);
+        if (!backward_lambda<T, DISP>(field, src_i, p, g, lambda)) continue;
+        Corners<T, I> corners;
+        cell_corners(p, src_i, corners);
         for (int j = 0; j < 8; ++j) {
           const int64_t d = low_d + ((j >> 2) & 1);
           if (d < d_begin || d >= d_end) continue;
@@ -235,9 +246,13 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
     at::parallel_for(0, n * slabs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / slabs, slab = task % slabs;
-        backward_slab<T, DISP>(up + b * 3 * target.cells, f + b * 3 * src.cells, inv + b * 3 * target.cells,
-                               ok + b * target.cells, src, target, slab * src.size[0] / slabs,
-                               (slab + 1) * src.size[0] / slabs, o + b * 3 * src.cells);
+        const auto run = [&](auto index) {
+          backward_slab<T, DISP, decltype(index)>(up + b * 3 * target.cells, f + b * 3 * src.cells,
+                                                  inv + b * 3 * target.cells, ok + b * target.cells, src, target,
+                                                  slab * src.size[0] / slabs, (slab + 1) * src.size[0] / slabs,
+                                                  o + b * 3 * src.cells);
+        };
+        fits_int32(1, 3, src, target) ? run(int32_t(0)) : run(int64_t(0));
       }
     });
   });

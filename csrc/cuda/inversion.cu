@@ -80,14 +80,16 @@ __global__ void resolve_kernel(const T* __restrict__ acc, const T* __restrict__ 
 }
 
 // DISP: field is a displacement on the target grid, the guess is -disp and the output p - u; else the
-// guess is the finest level resolved from acc and coarse_guess, and the output p.
-template <typename T, bool DISP>
+// guess is the finest level resolved from acc and coarse_guess, and the output p. I: int32_t where every flat
+// index fits (fits_int32), else int64_t.
+template <typename T, bool DISP, typename I>
 __global__ void solve_kernel(const T* __restrict__ field, const T* __restrict__ acc,
                              const T* __restrict__ coarse_guess, T* __restrict__ out, bool* __restrict__ valid,
-                             const Grid src, const Grid target, const Grid coarse, const int64_t iters, const T tol) {
-  const int64_t t = point_index();
-  if (t >= target.cells) return;
-  const int64_t b = blockIdx.y;
+                             const GridOf<I> src, const GridOf<I> target, const GridOf<I> coarse, const int64_t iters,
+                             const T tol) {
+  const int64_t point = point_index();
+  if (point >= target.cells) return;
+  const I t = static_cast<I>(point), b = static_cast<I>(blockIdx.y);
   const T* item = field + b * 3 * src.cells;
   T u[3], p[3];
   identity_point(t, target, u);
@@ -106,16 +108,16 @@ __global__ void solve_kernel(const T* __restrict__ field, const T* __restrict__ 
   for (int k = 0; k < 3; ++k) out[(b * 3 + k) * target.cells + t] = DISP ? p[k] - u[k] : p[k];
 }
 
-// out [n, 3, src] zeros: out[corners of p] -= w * J(p)^-T g. DISP: inverse holds p - u.
-template <typename T, bool DISP>
+// out [n, 3, src] zeros: out[corners of p] -= w * J(p)^-T g. DISP: inverse holds p - u. I as solve_kernel.
+template <typename T, bool DISP, typename I>
 __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ field,
                                 const T* __restrict__ inverse, const bool* __restrict__ valid, T* __restrict__ out,
-                                const Grid src, const Grid target) {
-  const int64_t t = point_index();
-  if (t >= target.cells) return;
-  const int64_t b = blockIdx.y;
+                                const GridOf<I> src, const GridOf<I> target) {
+  const int64_t point = point_index();
+  if (point >= target.cells) return;
+  const I t = static_cast<I>(point), b = static_cast<I>(blockIdx.y);
   if (!valid[b * target.cells + t]) return;
-  const int64_t base = b * 3 * target.cells + t;
+  const I base = b * 3 * target.cells + t;
   T p[3], g[3];
   DA_UNROLL
   for (int k = 0; k < 3; ++k) {
@@ -131,7 +133,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   const T* item = field + b * 3 * src.cells;
   T lambda[3];
   if (!backward_lambda<T, DISP>(item, src, p, g, lambda)) return;
-  Corners<T> corners;
+  Corners<T, I> corners;
   cell_corners(p, src, corners);
   T* item_out = out + b * 3 * src.cells;
   DA_UNROLL
@@ -186,10 +188,15 @@ std::tuple<at::Tensor, at::Tensor> invert(const at::Tensor& coords, at::IntArray
   AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert", [&] {
     using T = scalar_t;
     const auto [acc, coarse] = splat_pyramid<T>(coords, levels);
-    solve_kernel<T, false><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
-        coords.const_data_ptr<T>(), acc.const_data_ptr<T>(), coarse.defined() ? coarse.const_data_ptr<T>() : nullptr,
-        out.inverse.mutable_data_ptr<T>(), out.valid.mutable_data_ptr<bool>(), src, target, coarse_grid, iters,
-        T(tol));
+    const auto launch = [&](auto index) {
+      using I = decltype(index);
+      solve_kernel<T, false, I><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+          coords.const_data_ptr<T>(), acc.const_data_ptr<T>(),
+          coarse.defined() ? coarse.const_data_ptr<T>() : nullptr, out.inverse.mutable_data_ptr<T>(),
+          out.valid.mutable_data_ptr<bool>(), narrow_grid<I>(src), narrow_grid<I>(target),
+          narrow_grid<I>(coarse_grid), iters, T(tol));
+    };
+    fits_int32(n, 4, src, target) ? launch(int32_t(0)) : launch(int64_t(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out.inverse, out.valid};
@@ -203,9 +210,14 @@ std::tuple<at::Tensor, at::Tensor> invert_displacement(const at::Tensor& disp, i
   if (n == 0) return {out.inverse, out.valid};
   AT_DISPATCH_FLOATING_TYPES(disp.scalar_type(), "deepatlas_fast_invert_displacement", [&] {
     using T = scalar_t;
-    solve_kernel<T, true><<<point_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
-        disp.const_data_ptr<T>(), nullptr, nullptr, out.inverse.mutable_data_ptr<T>(),
-        out.valid.mutable_data_ptr<bool>(), grid, grid, grid, iters, T(tol));
+    const auto launch = [&](auto index) {
+      using I = decltype(index);
+      const GridOf<I> g = narrow_grid<I>(grid);
+      solve_kernel<T, true, I><<<point_grid(grid.cells, n), kThreads, 0, current_stream()>>>(
+          disp.const_data_ptr<T>(), nullptr, nullptr, out.inverse.mutable_data_ptr<T>(),
+          out.valid.mutable_data_ptr<bool>(), g, g, g, iters, T(tol));
+    };
+    fits_int32(n, 3, grid, grid) ? launch(int32_t(0)) : launch(int64_t(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out.inverse, out.valid};
@@ -223,9 +235,13 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
   at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (atomic splat)");
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward", [&] {
     using T = scalar_t;
-    backward_kernel<T, DISP><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
-        grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
-        valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), src, target);
+    const auto launch = [&](auto index) {
+      using I = decltype(index);
+      backward_kernel<T, DISP, I><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+          grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
+          valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), narrow_grid<I>(src), narrow_grid<I>(target));
+    };
+    fits_int32(n, 3, src, target) ? launch(int32_t(0)) : launch(int64_t(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

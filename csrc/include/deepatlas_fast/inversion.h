@@ -25,13 +25,30 @@ constexpr double kNormFloor = 1e-30;    // floor of |J|_F^2
 // (see newton_solve).
 constexpr double kConvergedStepEps = 8.0;
 
-// A grid of size[0] x size[1] x size[2] nodes (D, H, W).
-struct Grid {
-  int64_t size[3];
-  int64_t cells;
+// A grid of size[0] x size[1] x size[2] nodes (D, H, W). I: the index type of the per-point math (int64_t;
+// the solve and the backward use int32_t where every flat index of the call fits: fewer registers and
+// instructions for the corner indices of each Newton step, as the sampling kernels).
+template <typename I>
+struct GridOf {
+  I size[3];
+  I cells;
 };
+using Grid = GridOf<int64_t>;
 
 DA_HD Grid make_grid(int64_t d, int64_t h, int64_t w) { return Grid{{d, h, w}, d * h * w}; }
+
+// The grid with index type J (the caller checks that its flat indices fit, see fits_int32).
+template <typename J>
+DA_HD GridOf<J> narrow_grid(const Grid& g) {
+  return GridOf<J>{{static_cast<J>(g.size[0]), static_cast<J>(g.size[1]), static_cast<J>(g.size[2])},
+                   static_cast<J>(g.cells)};
+}
+
+// Whether int32_t holds every flat index of n items of `channels` channels on each grid.
+DA_HD bool fits_int32(int64_t n, int64_t channels, const Grid& a, const Grid& b) {
+  const int64_t cells = a.cells > b.cells ? a.cells : b.cells;
+  return n * channels * cells < (int64_t(1) << 31);
+}
 
 template <typename T>
 DA_HD T machine_epsilon() {
@@ -49,28 +66,29 @@ DA_HD T load(const T* ptr) {
 
 // Normalised coordinate -> voxel position on an axis of `size` nodes (align_corners=True), unclipped:
 // unlike sampling's axis_position there is no padding, the clamped cell extrapolates linearly.
-template <typename T>
-DA_HD T voxel_position(T p, int64_t size) {
+template <typename T, typename I>
+DA_HD T voxel_position(T p, I size) {
   return (p + T(1)) / T(2) * T(size - 1);
 }
 
 // Voxels per normalised unit along an axis: (size - 1) / 2.
-template <typename T>
-DA_HD T voxel_scale(int64_t size) {
+template <typename T, typename I>
+DA_HD T voxel_scale(I size) {
   return T(size - 1) / T(2);
 }
 
 // (D, H, W) node indices of flat index t.
-DA_HD void unflatten(int64_t t, const Grid& grid, int64_t index[3]) {
+template <typename I>
+DA_HD void unflatten(I t, const GridOf<I>& grid, I index[3]) {
   index[2] = t % grid.size[2];
   index[1] = (t / grid.size[2]) % grid.size[1];
   index[0] = t / (grid.size[1] * grid.size[2]);
 }
 
 // The normalised identity coordinates of node t: the target point u of the solve.
-template <typename T>
-DA_HD void identity_point(int64_t t, const Grid& grid, T u[3]) {
-  int64_t index[3];
+template <typename T, typename I>
+DA_HD void identity_point(I t, const GridOf<I>& grid, T u[3]) {
+  I index[3];
   unflatten(t, grid, index);
 DA_UNROLL
   for (int a = 0; a < 3; ++a) u[a] = identity_coordinate<T>(index[a], grid.size[a]);
@@ -80,9 +98,9 @@ DA_UNROLL
 
 // D index of the lower corner of the cell holding normalised p_D (the cell of cell_corners), so that
 // a kernel can tell which D planes a point touches before any other work.
-template <typename T>
-DA_HD int64_t cell_low_d(T p_d, const Grid& grid) {
-  int64_t low;
+template <typename T, typename I>
+DA_HD I cell_low_d(T p_d, const GridOf<I>& grid) {
+  I low;
   T frac;
   cell_of(voxel_position(p_d, grid.size[0]), grid.size[0], true, low, frac);
   return low;
@@ -90,9 +108,9 @@ DA_HD int64_t cell_low_d(T p_d, const Grid& grid) {
 
 // Corners of the trilinear cell holding normalised p, clamped into the grid (the reference's
 // _cell_corners: value and derivative stay continuous up to the border, linear beyond it).
-template <typename T>
-DA_HD void cell_corners(const T p[3], const Grid& grid, Corners<T>& corners) {
-  int64_t low[3];
+template <typename T, typename I>
+DA_HD void cell_corners(const T p[3], const GridOf<I>& grid, Corners<T, I>& corners) {
+  I low[3];
   T frac[3];
 DA_UNROLL
   for (int a = 0; a < 3; ++a) cell_of(voxel_position(p[a], grid.size[a]), grid.size[a], true, low[a], frac[a]);
@@ -100,9 +118,9 @@ DA_UNROLL
 }
 
 // Trilinear value of the map at normalised p and its Jacobian jac[k][a] = d value_k / d p_a.
-template <typename T, bool DISP>
-DA_HD void value_and_jacobian(const T* field, const Grid& grid, const T p[3], T value[3], T jac[3][3]) {
-  Corners<T> corners;
+template <typename T, bool DISP, typename I>
+DA_HD void value_and_jacobian(const T* field, const GridOf<I>& grid, const T p[3], T value[3], T jac[3][3]) {
+  Corners<T, I> corners;
   cell_corners(p, grid, corners);
   const T scale[3] = {voxel_scale<T>(grid.size[0]), voxel_scale<T>(grid.size[1]), voxel_scale<T>(grid.size[2])};
 DA_UNROLL
@@ -176,8 +194,8 @@ DA_UNROLL
 // * after a step of at most kConvergedStepEps epsilons, quadratic convergence has put the error far
 //   below rounding and later steps only move p within its rounding noise (measured: <= 4 eps).
 //   Without this exit a coordinate-map solve, whose p never settles on one float, always runs `iters`.
-template <typename T, bool DISP>
-DA_HD void newton_solve(const T* field, const Grid& grid, const T u[3], T p[3], int64_t iters) {
+template <typename T, bool DISP, typename I>
+DA_HD void newton_solve(const T* field, const GridOf<I>& grid, const T u[3], T p[3], int64_t iters) {
   const T converged = T(kConvergedStepEps) * machine_epsilon<T>();
   T max_step[3];
 DA_UNROLL
@@ -202,8 +220,8 @@ DA_UNROLL
 
 // Whether |map(p) - u| is at most tol target voxels (Euclidean); NaN is never valid. `tol` arrives
 // rounded to T, as the reference compares a T residual with it.
-template <typename T, bool DISP>
-DA_HD bool is_valid(const T* field, const Grid& grid, const Grid& target, const T u[3], const T p[3], T tol) {
+template <typename T, bool DISP, typename I>
+DA_HD bool is_valid(const T* field, const GridOf<I>& grid, const GridOf<I>& target, const T u[3], const T p[3], T tol) {
   T value[3], jac[3][3];
   value_and_jacobian<T, DISP>(field, grid, p, value, jac);
   T sum = T(0);
@@ -217,8 +235,8 @@ DA_UNROLL
 
 // lambda = J(p)^-T g at a solution p. Returns false (the point passes no gradient) where J is
 // degenerate, |det J| <= kSingularBackward |J|_F^3.
-template <typename T, bool DISP>
-DA_HD bool backward_lambda(const T* field, const Grid& grid, const T p[3], const T g[3], T lambda[3]) {
+template <typename T, bool DISP, typename I>
+DA_HD bool backward_lambda(const T* field, const GridOf<I>& grid, const T p[3], const T g[3], T lambda[3]) {
   T value[3], jac[3][3];
   value_and_jacobian<T, DISP>(field, grid, p, value, jac);
   return !solve3(jac, g, true, T(kSingularBackward), lambda);
@@ -237,8 +255,8 @@ DA_HD Grid coarser(const Grid& grid) {
 
 // Cell of normalised target coordinate x along axis a of a splat level (the reference's splat: voxel
 // position clamped to [-2, size+1], unclamped floor cell). False for NaN, which the kernels drop.
-template <typename T>
-DA_HD bool splat_cell(T x, const Grid& level, int a, int64_t& low, T& frac) {
+template <typename T, typename I>
+DA_HD bool splat_cell(T x, const GridOf<I>& level, int a, I& low, T& frac) {
   const T v = voxel_position(x, level.size[a]);
   if (is_nan(v)) return false;
   cell_of(clamp_to(v, T(-2), T(level.size[a] + 1)), level.size[a], false, low, frac);
@@ -247,9 +265,9 @@ DA_HD bool splat_cell(T x, const Grid& level, int a, int64_t& low, T& frac) {
 
 // The 8 corners a source point at normalised target position x splats into (inside[j]: that corner
 // exists in the level); false for NaN positions.
-template <typename T>
-DA_HD bool splat_corners(const T x[3], const Grid& level, Corners<T>& corners) {
-  int64_t low[3];
+template <typename T, typename I>
+DA_HD bool splat_corners(const T x[3], const GridOf<I>& level, Corners<T, I>& corners) {
+  I low[3];
   T frac[3];
 DA_UNROLL
   for (int a = 0; a < 3; ++a) {
@@ -261,12 +279,12 @@ DA_UNROLL
 
 // Cell of node i of a level of `size` nodes in the next coarser level of `coarse` nodes, as
 // F.interpolate(mode="trilinear", align_corners=True) upsamples coarse -> size.
-template <typename T>
-DA_HD void upsample_cell(int64_t i, int64_t size, int64_t coarse, int64_t& low, T& frac) {
+template <typename T, typename I>
+DA_HD void upsample_cell(I i, I size, I coarse, I& low, T& frac) {
   const T x = T(coarse - 1) / T(size - 1) * T(i);
   T base = std::floor(x);
   base = base < T(coarse - 2) ? base : T(coarse - 2);
-  low = static_cast<int64_t>(base);
+  low = static_cast<I>(base);
   frac = x - base;
 }
 
@@ -274,8 +292,8 @@ DA_HD void upsample_cell(int64_t i, int64_t size, int64_t coarse, int64_t& low, 
 // the weighted sums of the 3 source coordinates) and the next coarser level's guess ([3, coarse cells]):
 // the splatted mean where its weight is trusted, else the coarser guess upsampled; the coarsest level
 // (coarse_guess == nullptr) takes the mean where any weight arrived, else 0.
-template <typename T>
-DA_HD void resolve_guess(const T* acc, const Grid& level, const T* coarse_guess, const Grid& coarse, int64_t t,
+template <typename T, typename I>
+DA_HD void resolve_guess(const T* acc, const GridOf<I>& level, const T* coarse_guess, const GridOf<I>& coarse, I t,
                          T guess[3]) {
   const T* node = acc + 4 * t;
   const T weight = node[0];
@@ -285,12 +303,12 @@ DA_HD void resolve_guess(const T* acc, const Grid& level, const T* coarse_guess,
   if (coarse_guess != nullptr) {
     trusted = weight > T(kSplatWeightTrusted);
     if (!trusted) {
-      int64_t index[3], low[3];
+      I index[3], low[3];
       T frac[3];
       unflatten(t, level, index);
 DA_UNROLL
       for (int a = 0; a < 3; ++a) upsample_cell(index[a], level.size[a], coarse.size[a], low[a], frac[a]);
-      Corners<T> corners;
+      Corners<T, I> corners;
       trilinear_corners(low, frac, coarse.size, corners);
 DA_UNROLL
       for (int j = 0; j < 8; ++j) {
