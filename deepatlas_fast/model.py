@@ -74,16 +74,37 @@ def _groups(channels: int) -> int:
     return 1
 
 
+class LowPrecisionGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state dict) that keeps autocast's lower precision.
+
+    CUDA autocast runs ``group_norm`` in float32: the bfloat16 convolution output is copied to float32
+    (held by the norm for its backward), the float32 output is held again by the in-place activation and
+    the next convolution holds a bfloat16 copy of it: 10 bytes per activation element and layer, more than
+    without autocast (8). Here the norm runs on the convolution's own dtype (the kernels accumulate its
+    statistics in float32; weight and bias are cast to that dtype): 4 bytes. Without autocast, or on inputs
+    not in autocast's dtype, it is ``nn.GroupNorm``. (CPU autocast already keeps the norm in bfloat16.)
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not (torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device)):
+            return super().forward(x)
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        with torch.autocast(device_type=device, enabled=False):
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
 class _ConvBlock(nn.Sequential):
     """Two (conv 3x3x3 -> GroupNorm -> LeakyReLU) layers; ``stride`` on the first conv."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__(
             nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
-            nn.GroupNorm(_groups(cout), cout),
+            LowPrecisionGroupNorm(_groups(cout), cout),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv3d(cout, cout, 3, padding=1),
-            nn.GroupNorm(_groups(cout), cout),
+            LowPrecisionGroupNorm(_groups(cout), cout),
             nn.LeakyReLU(0.2, inplace=True),
         )
 

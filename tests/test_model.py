@@ -273,3 +273,49 @@ def test_model_files_from_before_the_grid_option_load_with_their_geometry(tmp_pa
     torch.testing.assert_close(model.coordnet(x), expected)
     with pytest.raises(ValueError, match="grid must be one of"):
         CoordNet(grid="centres")
+
+
+def test_low_precision_group_norm_is_group_norm_outside_autocast_and_keeps_autocast_dtype_inside():
+    """Same parameters and state dict as nn.GroupNorm; outside autocast the same output and gradients;
+    under autocast a bfloat16 input stays bfloat16 (CUDA's autocast would run the norm in float32 and hold
+    float32 copies), normalised with float32 statistics, and the float32 parameters get gradients."""
+    from deepatlas_fast.model import LowPrecisionGroupNorm
+
+    torch.manual_seed(0)
+    ours, plain = LowPrecisionGroupNorm(4, 8), torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    x = (3.0 * torch.randn(2, 8, 5, 6, 7) + 1.0).requires_grad_()
+    torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+    g_ours = torch.autograd.grad(ours(x).square().sum(), (x, ours.weight, ours.bias))
+    g_plain = torch.autograd.grad(plain(x).square().sum(), (x, plain.weight, plain.bias))
+    for a, b in zip(g_ours, g_plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    xb = x.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(xb)
+    assert y.dtype == torch.bfloat16
+    exact = torch.nn.functional.group_norm(xb.detach().double(), 4, ours.weight.double(), ours.bias.double())
+    torch.testing.assert_close(y.double(), exact, rtol=2e-2, atol=2e-2)  # bfloat16 rounding of the output
+    y.float().sum().backward()
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an input not in autocast's dtype: the plain norm
+        torch.testing.assert_close(ours(x.detach()), plain(x.detach()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA autocast runs group_norm in float32")
+def test_coordnet_activations_stay_bfloat16_under_cuda_autocast():
+    """Every norm of the CoordNet outputs bfloat16 under CUDA autocast (nn.GroupNorm would give float32)."""
+    net = CoordNet(base=4, levels=2).cuda()
+    seen = []
+    for module in net.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        net(torch.rand(1, 1, 12, 12, 12, device="cuda")).sum().backward()
+    assert seen and set(seen) == {torch.bfloat16}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.nn.GroupNorm(2, 4).cuda()(torch.rand(1, 4, 3, 3, 3, device="cuda").bfloat16()).dtype == torch.float32
