@@ -6,18 +6,19 @@
 # The step limits add up to 9.75 minutes with the install (the device tool allows 10 per call, 15 per
 # session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
-# then, are now cut at 25 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
+# then, are now cut at 20 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
-# _SPLAT=tiled) are tested first and join the report, the profile and ncu only if their tests pass.
+# _SPLAT / _INVERT_SPLAT=tiled) are tested first and join the report, the profile, ncu and the tiledloss
+# training step only if their tests pass.
 # STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu lossmem
-# train trainnhwc train4"); each step has its own time limit and a failing step does not stop the next.
+# train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train trainnhwc train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train trainnhwc tiledloss train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -77,14 +78,15 @@ fi
 # the report's CUDA context unusable for every row after it. Their bad-input tests run apart and do not
 # decide: a check throwing from CUDA code crashed a worker before (the rawops step), whatever the kernel.
 REPORT_SKIP=reference
+TILED_OK=0
 if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, the cuda backend, then triton
-  TILED_TESTS="tests/test_kernels_lncc_tiled.py tests/test_kernels_splat_tiled.py"
-  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" \
-    $TILED_TESTS || REPORT_SKIP=reference,tiled
+  TILED_TESTS="tests/test_kernels_lncc_tiled.py tests/test_kernels_splat_tiled.py tests/test_kernels_invert_splat_tiled.py"
+  if run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" \
+    $TILED_TESTS; then TILED_OK=1; else REPORT_SKIP=reference,tiled; fi
   run_tests "opt-in tiled cuda kernels: bad inputs" 10 "not cpu and rejects_bad_inputs" $TILED_TESTS
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
   run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
-  run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-25}" "not cpu and triton" $KERNEL_TESTS
+  run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-20}" "not cpu and triton" $KERNEL_TESTS
 fi
 
 if has report; then
@@ -102,7 +104,7 @@ if has profile; then  # per-kernel times (torch.profiler), appended to report.lo
   log "kernel profile"
   echo "== kernel profile" >> "$OUT/report.log"
   if [[ $REPORT_SKIP == *tiled* ]]; then PROFILED=(--backends cuda,triton); else PROFILED=(); fi
-  timeout "${PROFILE_TIMEOUT:-20}" $PY benchmarks/kernel_profile.py ${PROFILED[@]+"${PROFILED[@]}"} ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-15}" $PY benchmarks/kernel_profile.py ${PROFILED[@]+"${PROFILED[@]}"} ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
   echo "profile exit code: $?"
 fi
 
@@ -110,14 +112,14 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
   if command -v ncu >/dev/null 2>&1; then
     log "ncu: cuda kernels at 256^3"
     echo "== ncu (csv: kernel, metric, value)" >> "$OUT/report.log"
-    timeout "${NCU_TIMEOUT:-40}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+    timeout "${NCU_TIMEOUT:-30}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread \
       $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   if command -v ncu >/dev/null 2>&1 && [[ $REPORT_SKIP != *tiled* ]]; then
     echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient)" >> "$OUT/report.log"
-    timeout "${NCU_TILED_TIMEOUT:-30}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+    timeout "${NCU_TILED_TIMEOUT:-25}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
       $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
@@ -127,7 +129,7 @@ fi
 
 if has lossmem; then  # the objective's peak by allocation site at 256^3 (the CPU's table: 2026-11-27-loss-memory.md)
   log "loss side's memory by site"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${LOSSMEM_TIMEOUT:-25}" $PY benchmarks/loss_memory.py --side 256 \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${LOSSMEM_TIMEOUT:-20}" $PY benchmarks/loss_memory.py --side 256 \
     --device cuda >> "$OUT/train_step.log" 2>&1
   echo "loss memory exit code: $?" | tee -a "$OUT/train_step.log"
 fi
@@ -142,15 +144,27 @@ fi
 
 if has trainnhwc; then  # the U-Net is most of a fused step: channels_last convolutions (contiguous rows: "train")
   log "training step: channels_last convolutions"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAINNHWC_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAINNHWC_TIMEOUT:-25}" $PY benchmarks/train_step_gpu.py \
     --sizes 256 --ops fused --precision fp32 bf16 --checkpointing off --repeats 2 --no-loss-side --no-find-max \
     --memory-format channels_last >> "$OUT/train_step.log" 2>&1
   echo "train step (channels_last) exit code: $?"
 fi
 
+if has tiledloss; then  # every opt-in tiled kernel at once: the step, the loss side and its time by kernel at 256^3
+  if [ "$TILED_OK" = 1 ]; then  # (the train step's rows are the defaults)
+    log "training step: every tiled kernel (lncc, sample's splat, invert's pyramid)"
+    DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_CUDA_SPLAT=tiled DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled \
+      timeout "${TILEDLOSS_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py --sizes 256 --ops fused --precision fp32 \
+      --checkpointing off --repeats 2 --no-find-max --time-breakdown >> "$OUT/train_step.log" 2>&1
+    echo "train step (tiled kernels) exit code: $?" | tee -a "$OUT/train_step.log"
+  else
+    log "tiled training step skipped: the tiled kernels' tests did not pass (or did not run)"
+  fi
+fi
+
 if has train4; then  # issue 5's target: two pairs at 256^3 within 40 GB (bf16 + checkpointing); where memory and loss-side time go
   log "training step: two pairs at 256^3"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-45}" $PY benchmarks/train_step_gpu.py \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN4_TIMEOUT:-40}" $PY benchmarks/train_step_gpu.py \
     --sizes 256 --batch 4 --ops fused --precision bf16 --checkpointing on --repeats 2 --no-loss-side --no-find-max --memory-breakdown --time-breakdown \
     >> "$OUT/train_step.log" 2>&1
   echo "train step (batch 4) exit code: $?"

@@ -37,6 +37,7 @@ CASES = {  # name -> (call that must raise, part of the expected message)
                             "kernel_size"),
     "sample_splat_tiled: 2-channel coords": ("ops.sample_splat_tiled(f(1, 1, 3, 3, 3), f(1, 2, 3, 3, 3), [4, 4, 4], "
                                              "'zeros', False)", "coords"),
+    "invert_splat_tiled: bad level_shape": ("ops.invert_splat_tiled(f(1, 3, 4, 4, 4), [4, 1, 4])", "level_shape"),
 }
 
 

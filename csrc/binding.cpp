@@ -43,6 +43,8 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
         " bool need_a, bool need_b) -> Tensor[]");
   // the volume gradient of sample / warp by tiles (splat_tile.h): CUDA kernels, and their emulation on the CPU
   m.def("sample_splat_tiled(Tensor grad, Tensor field, int[] vol_size, str padding, bool warp) -> Tensor");
+  // one level of invert's splatted initial guess by tiles (invert_splat_tile.h): [N, cells, 4] accumulators
+  m.def("invert_splat_tiled(Tensor coords, int[] level_shape) -> Tensor");
   // the tile algorithm of lncc (lncc_tile.h): CUDA kernels, and their serial emulation on the CPU
   m.def("lncc_tiled(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
   m.def("lncc_tiled_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps,"

@@ -1,6 +1,7 @@
-// sample_splat_tiled on the CPU: the CUDA tile algorithm (include/deepatlas_fast/splat_tile.h) run serially,
-// tile after tile, one loop standing in for the block's threads. It exists so that the CPU tests check the
-// code the CUDA kernel runs; the cpu backend's volume gradient is cpu/sampling.cpp's.
+// sample_splat_tiled and invert_splat_tiled on the CPU: the CUDA tile algorithms (include/deepatlas_fast/
+// splat_tile.h, invert_splat_tile.h, on box_splat.h) run serially, tile after tile, one loop standing in for the
+// block's threads. They exist so that the CPU tests check the code the CUDA kernels run; the cpu backend's
+// volume gradient and pyramid are cpu/sampling.cpp's and cpu/inversion.cpp's.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -8,6 +9,8 @@
 
 #include <vector>
 
+#include "deepatlas_fast/inversion_host.h"
+#include "deepatlas_fast/invert_splat_tile.h"
 #include "deepatlas_fast/sampling_host.h"
 #include "deepatlas_fast/splat_tile.h"
 
@@ -16,30 +19,6 @@ namespace {
 
 using namespace sampling;
 using namespace sampling::splat;
-
-// The block's threads one after the other: their states side by side, plain adds for the atomic ones.
-template <typename T, typename I>
-struct SerialBlock {
-  std::vector<PointState<T, I>>* states;
-
-  template <typename F>
-  void each_thread(F&& f) const {
-    for (int tid = 0; tid < kThreads; ++tid) f(tid, (*states)[tid]);
-  }
-  template <typename F>
-  void for_each(int64_t n, F&& f) const {
-    for (int64_t i = 0; i < n; ++i) f(i);
-  }
-  void sync() const {}
-  template <typename F>
-  Box reduce_box(F&& f) const {
-    Box box = empty_box();
-    for (const auto& st : *states) f(st, box);
-    return box;
-  }
-  void shared_add(T* p, T v) const { *p += v; }
-  void global_add(T* p, T v) const { *p += v; }
-};
 
 at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntArrayRef vol_size,
                        c10::string_view padding, bool warp) {
@@ -51,7 +30,7 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
     using T = scalar_t;
     std::vector<PointState<T, int64_t>> states(kThreads);
     std::vector<T> box_sums(box_capacity<T>());
-    const SerialBlock<T, int64_t> block{&states};
+    const box::SerialBlock<PointState<T, int64_t>> block{&states};
     const Tiles tiles = tiles_of(g);
     for (int64_t b = 0; b < g.n; ++b) {
       for (int64_t tile = 0; tile < tiles.count(); ++tile) {
@@ -66,6 +45,34 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
     }
   });
   return grad_vol;
+}
+
+// One level of invert's initial guess: the source tiles one after the other, the index type the CUDA kernel
+// takes for these sizes.
+at::Tensor invert_splat_tiled(const at::Tensor& coords, at::IntArrayRef level_shape) {
+  const inversion::Grid level = inversion::check_splat_level(coords, level_shape);
+  const inversion::Grid src = inversion::spatial_grid(coords);
+  const int64_t n = coords.size(0);
+  at::Tensor acc = at::zeros({n, level.cells, 4}, coords.options());
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert_splat_tiled", [&] {
+    using T = scalar_t;
+    const auto run = [&](auto index) {
+      using I = decltype(index);
+      std::vector<inversion::SourceState<T, I>> states(box::kThreads);
+      std::vector<T> box_sums(box::box_capacity<T>());
+      const box::SerialBlock<inversion::SourceState<T, I>> block{&states};
+      const box::Tiles tiles = box::tiles_of(src.size);
+      const inversion::GridOf<I> src_i = inversion::narrow_grid<I>(src), level_i = inversion::narrow_grid<I>(level);
+      for (int64_t b = 0; b < n; ++b) {
+        for (int64_t tile = 0; tile < tiles.count(); ++tile) {
+          inversion::splat_source_tile<T, I>(block, coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(),
+                                             box_sums.data(), src_i, src.size, level_i, tiles, tile, I(b));
+        }
+      }
+    };
+    inversion::fits_int32(n, 4, src, level) ? run(int32_t(0)) : run(int64_t(0));
+  });
+  return acc;
 }
 
 }  // namespace

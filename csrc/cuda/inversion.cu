@@ -21,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -28,6 +30,7 @@
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/inversion.h"
 #include "deepatlas_fast/inversion_host.h"
+#include "invert_splat.cuh"
 
 namespace deepatlas_fast {
 namespace {
@@ -50,7 +53,8 @@ __global__ void splat_kernel(const T* __restrict__ coords, T* __restrict__ acc, 
   const T* item = coords + b * 3 * src.cells + s;
   const T x[3] = {item[0], item[src.cells], item[2 * src.cells]};
   Corners<T> corners;
-  if (!splat_corners(x, level, corners)) return;
+  int64_t low[3];
+  if (!splat_corners(x, level, corners, low)) return;
   T q[3];
   identity_point(s, src, q);
   T* replica = acc + (b * replicas + blockIdx.x % replicas) * 4 * level.cells;
@@ -145,6 +149,17 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
 
 // ---- host side --------------------------------------------------------------------------------------
 
+// DEEPATLAS_FAST_CUDA_INVERT_SPLAT selects how the pyramid levels are splatted: "atomic" (splat_kernel, the
+// default, measured on a GPU) or "tiled" (invert_splat_tile.h: per tile of source points in shared memory
+// first; opt-in until measured). Read at each call.
+bool tiled_pyramid() {
+  const char* value = std::getenv("DEEPATLAS_FAST_CUDA_INVERT_SPLAT");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "atomic") == 0) return false;
+  TORCH_CHECK(std::strcmp(value, "tiled") == 0,
+              "deepatlas_fast: DEEPATLAS_FAST_CUDA_INVERT_SPLAT must be 'atomic' or 'tiled', got '", value, "'");
+  return true;
+}
+
 // The splat pyramid of coords, coarse to fine: the finest level's accumulators [n, target, 4] and the
 // resolved guess of the next coarser level [n, 3, levels[1]] (undefined for a single level).
 template <typename T>
@@ -153,16 +168,23 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
   const Grid src = spatial_grid(coords);
   cudaStream_t stream = current_stream();
   const dim3 splat_grid = point_grid(src.cells, n);
+  const bool tiled = tiled_pyramid();
   at::Tensor coarse;
   for (size_t level = levels.size() - 1;; --level) {
     const Grid& grid = levels[level];
-    const int64_t replicas =
-        std::max<int64_t>(1, std::min<int64_t>(splat_grid.x, 8 * src.cells / (grid.cells * kAtomicsPerAddress)));
-    at::Tensor acc = at::zeros({n, replicas, grid.cells, 4}, coords.options());
-    splat_kernel<T><<<splat_grid, kThreads, 0, stream>>>(coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(), src,
-                                                         grid, static_cast<int>(replicas));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    acc = replicas > 1 ? acc.sum(1) : acc.view({n, grid.cells, 4});
+    at::Tensor acc;
+    if (tiled) {
+      acc = at::zeros({n, grid.cells, 4}, coords.options());
+      splat_level_tiled<T>(coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(), n, src, grid, stream);
+    } else {
+      const int64_t replicas =
+          std::max<int64_t>(1, std::min<int64_t>(splat_grid.x, 8 * src.cells / (grid.cells * kAtomicsPerAddress)));
+      acc = at::zeros({n, replicas, grid.cells, 4}, coords.options());
+      splat_kernel<T><<<splat_grid, kThreads, 0, stream>>>(coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(),
+                                                           src, grid, static_cast<int>(replicas));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      acc = replicas > 1 ? acc.sum(1) : acc.view({n, grid.cells, 4});
+    }
     if (level == 0) return {acc, coarse};
     at::Tensor guess = new_output({n, 3, grid.cells}, coords.options());
     const Grid& coarse_grid = levels[std::min(level + 1, levels.size() - 1)];

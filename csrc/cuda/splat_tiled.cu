@@ -1,5 +1,6 @@
-// CUDA kernel of sample_splat_tiled: the tile algorithm of include/deepatlas_fast/splat_tile.h, one block
-// of splat::kThreads threads per tile of output points and batch item, the box buffer in shared memory.
+// CUDA kernels of sample_splat_tiled and invert_splat_tiled: the tiled box splat of
+// include/deepatlas_fast/box_splat.h over output points (splat_tile.h) or source points (invert_splat_tile.h),
+// one block of box::kThreads threads per tile and batch item, the box buffer in shared memory.
 // Atomic adds (shared, then global for the box's nonzero voxels): not bitwise reproducible. The caller's
 // stream, no host synchronisation.
 #include <ATen/Dispatch.h>
@@ -9,54 +10,18 @@
 
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/host_cuda.h"
+#include "deepatlas_fast/inversion_host.h"
+#include "deepatlas_fast/invert_splat_tile.h"
 #include "deepatlas_fast/sampling_host.h"
 #include "deepatlas_fast/splat_tile.h"
+#include "box_block.cuh"
+#include "invert_splat.cuh"
 
 namespace deepatlas_fast {
 namespace {
 
 using namespace sampling;
 using namespace sampling::splat;
-
-constexpr int kWarp = 32;
-
-// The block's threads, each with its own state (registers).
-template <typename T, typename I>
-struct Block {
-  PointState<T, I>& state;
-
-  template <typename F>
-  __device__ __forceinline__ void each_thread(F&& f) const {
-    f(int(threadIdx.x), state);
-  }
-  template <typename F>
-  __device__ __forceinline__ void for_each(int64_t n, F&& f) const {
-    for (int64_t i = threadIdx.x; i < n; i += splat::kThreads) f(i);
-  }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  // The union of the threads' boxes: a warp reduction per bound, then one shared atomic per warp.
-  template <typename F>
-  __device__ Box reduce_box(F&& f) const {
-    __shared__ int bounds[6];
-    Box mine = empty_box();
-    f(state, mine);
-    if (threadIdx.x < 6) bounds[threadIdx.x] = threadIdx.x < 3 ? kIntMax : -kIntMax;
-    __syncthreads();
-    DA_UNROLL
-    for (int a = 0; a < 3; ++a) {
-      const int lo = __reduce_min_sync(0xffffffffu, mine.lo[a]);
-      const int hi = __reduce_max_sync(0xffffffffu, mine.hi[a]);
-      if (threadIdx.x % kWarp == 0) {
-        atomicMin(bounds + a, lo);
-        atomicMax(bounds + 3 + a, hi);
-      }
-    }
-    __syncthreads();
-    return Box{{bounds[0], bounds[1], bounds[2]}, {bounds[3], bounds[4], bounds[5]}};
-  }
-  __device__ __forceinline__ void shared_add(T* p, T v) const { atomicAdd(p, v); }
-  __device__ __forceinline__ void global_add(T* p, T v) const { atomicAdd(p, v); }
-};
 
 // Launch bounds of 2 blocks per SM (at most 128 registers): without them ptxas spilled the int64 kernels.
 template <typename T, bool WARP, typename I>
@@ -65,7 +30,7 @@ __global__ void __launch_bounds__(splat::kThreads, 2)
                  const Tiles tiles, const bool zeros) {
   __shared__ T box_sums[box_capacity<T>()];
   PointState<T, I> state;
-  const Block<T, I> block{state};
+  const box::CudaBlock<PointState<T, I>> block{state};
   splat_tile<T, WARP>(block, grad, field, grad_vol, box_sums, g, tiles, zeros, int64_t(blockIdx.x),
                       static_cast<I>(blockIdx.y));
 }
@@ -105,7 +70,55 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
   return grad_vol;
 }
 
+// One block per tile of source points and batch item (invert_splat_tile.h); launch bounds as splat_kernel.
+template <typename T, typename I>
+__global__ void __launch_bounds__(box::kThreads, 2)
+    invert_splat_kernel(const T* __restrict__ coords, T* __restrict__ acc, const inversion::GridOf<I> src,
+                        const inversion::GridOf<I> level, const box::Tiles tiles) {
+  __shared__ T box_sums[box::box_capacity<T>()];
+  inversion::SourceState<T, I> state;
+  const box::CudaBlock<inversion::SourceState<T, I>> block{state};
+  const int64_t src_size[3] = {src.size[0], src.size[1], src.size[2]};
+  inversion::splat_source_tile<T, I>(block, coords, acc, box_sums, src, src_size, level, tiles, int64_t(blockIdx.x),
+                                     static_cast<I>(blockIdx.y));
+}
+
+at::Tensor invert_splat_tiled(const at::Tensor& coords, at::IntArrayRef level_shape) {
+  const inversion::Grid level = inversion::check_splat_level(coords, level_shape);
+  const c10::cuda::CUDAGuard guard(coords.device());
+  at::globalContext().alertNotDeterministic("deepatlas_fast invert_splat_tiled (atomic adds)");
+  const int64_t n = coords.size(0);
+  at::Tensor acc = at::zeros({n, level.cells, 4}, coords.options());
+  if (n == 0) return acc;
+  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "deepatlas_fast_invert_splat_tiled", [&] {
+    using T = scalar_t;
+    inversion::splat_level_tiled<T>(coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(), n,
+                                    inversion::spatial_grid(coords), level, current_stream());
+  });
+  return acc;
+}
+
 }  // namespace
+
+namespace inversion {
+
+template <typename T>
+void splat_level_tiled(const T* coords, T* acc, int64_t n, const Grid& src, const Grid& level, cudaStream_t stream) {
+  const box::Tiles tiles = box::tiles_of(src.size);
+  const dim3 grid(static_cast<unsigned int>(tiles.count()), static_cast<unsigned int>(n));
+  const auto launch = [&](auto index) {
+    using I = decltype(index);
+    invert_splat_kernel<T, I><<<grid, box::kThreads, 0, stream>>>(coords, acc, narrow_grid<I>(src),
+                                                                   narrow_grid<I>(level), tiles);
+  };
+  fits_int32(n, 4, src, level) ? launch(int32_t(0)) : launch(int64_t(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void splat_level_tiled<float>(const float*, float*, int64_t, const Grid&, const Grid&, cudaStream_t);
+template void splat_level_tiled<double>(const double*, double*, int64_t, const Grid&, const Grid&, cudaStream_t);
+
+}  // namespace inversion
 }  // namespace deepatlas_fast
 
 DEEPATLAS_FAST_SPLAT_TILED_IMPL(CUDA)

@@ -84,6 +84,12 @@ LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
 SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
 SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
 
+#: How the CUDA invert (coordinate maps) splats the levels of its initial-guess pyramid: "atomic"
+#: (cuda/inversion.cu's splat_kernel: the default, measured on a GPU) or "tiled" (invert_splat_tile.h: per tile
+#: of source points in shared memory first). Read by the CUDA launcher at each call; checked here first.
+INVERT_SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_INVERT_SPLAT"
+INVERT_SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
+
 
 def _environment_choice(variable: str, choices: tuple) -> str:
     choice = os.environ.get(variable, "") or choices[0]
@@ -100,6 +106,11 @@ def lncc_cuda_implementation() -> str:
 def splat_cuda_implementation() -> str:
     """The CUDA sampling volume gradient :data:`SPLAT_CUDA_VARIABLE` selects (default "atomic")."""
     return _environment_choice(SPLAT_CUDA_VARIABLE, SPLAT_CUDA_IMPLEMENTATIONS)
+
+
+def invert_splat_cuda_implementation() -> str:
+    """The CUDA invert pyramid's splat :data:`INVERT_SPLAT_CUDA_VARIABLE` selects (default "atomic")."""
+    return _environment_choice(INVERT_SPLAT_CUDA_VARIABLE, INVERT_SPLAT_CUDA_IMPLEMENTATIONS)
 
 
 def _lncc_kernels(a, kernel_size):
@@ -141,6 +152,8 @@ def jacobian_var_backward(grad_var, field, scale, normalized):
 
 
 def invert(coords, out_shape, iters, tol):
+    if coords.is_cuda:
+        invert_splat_cuda_implementation()  # a bad value raises here, naming the variable
     return _kernels().invert(coords, list(out_shape), iters, tol)
 
 

@@ -264,10 +264,10 @@ DA_HD bool splat_cell(T x, const GridOf<I>& level, int a, I& low, T& frac) {
 }
 
 // The 8 corners a source point at normalised target position x splats into (inside[j]: that corner
-// exists in the level); false for NaN positions.
+// exists in the level) and the cell's lowest corner `low` (possibly outside the level); false for NaN
+// positions.
 template <typename T, typename I>
-DA_HD bool splat_corners(const T x[3], const GridOf<I>& level, Corners<T, I>& corners) {
-  I low[3];
+DA_HD bool splat_corners(const T x[3], const GridOf<I>& level, Corners<T, I>& corners, I low[3]) {
   T frac[3];
 DA_UNROLL
   for (int a = 0; a < 3; ++a) {

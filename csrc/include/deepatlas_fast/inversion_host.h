@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "box_splat.h"
 #include "host.h"
 #include "inversion.h"
 
@@ -85,6 +86,18 @@ inline Grid check_backward(const at::Tensor& grad, const at::Tensor& field, cons
   TORCH_CHECK(!disp || inverse.sizes() == field.sizes(), "deepatlas_fast: inverse_disp must have the shape of disp ",
               field.sizes(), ", got ", inverse.sizes());
   return spatial_grid(inverse);
+}
+
+// invert_splat_tiled's arguments: coords as invert's, level_shape 3 sizes >= 2, tiles of the source grid
+// numbered in 32 bits (box_splat.h's tile_point); returns the level's grid.
+inline Grid check_splat_level(const at::Tensor& coords, at::IntArrayRef level_shape) {
+  check_field(coords, "coords");
+  TORCH_CHECK(level_shape.size() == 3 && level_shape[0] >= 2 && level_shape[1] >= 2 && level_shape[2] >= 2,
+              "deepatlas_fast: level_shape must be 3 sizes (D, H, W), each >= 2, got ", level_shape);
+  const Grid src = spatial_grid(coords);
+  TORCH_CHECK(box::tiles_of(src.size).count() < (int64_t(1) << 31) && coords.size(0) < 65536,
+              "deepatlas_fast: invert_splat_tiled: too many points, got ", coords.sizes());
+  return make_grid(level_shape[0], level_shape[1], level_shape[2]);
 }
 
 // ---- outputs ----------------------------------------------------------------------------------------
