@@ -96,7 +96,14 @@ class LowPrecisionGroupNorm(nn.GroupNorm):
 
 
 class _ConvBlock(nn.Sequential):
-    """Two (conv 3x3x3 -> GroupNorm -> LeakyReLU) layers; ``stride`` on the first conv."""
+    """Two (conv 3x3x3 -> GroupNorm -> LeakyReLU) layers; ``stride`` on the first conv.
+
+    ``block(a, b, ...)`` is ``block(torch.cat([a, b, ...], dim=1))`` without the concatenation: the first
+    convolution is linear in its input channels, so it runs on each part with its slice of the weight and
+    the results are added. The concatenation (a decoder's upsampled features, skip and coarser coordinates:
+    51 channels at full resolution with base 16) is then never held for the backward, and the backward
+    makes each part's input gradient separately instead of the whole concatenation's at once.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__(
@@ -107,6 +114,23 @@ class _ConvBlock(nn.Sequential):
             LowPrecisionGroupNorm(_groups(cout), cout),
             nn.LeakyReLU(0.2, inplace=True),
         )
+
+    def forward(self, *parts: Tensor) -> Tensor:
+        if len(parts) == 1:
+            return super().forward(parts[0])
+        conv = self[0]
+        if sum(p.shape[1] for p in parts) != conv.in_channels:
+            raise ValueError(f"parts must have {conv.in_channels} channels together, got {[p.shape[1] for p in parts]}")
+        out, start = None, 0
+        for part in parts:
+            weight = conv.weight[:, start : start + part.shape[1]]
+            start += part.shape[1]
+            y = F.conv3d(part, weight, None, conv.stride, conv.padding)
+            out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
+        out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
+        for module in list(self)[1:]:
+            out = module(out)
+        return out
 
 
 def _cat_channels(tensors: Sequence[Tensor]) -> Tensor:
@@ -308,7 +332,7 @@ class CoordNet(nn.Module):
             skips.append(h)
         shape = skips[top].shape[2:]
         ident = self._identity(top, shape, x, frame)
-        h = self.bottleneck(_cat_channels([h, ident.to(h.dtype)]))
+        h = self.bottleneck(h, ident.to(h.dtype))
         if self.locator is not None and init is None:
             shift = anchor_shift(self.locator(h).float(), ident)
         else:
@@ -326,7 +350,7 @@ class CoordNet(nn.Module):
             if level >= init_level:  # still given by init: the decoder runs for its features only
                 disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
-            h = self.decoders[level](_cat_channels([self._up(h, shape), skips[level], coarse]))
+            h = self.decoders[level](self._up(h, shape), skips[level], coarse)
             if level < init_level:
                 disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)

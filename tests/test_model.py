@@ -319,3 +319,22 @@ def test_coordnet_activations_stay_bfloat16_under_cuda_autocast():
     assert seen and set(seen) == {torch.bfloat16}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.nn.GroupNorm(2, 4).cuda()(torch.rand(1, 4, 3, 3, 3, device="cuda").bfloat16()).dtype == torch.float32
+
+
+def test_conv_block_on_parts_equals_the_block_on_their_concatenation():
+    """block(a, b, c) == block(cat([a, b, c])) (the first convolution split along its input channels), with
+    the same gradients to the parts and the weights; a wrong channel count is refused."""
+    from deepatlas_fast.model import _ConvBlock
+
+    torch.manual_seed(0)
+    block = _ConvBlock(7, 8).double()
+    parts = [torch.randn(2, c, 5, 6, 7, dtype=torch.float64, requires_grad=True) for c in (4, 2, 1)]
+    whole = block(torch.cat(parts, dim=1))
+    split = block(*parts)
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
+    weights = [block[0].weight, block[0].bias, block[1].weight]
+    expected = torch.autograd.grad(whole.square().sum(), parts + weights)
+    for ours, theirs in zip(torch.autograd.grad(split.square().sum(), parts + weights), expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="parts must have 7 channels"):
+        block(parts[0], parts[1])
