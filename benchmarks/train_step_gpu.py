@@ -177,12 +177,14 @@ def loss_side_step(case: Case, images, ops):
     without (the autoencoder is frozen in training), the frame as the model gave it."""
     with torch.no_grad():
         fixed = case.model(images)
-    raw = fixed["coords_raw"].detach().float()
+    # the network's outputs exist before the measurement (the loss's inputs, not its working memory; until
+    # 2026-11-27 each call copied them, 24 channel volumes of a pair counted in "+MiB")
+    leaf_raw = fixed["coords_raw"].detach().float().requires_grad_()
     feats = fixed["features"].detach().float()
 
     def once():
-        leaf_raw = raw.clone().requires_grad_()
-        outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": feats.clone(),
+        leaf_raw.grad = None
+        outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": feats,
                    "atlas": case.model.atlas.view_as(case.model.atlas)}
         if fixed.get("frame") is not None:
             outputs["frame"] = fixed["frame"]
