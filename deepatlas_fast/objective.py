@@ -9,7 +9,8 @@ similarity features ``f = E(x) ++ x`` (frozen autoencoder features plus the norm
   template_shape)``, ``T = sample(psi_b, c_a)`` (where in exam b lies the anatomy voxel p of exam a
   is mapped to), ``-masked mean NCC(f_a, sample(f_b, T))`` with the mask
   ``sample(valid_b, c_a, "zeros") >= 0.5``; no gradient flows through masked points.
-* ``jacobian``: ``var(det J)`` over voxels (``jacobian_var``), J = d c / d voxel index scaled by
+* ``jacobian``: ``var(det J)`` over voxels (``jacobian_var``'s value, from the ``jacobian_det`` map the next
+  terms need anyway), J = d c / d voxel index scaled by
   ``(size - 1) / 2`` per axis of the exam grid so that the identity has det 1.
 * ``logdet``: ``(mean log max(det J, 1e-3))^2`` keeps the mean volume ratio near 1 (the exam fills
   the template); with ``jacobian`` and ``folding`` it is the prototype's
@@ -183,13 +184,20 @@ def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: Loss
     """
     ops = get_ops(ops)
     n = coords.shape[0]
-    atlas = atlas.float()
-    if atlas.shape[0] != n:
-        atlas = atlas.expand(n, *atlas.shape[1:])
-    coords = coords.float()
-    warped = ops.sample(atlas, coords)
-    with recomputed_when_saved(warped, lambda: ops.sample(atlas.detach(), coords.detach())):
-        return ops.lncc(features.float(), warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+    if atlas.shape[0] not in (1, n):
+        raise ValueError(f"atlas must have batch 1 or {n}, got shape {tuple(atlas.shape)}")
+    atlas, coords, features = atlas.float(), coords.float(), features.float()
+    total = None
+    # one exam at a time (every exam has the same voxel count, so the mean of the exams' means is the mean):
+    # the LNCC backward's working set (the sampled atlas features, sampled again, and their gradient) is one
+    # exam's, and the atlas is sampled as it is instead of expanded to N copies
+    for a in range(n):
+        source, where = atlas[a : a + 1] if atlas.shape[0] == n else atlas, coords[a : a + 1]
+        warped = ops.sample(source, where)
+        with recomputed_when_saved(warped, lambda source=source, where=where.detach(): ops.sample(source.detach(), where)):
+            term = ops.lncc(features[a : a + 1], warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+        total = term if total is None else total + term
+    return total / n
 
 
 def implicit_term(
@@ -260,12 +268,13 @@ def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dic
     coords_raw = coords_raw.float()
     scale = _voxel_scale(coords_raw.shape[2:])
     out = {}
-    var, fraction = ops.jacobian_var(coords_raw, scale, False, True)
-    out["jacobian"] = var
+    # one determinant map serves every term: its variance per exam is jacobian_var's value (which would make
+    # a second pass, forward and backward, and a second gradient map of the coordinates' size)
     det = ops.jacobian_det(coords_raw, scale)
+    out["jacobian"] = _SpatialVariance.apply(det.flatten(2)).mean()
     out["logdet"] = torch.log(det.clamp_min(weights.det_floor)).flatten(1).mean(dim=1).pow(2).mean()
     out["folding"] = F.relu(-det).mean()
-    out["folding_fraction"] = fraction.detach()
+    out["folding_fraction"] = (det.detach() <= 0).float().mean()
     out["det_mean"] = det.detach().mean()
     return out
 
@@ -275,10 +284,27 @@ def _identity_variance(size: int) -> float:
     return (size + 1) / (3.0 * (size - 1)) if size > 1 else 0.0
 
 
+class _SpatialVariance(torch.autograd.Function):
+    """Population variance over dim 2 of ``x [N, K, P]`` -> ``[N, K]``, holding ``x`` and the means for the
+    backward, whose gradient ``2 (x - mean) g / P`` it builds in one allocation (autograd's var made two of
+    x's size: a coordinate map's, the backward's peak at full resolution)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        var, mean = torch.var_mean(x, dim=2, unbiased=False)
+        ctx.save_for_backward(x, mean)
+        return var
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean = ctx.saved_tensors
+        return (x - mean.unsqueeze(2)).mul_((2.0 / x.shape[2]) * grad.unsqueeze(2))
+
+
 def collapse_term(coords: Tensor, ratio: float = 0.25) -> Tensor:
     """``mean_{n,k} relu(ratio - var_k(c_n) / var_k(identity))^2`` over the spatial grid; 0 for the identity."""
     n = coords.shape[0]
-    var = coords.float().flatten(2).var(dim=2, unbiased=False)  # [N, 3]
+    var = _SpatialVariance.apply(coords.float().flatten(2))  # [N, 3]
     ref = torch.tensor([_identity_variance(s) for s in coords.shape[2:]], device=coords.device).clamp_min(1e-12)
     return F.relu(ratio - var / ref).pow(2).mean()
 

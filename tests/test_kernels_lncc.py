@@ -364,3 +364,33 @@ def test_cuda_separable_passes_in_channel_groups_and_chunks(reduction, monkeypat
         check("cuda", a, b, 5, "gaussian", reduction, seed=15)
         check("cuda", (a + bright).float(), (b + bright).float(), 5, "gaussian", reduction, rel=1e-4, seed=15,
               needs=[(True, True)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_of_a_channel_sum_is_not_materialised_and_matches_reference(backend, device):
+    """lncc "none" -> sum over channels -> weighted sum (the implicit term's pattern): autograd hands the
+    backward a map expanded over the channels; the C++ backends take it unexpanded ([N, 1, ...])."""
+    a, b = pair((2, 3, 5, 9, 11), 21, device=device)
+    weight = torch.rand(2, 1, 5, 9, 11, generator=g(22), dtype=torch.float64).to(device)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+        with da.use_backend(name):
+            out = (da.lncc(*leaves, 5, "gaussian", 1e-5, "none").sum(dim=1, keepdim=True) * weight).sum()
+            grads[name] = torch.autograd.grad(out, leaves)
+    for ours, theirs in zip(grads[backend], grads["reference"]):
+        assert_close(ours, theirs, 1e-9)
+
+
+def test_cpu_raw_backward_takes_a_map_shared_by_the_channels(cpu_kernels):
+    """[N, 1, ...] gives bitwise the gradients of that map repeated over the channels; other channel counts
+    are refused."""
+    a, b = pair((2, 3, 4, 6, 5), 23)
+    shared = torch.randn(2, 1, 4, 6, 5, generator=g(24), dtype=torch.float64)
+    ops = torch.ops.deepatlas_fast_C
+    ours = ops.lncc_backward(shared, a, b, 3, "box", 1e-5, "none", True, True)
+    full = ops.lncc_backward(shared.expand(2, 3, 4, 6, 5).contiguous(), a, b, 3, "box", 1e-5, "none", True, True)
+    for x, y in zip(ours, full):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match=r"or \[2, 1, \*a.shape\[2:\]\]"):
+        ops.lncc_backward(shared.expand(2, 2, 4, 6, 5).contiguous(), a, b, 3, "box", 1e-5, "none", True, True)

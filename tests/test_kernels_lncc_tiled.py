@@ -232,3 +232,18 @@ def test_cuda_realistic_size(device, dtype):
     a, b = pair((1, 2, 96, 80, 112), 31, dtype, device)
     check(a, b, 9, "box", "mean", seed=31, rel=rel, needs=[(True, True), (False, True)])
     check(a, b, 13, "gaussian", "none", seed=32, rel=rel, needs=[(True, False)])
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 5 * 6 * 7 * 9, 5 * 3 * 7 * 9])
+def test_backward_takes_a_map_shared_by_the_channels(device, monkeypatch, budget):
+    """grad [N, 1, ...] (one map per item for its C channels) gives bitwise the gradients of that map repeated
+    over the channels: whole, in groups of channels that straddle items (4 of 2 x 3), in chunks of planes."""
+    if budget is not None:
+        monkeypatch.setenv(SCRATCH, str(budget))
+    a, b = pair((2, 3, 6, 7, 9), 25, device=device)
+    shared = torch.randn(2, 1, 6, 7, 9, generator=g(26), dtype=torch.float64).to(device)
+    ours = ops().lncc_tiled_backward(shared, a, b, 3, "gaussian", 1e-5, "none", True, True)
+    full = ops().lncc_tiled_backward(shared.expand(2, 3, 6, 7, 9).contiguous(), a, b, 3, "gaussian", 1e-5, "none",
+                                     True, True)
+    for x, y in zip(ours, full):
+        assert torch.equal(x, y)

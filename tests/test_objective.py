@@ -355,3 +355,15 @@ def test_reconstruction_loss_trains_the_autoencoder():
     assert all(p.grad is None for p in model.coordnet.parameters())
     with pytest.raises(ValueError, match="features=0"):
         reconstruction_loss(_model(features=0), x)
+
+
+def test_spatial_variance_matches_autograd_var():
+    from deepatlas_fast.objective import _SpatialVariance
+
+    x = torch.randn(2, 3, 50, generator=g(31), dtype=torch.float64, requires_grad=True)
+    expected = x.var(dim=2, unbiased=False)
+    ours = _SpatialVariance.apply(x)
+    torch.testing.assert_close(ours, expected)
+    up = torch.randn(2, 3, generator=g(32), dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(expected, x, up)[0])
+    assert torch.autograd.gradcheck(_SpatialVariance.apply, (x,))

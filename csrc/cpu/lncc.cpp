@@ -328,6 +328,7 @@ struct Needs {
 template <typename T>
 struct Backward {
   const T* grad;  // the upstream map ("none"), else nullptr and g_mean
+  int64_t grad_div;  // flat channel c reads grad's channel c / grad_div (check_grad)
   Acc g_mean;
   const T* a;
   const T* b;
@@ -353,6 +354,7 @@ class BackwardUnit {
 
   void run(const Unit& unit) {
     const int64_t offset = unit.channel * s_.volume;
+    grad_offset_ = unit.channel / job_.grad_div * s_.volume;
     const T* a = job_.a + offset;
     const T* b = job_.b + offset;
     stream_.start(a, b, plane_mean(a, s_, unit.z0, unit.z1), plane_mean(b, s_, unit.z0, unit.z1));
@@ -360,7 +362,7 @@ class BackwardUnit {
     const int64_t n = maps_ * s_.plane;
     int64_t next = std::max<int64_t>(unit.z0 - win.half, 0);  // the next adjoint plane to form
     for (int64_t z = unit.z0; z < unit.z1; ++z) {
-      for (; next < std::min(s_.d, z + win.half + 1); ++next) adjoint_plane(offset, next);
+      for (; next < std::min(s_.d, z + win.half + 1); ++next) adjoint_plane(next);
       window_at(z_sum_.data(), n, z, s_.d, win.slides && z > unit.z0, win,
                 [&](Acc* dst, int64_t t, Acc weight) { axpy(dst, ring_slot(t), weight, n); });
       combine(offset + z * s_.plane, a + z * s_.plane, b + z * s_.plane);
@@ -371,13 +373,13 @@ class BackwardUnit {
   Acc* ring_slot(int64_t z) { return ring_.data() + (z % ring_size_) * maps_ * s_.plane; }
 
   // The adjoint maps of plane z, their in-plane window sums into the ring.
-  void adjoint_plane(int64_t offset, int64_t z) {
+  void adjoint_plane(int64_t z) {
     stream_.plane(z);
     const int64_t plane = s_.plane;
     const Needs needs = job_.needs;
     for (int64_t y = 0; y < s_.h; ++y) {
       const int64_t row = y * s_.w;
-      const T* up = job_.grad ? job_.grad + offset + z * plane + row : nullptr;
+      const T* up = job_.grad ? job_.grad + grad_offset_ + z * plane + row : nullptr;
       Acc* adj = adjoint_.data() + row;
       stream_.row(y, [&](int64_t x, const Stats& st) {
         const Acc g = up ? Acc(up[x]) : job_.g_mean;
@@ -420,13 +422,14 @@ class BackwardUnit {
   const int64_t ring_size_;  // k + 1 planes: the sliding box window also drops plane z - h - 1
   StatsStream<T> stream_;
   std::vector<Acc> adjoint_, ring_, z_sum_;
+  int64_t grad_offset_ = 0;  // the unit's channel of grad
 };
 
 std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                                       int64_t kernel_size, c10::string_view kernel, double eps,
                                       c10::string_view reduction, bool need_a, bool need_b) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  lncc::check_grad(grad, a, p.mean);
+  const int64_t grad_div = lncc::check_grad(grad, a, p.mean);
   if (!need_a && !need_b) return {};
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
@@ -434,6 +437,7 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
     using T = scalar_t;
     Backward<T> job;
     job.grad = p.mean ? nullptr : grad.const_data_ptr<T>();
+    job.grad_div = grad_div;
     job.g_mean = p.mean ? -Acc(grad.const_data_ptr<T>()[0]) / Acc(a.numel()) : Acc(0);
     job.a = a.const_data_ptr<T>();
     job.b = b.const_data_ptr<T>();

@@ -161,7 +161,8 @@ struct StatsJob {
   T full, volume, inv_volume, eps;  // full: the sum of the taps
   T* out;  // ncc_map_kernel: the NCC map; ncc_partial_kernel: one partial sum per block; adjoints_kernel:
            // the adjoint maps [nc][maps][planes][plane], [cross, (a, aa), (b, bb)] where needed
-  const T* grad;         // adjoints_kernel, "none": the upstream map
+  const T* grad;         // adjoints_kernel, "none": the upstream map (of the whole input, not the group)
+  int64_t grad_c0, grad_div;  // ... channel c of the group reads its channel (grad_c0 + c) / grad_div
   const T* grad_scalar;  // adjoints_kernel, "mean": the upstream scalar, read on the device
   T mean_scale;          // -1 / numel
   bool need_a, need_b;
@@ -214,7 +215,8 @@ __global__ void __launch_bounds__(kReduceThreads) adjoints_kernel(StatsJob<T> jo
   const int64_t yx = int64_t(v.y) * s.w + v.x, stride = job.planes * s.plane;
   for (int slice = blockIdx.z; slice < int(s.nc * job.planes); slice += gridDim.z) {
     const int c = slice / int(job.planes), p = slice - c * int(job.planes);
-    const T g = job.grad ? job.grad[(c * s.d + job.first + p) * s.plane + yx] : job.grad_scalar[0] * job.mean_scale;
+    const T g = job.grad ? job.grad[((job.grad_c0 + c) / job.grad_div * s.d + job.first + p) * s.plane + yx]
+                         : job.grad_scalar[0] * job.mean_scale;
     const lncc::Adjoints<T> d = lncc::ncc_adjoints(stats_at(job, s, win, c, p, v), g, job.eps);
     T* out = job.out + (c * job.maps * job.planes + p) * s.plane + yx;
     out[0] = d.cross;
@@ -423,7 +425,7 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
                                       int64_t kernel_size, c10::string_view kernel, double eps,
                                       c10::string_view reduction, bool need_a, bool need_b) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  lncc::check_grad(grad, a, p.mean);
+  const int64_t grad_div = lncc::check_grad(grad, a, p.mean);
   if (!need_a && !need_b) return {};
   const c10::cuda::CUDAGuard guard(a.device());
   const Dims& s = p.dims;
@@ -444,7 +446,9 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
         StatsJob<T> job = setup.stats_job(p, g, h0, h1 - h0);
         T* adjoints = setup.buffer_1.template mutable_data_ptr<T>();
         job.out = adjoints;
-        job.grad = p.mean ? nullptr : grad.const_data_ptr<T>() + g.offset();
+        job.grad = p.mean ? nullptr : grad.const_data_ptr<T>();
+        job.grad_c0 = g.c0;
+        job.grad_div = grad_div;
         job.grad_scalar = p.mean ? grad.const_data_ptr<T>() : nullptr;
         job.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
         job.need_a = need_a;

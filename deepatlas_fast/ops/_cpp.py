@@ -127,6 +127,11 @@ def lncc(a, b, kernel_size, kernel, eps, reduction):
     return forward(_as(a, dtype), _as(b, dtype), kernel_size, kernel, eps, reduction)
 
 
+#: The C++ lncc backward takes, for reduction="none", a gradient map [N, 1, D, H, W] shared by the C channels
+#: (what autograd makes of a channel sum, as a stride-0 expansion): the Python layer passes it unexpanded.
+LNCC_SHARED_GRAD = True
+
+
 def lncc_backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b):
     dtype = compute_dtype(a, b)
     _, backward = _lncc_kernels(a, kernel_size)

@@ -46,8 +46,15 @@ def _(a, b, kernel_size, kernel, eps, reduction):
     return a.new_empty(shape, dtype=compute_dtype(a))
 
 
+def _shared_over_channels(grad: Tensor) -> bool:
+    """A gradient map expanded over the channels (stride 0): the gradient of a channel sum."""
+    return grad.dim() == 5 and grad.shape[1] > 1 and grad.stride(1) == 0
+
+
 def _backward(grad, a, b, kernel_size, kernel, eps, reduction, need_a, need_b, backend_name):
     impl = backward_backend(backend_name, "lncc")
+    if reduction == "none" and getattr(impl, "LNCC_SHARED_GRAD", False) and _shared_over_channels(grad):
+        grad = grad.narrow(1, 0, 1)  # one map per item: not materialised over the C channels
     return impl.lncc_backward(
         grad.contiguous(), a.contiguous(), b.contiguous(), kernel_size, kernel, eps, reduction, need_a, need_b
     )

@@ -50,18 +50,23 @@ inline Options check_arguments(const at::Tensor& a, const at::Tensor& b, int64_t
   return Options{static_cast<int>(kernel_size), kernel == "gaussian", reduction == "mean", eps};
 }
 
-// The backward's grad: one element for reduction="mean" (mean), else the shape of a; a's dtype and device.
-inline void check_grad(const at::Tensor& grad, const at::Tensor& a, bool mean) {
+// The backward's grad: one element for reduction="mean" (mean), else the shape of a, or [N, 1, D, H, W]: one
+// map per item shared by its C channels (the gradient of a channel sum, which autograd would otherwise
+// materialise over the channels); a's dtype and device. Returns the divisor that maps a's flat channel
+// n * C + c to grad's: C for a shared map, else 1.
+inline int64_t check_grad(const at::Tensor& grad, const at::Tensor& a, bool mean) {
   check_same_dtype(a, "a", grad, "grad");
   check_device(grad, "grad", a, "a");
   if (mean) {
     TORCH_CHECK(grad.numel() == 1, "deepatlas_fast: grad must have one element for reduction='mean', got shape ",
                 grad.sizes());
-  } else {
-    check_input(grad, "grad", 5);
-    TORCH_CHECK(grad.sizes() == a.sizes(), "deepatlas_fast: grad must have the shape of a ", a.sizes(), ", got ",
-                grad.sizes());
+    return 1;
   }
+  check_input(grad, "grad", 5);
+  const bool shared = grad.size(0) == a.size(0) && grad.size(1) == 1 && grad.sizes().slice(2) == a.sizes().slice(2);
+  TORCH_CHECK(grad.sizes() == a.sizes() || shared, "deepatlas_fast: grad must have the shape of a ", a.sizes(),
+              " or [", a.size(0), ", 1, *a.shape[2:]] (one map shared by the channels), got ", grad.sizes());
+  return grad.sizes() == a.sizes() ? 1 : a.size(1);
 }
 
 // ---- scratch memory of the chunked passes -----------------------------------------------------------

@@ -233,7 +233,8 @@ struct Chunk {
   T* buffer;  // adjoint maps
   int64_t h0, planes;  // buffer planes: [h0, h0 + planes)
   Needs needs;
-  const T* grad;         // the upstream map (reduction="none"), or nullptr and:
+  const T* grad;         // the upstream map (reduction="none"; channel c reads channel (grad_c0 + c) / grad_div
+  int64_t grad_c0, grad_div;  // of it: a group of channels, a map shared by an item's channels), or nullptr and:
   const T* grad_scalar;  // the upstream scalar (reduction="mean"), times
   T mean_scale;          // -1 / numel
 };
@@ -253,7 +254,8 @@ DA_HD void adjoint_unit(const Exec& ex, const PlaneTile<T>& t, const Volume<T>& 
         ex, t, taps, z, v.d, [&](int y, int x, int64_t p) { return moments_at(v, c, sa, sb, y, x, p); },
         [&](int y, int x, const Sums<T, kMaxMaps>& sums) {
           const int64_t yx = int64_t(y) * v.w + x;
-          const T g = ch.grad ? ch.grad[(c * v.d + z) * v.plane + yx] : ch.grad_scalar[0] * ch.mean_scale;
+          const T g = ch.grad ? ch.grad[((ch.grad_c0 + c) / ch.grad_div * v.d + z) * v.plane + yx]
+                              : ch.grad_scalar[0] * ch.mean_scale;
           const Adjoints<T> d = ncc_adjoints(stats_from_sums(v, c, z, y, x, sums), g, v.eps);
           int map = 0;
           buffer_at(ch, v, c, map++, z)[yx] = d.cross;

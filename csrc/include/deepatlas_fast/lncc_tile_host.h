@@ -102,7 +102,7 @@ at::Tensor forward(Runner& runner, const Problem& p, const at::Tensor& a, const 
 // The backward of a checked problem (grad checked too), at least one gradient asked for.
 template <typename T, typename Runner>
 std::vector<at::Tensor> backward(Runner& runner, const Problem& p, const at::Tensor& grad, const at::Tensor& a,
-                                 const at::Tensor& b, bool need_a, bool need_b) {
+                                 const at::Tensor& b, bool need_a, bool need_b, int64_t grad_div) {
   at::Tensor grad_a = need_a ? new_output(a.sizes(), a.options()) : at::Tensor();
   at::Tensor grad_b = need_b ? new_output(b.sizes(), b.options()) : at::Tensor();
   const Described<T> described = describe<T>(runner, p, a, b);
@@ -111,6 +111,7 @@ std::vector<at::Tensor> backward(Runner& runner, const Problem& p, const at::Ten
   Chunk<T> ch{};
   ch.needs = {need_a, need_b};
   ch.grad = p.options.mean ? nullptr : grad.const_data_ptr<T>();
+  ch.grad_div = grad_div;
   ch.grad_scalar = p.options.mean ? grad.const_data_ptr<T>() : nullptr;
   ch.mean_scale = static_cast<T>(-1.0 / double(a.numel()));
   const int maps = ch.needs.maps();
@@ -127,7 +128,7 @@ std::vector<at::Tensor> backward(Runner& runner, const Problem& p, const at::Ten
     group.b += c0 * channel;
     group.shifts += 2 * c0;
     Chunk<T> gch = ch;
-    if (gch.grad != nullptr) gch.grad += c0 * channel;
+    gch.grad_c0 = c0;
     T* group_grad_a = need_a ? grad_a.mutable_data_ptr<T>() + c0 * channel : nullptr;
     T* group_grad_b = need_b ? grad_b.mutable_data_ptr<T>() + c0 * channel : nullptr;
     for (int64_t z0 = 0; z0 < p.d; z0 += plan.chunk) {
@@ -162,13 +163,13 @@ std::vector<at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& a,
                                     int64_t kernel_size, c10::string_view kernel, double eps,
                                     c10::string_view reduction, bool need_a, bool need_b) {
   const Problem p = check_problem(a, b, kernel_size, kernel, eps, reduction);
-  check_grad(grad, a, p.options.mean);
+  const int64_t grad_div = check_grad(grad, a, p.options.mean);
   if (!need_a && !need_b) return {};
   Runner<float>::check(a);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "deepatlas_fast_lncc_tiled_backward", [&] {
     Runner<scalar_t> runner(a);
-    grads = backward<scalar_t>(runner, p, grad, a, b, need_a, need_b);
+    grads = backward<scalar_t>(runner, p, grad, a, b, need_a, need_b, grad_div);
   });
   return grads;
 }
