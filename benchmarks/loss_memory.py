@@ -1,7 +1,7 @@
 """Peak memory of the DeepATLAS objective (the "loss side") or of a whole training step, by allocation site, on any device.
 
-One forward + backward of ``deepatlas_loss`` from fixed network outputs (as ``train_step_gpu.py``'s loss side:
-the coordinate map a leaf with gradient, frozen features, made before the measurement) under ``torch.profiler`` with memory profiling;
+One forward + backward of ``deepatlas_loss`` from fixed network outputs (``train_step_gpu.py``'s loss side: the
+coordinate map a leaf with gradient, frozen features, made before the measurement) under ``torch.profiler`` with memory profiling;
 its allocation events are replayed in time order to find the peak of live bytes beyond what was allocated
 before, and the allocations live at that moment are grouped by where they were made (the objective's line,
 the op, or the autograd node of the backward). Sizes are also given in "volumes": one float32 channel of
@@ -27,8 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step_gpu as steps  # noqa: E402
-from deepatlas_fast.model import bound_coords  # noqa: E402
-from deepatlas_fast.objective import deepatlas_loss  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,7 +72,9 @@ def _site(event) -> str:
 
 
 def peak_by_site(profiler, device: torch.device):
-    """(peak bytes, {site: bytes live at the peak}) from the profiler's allocation events on ``device``."""
+    """(peak bytes, {site: bytes live at the peak}) from the profiler's allocation events on ``device``. The
+    profiler does not see a block allocated before it started being freed: measure from a state where what
+    the measured code frees was made inside the measurement."""
     from torch._C._profiler import _EventType
 
     events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
@@ -114,28 +114,12 @@ def main(argv=None) -> int:
     images = steps.make_pair(args.side, args.batch, device)
     if args.whole_step:
         return report_whole_step(args, case, images, device)
-    with torch.no_grad():
-        fixed = case.model(images)
-
-    def outputs():
-        """The network's outputs as the objective gets them: the coordinate map with gradient."""
-        raw = fixed["coords_raw"].detach().float().requires_grad_()
-        made = {"coords_raw": raw, "coords": bound_coords(raw), "features": fixed["features"].detach().float(),
-                "atlas": case.model.atlas.view_as(case.model.atlas)}
-        if fixed.get("frame") is not None:
-            made["frame"] = fixed["frame"]
-        return made
-
-    def once(made):
-        loss, _ = deepatlas_loss(case.model, images, case.weights, ops=args.ops, outputs=made)
-        loss.backward()
-
-    once(outputs())  # warm-up
-    made = outputs()
+    once = steps.loss_side_step(case, images, args.ops)  # the network's outputs made here, before the measurement
+    once()  # warm-up
     steps._sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True, with_stack=True) as prof:
-        once(made)
+        once()
         steps._sync(device)
     print(f"loss side's peak on {device.type}: {args.batch} exams at {args.side}^3, {args.features + 1} feature "
           f"channels (autoencoder + intensity), template {args.template}^3, ops {args.ops}, torch {torch.__version__}")

@@ -183,13 +183,13 @@ def loss_side_step(case: Case, images, ops):
     feats = fixed["features"].detach().float()
 
     def once():
-        leaf_raw.grad = None
         outputs = {"coords_raw": leaf_raw, "coords": bound_coords(leaf_raw), "features": feats,
                    "atlas": case.model.atlas.view_as(case.model.atlas)}
         if fixed.get("frame") is not None:
             outputs["frame"] = fixed["frame"]
         loss, _ = deepatlas_loss(case.model, images, case.weights, ops=ops, outputs=outputs)
         loss.backward()
+        leaf_raw.grad = None  # made in each call (as the step's gradient to the network's output)
 
     return once
 
