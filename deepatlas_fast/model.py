@@ -127,7 +127,8 @@ class _ConvBlock(nn.Sequential):
             start += part.shape[1]
             y = F.conv3d(part, weight, None, conv.stride, conv.padding)
             out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
-        out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
+        if conv.bias is not None:
+            out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
         for module in list(self)[1:]:
             out = module(out)
         return out
