@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .coords import identity_coords
 from .frame import FRAMES, TEMPLATE_SIDE, affine_frame, apply_frame, build_template, moment_frame
+from .recompute import recomputed_when_saved
 
 __all__ = ["anchor_shift", "bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
 
@@ -351,7 +352,12 @@ class CoordNet(nn.Module):
             if level >= init_level:  # still given by init: the decoder runs for its features only
                 disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
-            h = self.decoders[level](self._up(h, shape), skips[level], coarse)
+            up = self._up(h, shape)
+            # the block's first convolution saves its input for the weight gradient: upsampled again from h
+            # (held anyway) in the backward instead of held (32 channels at full resolution with base 16)
+            with recomputed_when_saved(up, lambda h=h.detach(), shape=shape: self._up(h, shape)):
+                h = self.decoders[level](up, skips[level], coarse)
+            del up
             if level < init_level:
                 disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)

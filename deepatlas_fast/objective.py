@@ -39,8 +39,6 @@ agree to float rounding, the implicit term to the inversion tolerance.
 from __future__ import annotations
 
 import dataclasses
-import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -50,6 +48,7 @@ from torch import Tensor
 
 from .coords import identity_coords
 from .frame import apply_frame, invert_frame
+from .recompute import recomputed_when_saved
 from .stock import get_ops
 
 __all__ = [
@@ -130,44 +129,6 @@ class LossWeights:
         if unknown:
             raise ValueError(f"unknown loss weight key(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-class _Recompute:
-    """What autograd keeps instead of a saved tensor that :func:`recomputed_when_saved` rebuilds."""
-
-    __slots__ = ("make",)
-
-    def __init__(self, make):
-        self.make = make
-
-
-@contextmanager
-def recomputed_when_saved(tensor: Tensor, make):
-    """Inside the block, autograd saves ``tensor`` for a backward as the recipe ``make`` (a function
-    returning the same values, e.g. the ``sample`` call that produced it) and runs ``make()`` when the
-    backward needs it, so the tensor itself is freed once the forward is done with it.
-
-    The LNCC terms save their sampled feature volumes (C channels per exam) for the LNCC backward;
-    sampling them again costs a gather, holding them costs the largest share of the objective's memory.
-    ``make`` must not hold ``tensor`` itself; under ``torch.compile`` the block does nothing.
-    """
-    if torch.compiler.is_compiling():
-        yield
-        return
-    target = weakref.ref(tensor)
-    device_type = tensor.device.type
-
-    def pack(saved):
-        return _Recompute(make) if saved is target() else saved
-
-    def unpack(saved):
-        if not isinstance(saved, _Recompute):
-            return saved
-        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
-            return saved.make()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 def _voxel_scale(shape: Sequence[int]) -> list[float]:

@@ -338,3 +338,26 @@ def test_conv_block_on_parts_equals_the_block_on_their_concatenation():
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="parts must have 7 channels"):
         block(parts[0], parts[1])
+
+
+def test_coordnet_gradients_do_not_depend_on_recomputing_the_upsampled_inputs(monkeypatch):
+    """The decoders' upsampled inputs are upsampled again in the backward instead of held: bitwise the
+    gradients of holding them."""
+    import contextlib
+
+    import deepatlas_fast.model as model_module
+
+    torch.manual_seed(0)
+    net = CoordNet(base=4, levels=3).double()
+    _perturb(net, 0.05)
+    x = torch.rand(1, 1, 12, 13, 11, generator=g(41), dtype=torch.float64)
+
+    def gradients():
+        net.zero_grad()
+        net(x).square().sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    recomputed = gradients()
+    monkeypatch.setattr(model_module, "recomputed_when_saved", lambda tensor, make: contextlib.nullcontext())
+    held = gradients()
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, held))
