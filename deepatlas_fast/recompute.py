@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from .ops.validation import finite_checks
+
 __all__ = ["recomputed_when_saved"]
 
 
@@ -43,7 +45,9 @@ def recomputed_when_saved(tensor: Tensor, make):
     def unpack(saved):
         if not isinstance(saved, _Recompute):
             return saved
-        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+        # the forward validated the inputs: no second finiteness check (a host synchronisation on a GPU,
+        # here in the middle of the backward)
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), finite_checks(False):
             return saved.make()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

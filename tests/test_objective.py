@@ -367,3 +367,23 @@ def test_spatial_variance_matches_autograd_var():
     up = torch.randn(2, 3, generator=g(32), dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(expected, x, up)[0])
     assert torch.autograd.gradcheck(_SpatialVariance.apply, (x,))
+
+
+def test_recomputation_skips_the_finiteness_checks():
+    """The forward validated the inputs: the backward's recomputation runs without the checks (a host sync
+    each on a GPU), and they are on again afterwards."""
+    from deepatlas_fast.ops.validation import check_finite_enabled
+
+    seen = []
+    x = torch.rand(4, requires_grad=True)
+    y = x * 2.0
+
+    def make():
+        seen.append(check_finite_enabled())
+        return x.detach() * 2.0
+
+    with recomputed_when_saved(y, make):
+        loss = (y * y).sum()  # mul saves y
+    loss.backward()
+    assert seen and not any(seen) and check_finite_enabled()  # (y * y saves y twice: two recomputations)
+    torch.testing.assert_close(x.grad, 8.0 * x.detach())
