@@ -204,8 +204,8 @@ def implicit_term(
     sources = features.detach()
     total = None
     # one exam at a time, on batch slices (views): no permuted copy of the feature volumes or of the
-    # targets is held until the backward, and the NCC map's gradient (the mask broadcast over the
-    # channels, materialised by the lncc backward) exists for one exam at a time
+    # targets is held until the backward, and the LNCC backward's working set is one exam's (the NCC map's
+    # gradient, the mask broadcast over the channels, reaches the C++ kernels unexpanded)
     for a, b in enumerate(partners):
         source, where = sources[b : b + 1], target[a : a + 1]
         warped = ops.sample(source, where)
@@ -220,6 +220,23 @@ def implicit_term(
     if return_valid_fraction:
         return loss, maskf.mean().detach()
     return loss
+
+
+class _SpatialVariance(torch.autograd.Function):
+    """Population variance over dim 2 of ``x [N, K, P]`` -> ``[N, K]``, holding ``x`` and the means for the
+    backward, whose gradient ``2 (x - mean) g / P`` it builds in one allocation (autograd's var made two of
+    x's size: a coordinate map's, the backward's peak at full resolution)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        var, mean = torch.var_mean(x, dim=2, unbiased=False)
+        ctx.save_for_backward(x, mean)
+        return var
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean = ctx.saved_tensors
+        return (x - mean.unsqueeze(2)).mul_((2.0 / x.shape[2]) * grad.unsqueeze(2))
 
 
 def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dict:
@@ -243,23 +260,6 @@ def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dic
 def _identity_variance(size: int) -> float:
     """Population variance of ``linspace(-1, 1, size)``: (size + 1) / (3 (size - 1))."""
     return (size + 1) / (3.0 * (size - 1)) if size > 1 else 0.0
-
-
-class _SpatialVariance(torch.autograd.Function):
-    """Population variance over dim 2 of ``x [N, K, P]`` -> ``[N, K]``, holding ``x`` and the means for the
-    backward, whose gradient ``2 (x - mean) g / P`` it builds in one allocation (autograd's var made two of
-    x's size: a coordinate map's, the backward's peak at full resolution)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        var, mean = torch.var_mean(x, dim=2, unbiased=False)
-        ctx.save_for_backward(x, mean)
-        return var
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mean = ctx.saved_tensors
-        return (x - mean.unsqueeze(2)).mul_((2.0 / x.shape[2]) * grad.unsqueeze(2))
 
 
 def collapse_term(coords: Tensor, ratio: float = 0.25) -> Tensor:
