@@ -86,14 +86,22 @@ class LowPrecisionGroupNorm(nn.GroupNorm):
     not in autocast's dtype, it is ``nn.GroupNorm``. (CPU autocast already keeps the norm in bfloat16.)
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def low_precision(self, x: Tensor) -> bool:
+        """Whether autocast is on for ``x``'s device with ``x`` in its dtype (then the norm keeps it)."""
         device = x.device.type
-        if not (torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device)):
+        return torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device)
+
+    def normalize(self, x: Tensor, low_precision: bool) -> Tensor:
+        """The forward with the autocast decision given (a recomputation in the backward repeats it)."""
+        if not low_precision:
             return super().forward(x)
         weight = self.weight.to(x.dtype) if self.weight is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        with torch.autocast(device_type=device, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.low_precision(x))
 
 
 class _ConvBlock(nn.Sequential):
@@ -117,8 +125,21 @@ class _ConvBlock(nn.Sequential):
         )
 
     def forward(self, *parts: Tensor) -> Tensor:
-        if len(parts) == 1:
-            return super().forward(parts[0])
+        conv1, norm1, act1, conv2, norm2, act2 = self
+        x1 = conv1(parts[0]) if len(parts) == 1 else self._first_convolution(parts)
+        low = norm1.low_precision(x1)
+        z1 = norm1.normalize(x1, low)
+        # the first layer's activation, held by the in-place activation and by the second convolution, is
+        # made again from its input (held by the norm) in the backward: one tensor per layer instead of two.
+        # Not in a checkpointed block (train.enable_activation_checkpointing), which recomputes all of it:
+        # recipes saved there held more at the backward's peak, not less.
+        if getattr(self, "_deepatlas_checkpointed", False):
+            return act2(norm2(conv2(act1(z1))))
+        with recomputed_when_saved(z1, lambda x1=x1.detach(), low=low: act1(norm1.normalize(x1, low))):
+            h = conv2(act1(z1))
+        return act2(norm2(h))
+
+    def _first_convolution(self, parts: Sequence[Tensor]) -> Tensor:
         conv = self[0]
         if sum(p.shape[1] for p in parts) != conv.in_channels:
             raise ValueError(f"parts must have {conv.in_channels} channels together, got {[p.shape[1] for p in parts]}")
@@ -130,8 +151,6 @@ class _ConvBlock(nn.Sequential):
             out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
         if conv.bias is not None:
             out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
-        for module in list(self)[1:]:
-            out = module(out)
         return out
 
 

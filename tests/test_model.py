@@ -340,21 +340,26 @@ def test_conv_block_on_parts_equals_the_block_on_their_concatenation():
         block(parts[0], parts[1])
 
 
-def test_coordnet_gradients_do_not_depend_on_recomputing_the_upsampled_inputs(monkeypatch):
-    """The decoders' upsampled inputs are upsampled again in the backward instead of held: bitwise the
-    gradients of holding them."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_coordnet_gradients_do_not_depend_on_recomputing_saved_activations(monkeypatch, autocast):
+    """The decoders' upsampled inputs and every block's first activation are made again in the backward
+    instead of held: bitwise the gradients of holding them, also under (CPU, bfloat16) autocast, whose
+    low-precision norm the recomputation must repeat."""
     import contextlib
 
     import deepatlas_fast.model as model_module
 
     torch.manual_seed(0)
-    net = CoordNet(base=4, levels=3).double()
+    dtype = torch.float32 if autocast else torch.float64
+    net = CoordNet(base=4, levels=3).to(dtype)
     _perturb(net, 0.05)
-    x = torch.rand(1, 1, 12, 13, 11, generator=g(41), dtype=torch.float64)
+    x = torch.rand(1, 1, 12, 13, 11, generator=g(41), dtype=torch.float64).to(dtype)
 
     def gradients():
         net.zero_grad()
-        net(x).square().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(x)
+        out.float().square().sum().backward()
         return [p.grad.clone() for p in net.parameters()]
 
     recomputed = gradients()
