@@ -136,6 +136,15 @@ def _voxel_scale(shape: Sequence[int]) -> list[float]:
     return [(s - 1) / 2.0 for s in shape]
 
 
+def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights: LossWeights, reduction: str):
+    """``lncc(features, sample(source, where))`` with the sampled volume sampled again in the backward
+    instead of held (the LNCC backward needs it; C channels per exam are the objective's largest share)."""
+    warped = ops.sample(source, where)
+    # the recipe binds these tensors now: the backward calls it after the caller's loop has moved on
+    with recomputed_when_saved(warped, lambda s=source.detach(), w=where.detach(): ops.sample(s, w)):
+        return ops.lncc(features, warped, weights.kernel_size, weights.kernel, weights.eps, reduction)
+
+
 def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: LossWeights, ops="fused") -> Tensor:
     """Atlas-to-exam LNCC loss ``-mean NCC(features, sample(atlas, coords))``.
 
@@ -153,10 +162,8 @@ def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: Loss
     # the LNCC backward's working set (the sampled atlas features, sampled again, and their gradient) is one
     # exam's, and the atlas is sampled as it is instead of expanded to N copies
     for a in range(n):
-        source, where = atlas[a : a + 1] if atlas.shape[0] == n else atlas, coords[a : a + 1]
-        warped = ops.sample(source, where)
-        with recomputed_when_saved(warped, lambda source=source, where=where.detach(): ops.sample(source.detach(), where)):
-            term = ops.lncc(features[a : a + 1], warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+        source = atlas[a : a + 1] if atlas.shape[0] == n else atlas
+        term = _sampled_lncc(ops, source, coords[a : a + 1], features[a : a + 1], weights, "mean")
         total = term if total is None else total + term
     return total / n
 
@@ -207,11 +214,7 @@ def implicit_term(
     # targets is held until the backward, and the LNCC backward's working set is one exam's (the NCC map's
     # gradient, the mask broadcast over the channels, reaches the C++ kernels unexpanded)
     for a, b in enumerate(partners):
-        source, where = sources[b : b + 1], target[a : a + 1]
-        warped = ops.sample(source, where)
-        # (the recipe binds this exam's slices now: the backward calls it after the loop has moved on)
-        with recomputed_when_saved(warped, lambda source=source, where=where.detach(): ops.sample(source, where)):
-            ncc = ops.lncc(features[a : a + 1], warped, weights.kernel_size, weights.kernel, weights.eps, "none")
+        ncc = _sampled_lncc(ops, sources[b : b + 1], target[a : a + 1], features[a : a + 1], weights, "none")
         # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
         masked = (ncc.sum(dim=1, keepdim=True) * maskf[a : a + 1]).sum()
         total = masked if total is None else total + masked

@@ -825,7 +825,7 @@ def enable_activation_checkpointing(model) -> None:
             return _inner(*args)
 
         block.forward = forward
-        block._deepatlas_checkpointed = True
+        block._deepatlas_checkpointed = True  # also read by model._ConvBlock: no recomputation recipes inside
 
 
 # -------------------------------------------------------------------------------------------- train

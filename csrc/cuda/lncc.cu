@@ -326,8 +326,7 @@ struct Setup {
   Window<T> win;
   T full, volume;
   at::Tensor shifts, cover, buffer_1, buffer_2;
-  lncc::ChunkPlan plan;
-  int64_t chunk;
+  lncc::ChunkPlan plan;  // channel groups and z-chunks
   cudaStream_t stream;
 
   Setup(const Problem& p, const at::Tensor& a, const at::Tensor& b, int64_t halo) : stream(current_stream()) {
@@ -342,7 +341,6 @@ struct Setup {
                                                                                      s.h, s.w, win, win.k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     plan = chunk_plan(s, halo);
-    chunk = plan.chunk;
     const int64_t size = plan.group * kMoments * plan.planes(s.d, halo) * s.plane;
     buffer_1 = at::empty({size}, a.options());
     buffer_2 = at::empty({size}, a.options());
@@ -389,14 +387,14 @@ at::Tensor lncc_forward(const at::Tensor& a, const at::Tensor& b, int64_t kernel
     Setup<T> setup(p, a, b, 0);
     const std::vector<Group> groups = channel_groups(s, setup.plan.group);
     std::vector<int64_t> starts;
-    for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) starts.push_back(z0);
-    const dim3 grid = slice_grid(groups[0].dims, groups[0].dims.nc * setup.chunk);
+    for (int64_t z0 = 0; z0 < s.d; z0 += setup.plan.chunk) starts.push_back(z0);
+    const dim3 grid = slice_grid(groups[0].dims, groups[0].dims.nc * setup.plan.chunk);
     const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
     at::Tensor partials = at::empty({p.mean ? int64_t(groups.size() * starts.size()) * blocks : 0}, a.options());
     int64_t slot = 0;
     for (const Group& g : groups) {
       for (const int64_t z0 : starts) {
-        const int64_t planes = std::min(setup.chunk, s.d - z0);
+        const int64_t planes = std::min(setup.plan.chunk, s.d - z0);
         setup.moment_sums(g, a, b, z0, planes);
         StatsJob<T> job = setup.stats_job(p, g, z0, planes);
         if (p.mean) {
@@ -439,8 +437,8 @@ std::vector<at::Tensor> lncc_backward(const at::Tensor& grad, const at::Tensor& 
     const dim3 block(kBlockX, kBlockY);
     for (const Group& g : channel_groups(s, setup.plan.group)) {
       const Dims& gs = g.dims;
-      for (int64_t z0 = 0; z0 < s.d; z0 += setup.chunk) {
-        const int64_t z1 = std::min(s.d, z0 + setup.chunk);
+      for (int64_t z0 = 0; z0 < s.d; z0 += setup.plan.chunk) {
+        const int64_t z1 = std::min(s.d, z0 + setup.plan.chunk);
         const int64_t h0 = std::max<int64_t>(0, z0 - half), h1 = std::min(s.d, z1 + half);  // with the halo
         setup.moment_sums(g, a, b, h0, h1 - h0);
         StatsJob<T> job = setup.stats_job(p, g, h0, h1 - h0);
