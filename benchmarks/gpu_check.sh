@@ -75,6 +75,8 @@ fi
 
 if has gputests; then
   run_tests "GPU (realistic sizes, sync, graphs, compile)" "${GPU_TEST_TIMEOUT:-50}" "not cpu" tests/test_gpu.py
+  run_tests "CUDA model tests (bf16 norms, slab-wise upsampled convolution)" "${MODEL_TEST_TIMEOUT:-15}" "cuda" \
+    tests/test_model.py tests/test_upsampled_conv.py
 fi
 
 
@@ -98,7 +100,7 @@ if has report; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
   fi
   log "kernel report"
-  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-75}" $PY benchmarks/gpu_report.py --out "$OUT" \
+  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-60}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls $REPORT_SKIP --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"

@@ -41,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--whole-step: autocast (default fp32)")
     p.add_argument("--checkpointing", default="off", choices=["off", "on"],
                    help="--whole-step: activation checkpointing (default off)")
+    p.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                   help="--whole-step: layout of the convolutions (default contiguous, as train on a GPU; the CPU's "
+                        "contiguous convolution backward holds blocked copies of its operands that channels_last "
+                        "and cuDNN do not)")
     p.add_argument("--rows", type=int, default=15, help="sites listed (default 15)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     step_args = steps.parse_args(["--device", args.device, "--features", str(args.features),
-                                  "--template", str(args.template)])
+                                  "--template", str(args.template),
+                                  "--memory-format", args.memory_format])
     case = steps.Case(step_args, device, args.whole_step and args.checkpointing == "on")
     images = steps.make_pair(args.side, args.batch, device)
     if args.whole_step:

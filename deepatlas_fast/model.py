@@ -21,7 +21,7 @@ learnable atlas (DESIGN §5).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .coords import identity_coords
 from .frame import FRAMES, TEMPLATE_SIDE, affine_frame, apply_frame, build_template, moment_frame
 from .recompute import recomputed_when_saved
+from .upsampled_conv import Upsampled, upsampled_conv3d
 
 __all__ = ["anchor_shift", "bound_coords", "CoordNet", "FeatureNet", "DeepAtlas"]
 
@@ -111,7 +112,10 @@ class _ConvBlock(nn.Sequential):
     convolution is linear in its input channels, so it runs on each part with its slice of the weight and
     the results are added. The concatenation (a decoder's upsampled features, skip and coarser coordinates:
     51 channels at full resolution with base 16) is then never held for the backward, and the backward
-    makes each part's input gradient separately instead of the whole concatenation's at once.
+    makes each part's input gradient separately instead of the whole concatenation's at once. A part given as
+    :class:`~deepatlas_fast.upsampled_conv.Upsampled` (a decoder's coarser features and the grid to resize them
+    to) is resized and convolved a slab of planes at a time (:func:`~deepatlas_fast.upsampled_conv.upsampled_conv3d`),
+    never whole.
     """
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -126,7 +130,7 @@ class _ConvBlock(nn.Sequential):
 
     def forward(self, *parts: Tensor) -> Tensor:
         conv1, norm1, act1, conv2, norm2, act2 = self
-        x1 = conv1(parts[0]) if len(parts) == 1 else self._first_convolution(parts)
+        x1 = conv1(parts[0]) if len(parts) == 1 and isinstance(parts[0], Tensor) else self._first_convolution(parts)
         low = norm1.low_precision(x1)
         z1 = norm1.normalize(x1, low)
         # the first layer's activation, held by the in-place activation and by the second convolution, is
@@ -139,15 +143,20 @@ class _ConvBlock(nn.Sequential):
             h = conv2(act1(z1))
         return act2(norm2(h))
 
-    def _first_convolution(self, parts: Sequence[Tensor]) -> Tensor:
+    def _first_convolution(self, parts: Sequence[Union[Tensor, Upsampled]]) -> Tensor:
         conv = self[0]
-        if sum(p.shape[1] for p in parts) != conv.in_channels:
-            raise ValueError(f"parts must have {conv.in_channels} channels together, got {[p.shape[1] for p in parts]}")
+        channels = [p.channels if isinstance(p, Upsampled) else p.shape[1] for p in parts]
+        if sum(channels) != conv.in_channels:
+            raise ValueError(f"parts must have {conv.in_channels} channels together, got {channels}")
         out, start = None, 0
-        for part in parts:
-            weight = conv.weight[:, start : start + part.shape[1]]
-            start += part.shape[1]
-            y = F.conv3d(part, weight, None, conv.stride, conv.padding)
+        for part, count in zip(parts, channels):
+            weight = conv.weight[:, start : start + count]
+            start += count
+            if isinstance(part, Upsampled) and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1):
+                y = upsampled_conv3d(part.source, weight, part.size)
+            else:
+                part = part.materialize() if isinstance(part, Upsampled) else part
+                y = F.conv3d(part, weight, None, conv.stride, conv.padding)
             out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
         if conv.bias is not None:
             out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
@@ -371,12 +380,15 @@ class CoordNet(nn.Module):
             if level >= init_level:  # still given by init: the decoder runs for its features only
                 disp = self._to_level(init.to(x.device, torch.float32), level, shape) - ident
             coarse = (ident + disp).to(h.dtype)
-            up = self._up(h, shape)
-            # the block's first convolution saves its input for the weight gradient: upsampled again from h
-            # (held anyway) in the backward instead of held (32 channels at full resolution with base 16)
-            with recomputed_when_saved(up, lambda h=h.detach(), shape=shape: self._up(h, shape)):
-                h = self.decoders[level](up, skips[level], coarse)
-            del up
+            if self.grid == "corners":  # h resized a slab of planes at a time as it is convolved, never whole
+                h = self.decoders[level](Upsampled(h, tuple(shape)), skips[level], coarse)
+            else:  # (the largest input of a step: 32 channels at full resolution with base 16)
+                up = self._up(h, shape)
+                # the block's first convolution saves its input for the weight gradient: upsampled again from h
+                # (held anyway) in the backward instead of held
+                with recomputed_when_saved(up, lambda h=h.detach(), shape=shape: self._up(h, shape)):
+                    h = self.decoders[level](up, skips[level], coarse)
+                del up
             if level < init_level:
                 disp = disp + self.residual_scale * self.heads[level](h).float()
             maps.append(ident + disp)

@@ -29,9 +29,9 @@ def recomputed_when_saved(tensor: Tensor, make):
     backward needs it, so the tensor itself is freed once the forward is done with it.
 
     The objective's LNCC terms save their sampled feature volumes (C channels per exam) for the LNCC backward:
-    sampling them again costs a gather, holding them the largest share of the objective's memory; a CoordNet
-    decoder's first convolution saves its upsampled input (upsampling again is cheap). ``make`` must not
-    hold ``tensor`` itself; under ``torch.compile`` the block does nothing.
+    sampling them again costs a gather, holding them the largest share of the objective's memory. A CoordNet
+    block saves its first activation this way, and in the "strided" grid a decoder its upsampled input (both
+    cheap to remake). ``make`` must not hold ``tensor`` itself; under ``torch.compile`` the block does nothing.
     """
     if torch.compiler.is_compiling():
         yield
