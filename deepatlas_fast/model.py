@@ -21,6 +21,7 @@ learnable atlas (DESIGN §5).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
@@ -128,18 +129,29 @@ class _ConvBlock(nn.Sequential):
             nn.LeakyReLU(0.2, inplace=True),
         )
 
+    REMADE_INPUT_CHANNELS = 2
+    """A first convolution of at most this many input channels (an image's) is repeated in the backward instead
+    of its output being held: it costs a fraction of the block's other convolution."""
+
     def forward(self, *parts: Tensor) -> Tensor:
         conv1, norm1, act1, conv2, norm2, act2 = self
         x1 = conv1(parts[0]) if len(parts) == 1 and isinstance(parts[0], Tensor) else self._first_convolution(parts)
         low = norm1.low_precision(x1)
-        z1 = norm1.normalize(x1, low)
-        # the first layer's activation, held by the in-place activation and by the second convolution, is
-        # made again from its input (held by the norm) in the backward: one tensor per layer instead of two.
         # Not in a checkpointed block (train.enable_activation_checkpointing), which recomputes all of it:
         # recipes saved there held more at the backward's peak, not less.
         if getattr(self, "_deepatlas_checkpointed", False):
-            return act2(norm2(conv2(act1(z1))))
-        with recomputed_when_saved(z1, lambda x1=x1.detach(), low=low: act1(norm1.normalize(x1, low))):
+            return act2(norm2(conv2(act1(norm1.normalize(x1, low)))))
+        if len(parts) == 1 and isinstance(parts[0], Tensor) and conv1.in_channels <= self.REMADE_INPUT_CHANNELS:
+            # the norm's saved input (the convolution's output) is convolved again from the image
+            remake_x1 = partial(_convolve_as, conv1, parts[0].detach(), x1.dtype)
+            with recomputed_when_saved(x1, remake_x1):
+                z1 = norm1.normalize(x1, low)
+        else:
+            remake_x1 = partial(lambda x: x, x1.detach())  # held by the norm anyway
+            z1 = norm1.normalize(x1, low)
+        # the first layer's activation, held by the in-place activation and by the second convolution, is
+        # made again from the norm's input in the backward: one tensor per layer instead of two
+        with recomputed_when_saved(z1, lambda: act1(norm1.normalize(remake_x1(), low))):
             h = conv2(act1(z1))
         return act2(norm2(h))
 
@@ -161,6 +173,13 @@ class _ConvBlock(nn.Sequential):
         if conv.bias is not None:
             out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
         return out
+
+
+def _convolve_as(conv: nn.Conv3d, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``conv(x)`` computed in ``dtype`` as autocast computed it in the forward (a recomputation runs without
+    autocast)."""
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    return F.conv3d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride, conv.padding)
 
 
 def _cat_channels(tensors: Sequence[Tensor]) -> Tensor:

@@ -14,12 +14,28 @@ __all__ = ["recomputed_when_saved"]
 
 
 class _Recompute:
-    """What autograd keeps instead of a saved tensor that :func:`recomputed_when_saved` rebuilds."""
+    """What autograd keeps instead of a saved tensor that :func:`recomputed_when_saved` rebuilds.
 
-    __slots__ = ("make",)
+    One per block, however many times the tensor is saved (an in-place activation and the next convolution
+    both save it): the first unpacking makes it, the others get that copy, the last one lets it go.
+    """
+
+    __slots__ = ("make", "saves", "remaining", "value")
 
     def __init__(self, make):
-        self.make = make
+        self.make, self.saves, self.remaining, self.value = make, 0, 0, None
+
+    def get(self, device_type: str) -> Tensor:
+        value = self.value
+        if value is None:
+            # the forward validated the inputs: no second finiteness check (a host synchronisation on a GPU,
+            # here in the middle of the backward)
+            with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), finite_checks(False):
+                value = self.make()
+            self.remaining = self.saves
+        self.remaining -= 1
+        self.value = value if self.remaining > 0 else None
+        return value
 
 
 @contextmanager
@@ -38,17 +54,16 @@ def recomputed_when_saved(tensor: Tensor, make):
         return
     target = weakref.ref(tensor)
     device_type = tensor.device.type
+    recipe = _Recompute(make)
 
     def pack(saved):
-        return _Recompute(make) if saved is target() else saved
+        if saved is not target():
+            return saved
+        recipe.saves += 1
+        return recipe
 
     def unpack(saved):
-        if not isinstance(saved, _Recompute):
-            return saved
-        # the forward validated the inputs: no second finiteness check (a host synchronisation on a GPU,
-        # here in the middle of the backward)
-        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), finite_checks(False):
-            return saved.make()
+        return saved.get(device_type) if isinstance(saved, _Recompute) else saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

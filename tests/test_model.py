@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deepatlas_fast as da
-from deepatlas_fast.model import CoordNet, DeepAtlas, FeatureNet, bound_coords
+from deepatlas_fast.model import CoordNet, DeepAtlas, FeatureNet, _ConvBlock, bound_coords
 from helpers import g
 
 
@@ -324,7 +324,6 @@ def test_coordnet_activations_stay_bfloat16_under_cuda_autocast():
 def test_conv_block_on_parts_equals_the_block_on_their_concatenation():
     """block(a, b, c) == block(cat([a, b, c])) (the first convolution split along its input channels), with
     the same gradients to the parts and the weights; a wrong channel count is refused."""
-    from deepatlas_fast.model import _ConvBlock
 
     torch.manual_seed(0)
     block = _ConvBlock(7, 8).double()
@@ -366,3 +365,23 @@ def test_coordnet_gradients_do_not_depend_on_recomputing_saved_activations(monke
     monkeypatch.setattr(model_module, "recomputed_when_saved", lambda tensor, make: contextlib.nullcontext())
     held = gradients()
     assert all(torch.equal(a, b) for a, b in zip(recomputed, held))
+
+
+def test_blocks_remake_the_image_convolution_only_where_it_is_cheap(monkeypatch):
+    """A block whose first convolution reads an image (<= 2 channels) registers its output as remade in the
+    backward, next to its first activation; a block on features registers the activation only."""
+    import deepatlas_fast.model as model_module
+
+    registered = []
+    real = model_module.recomputed_when_saved
+
+    def recording(tensor, make):
+        registered.append(tuple(tensor.shape))
+        return real(tensor, make)
+
+    monkeypatch.setattr(model_module, "recomputed_when_saved", recording)
+    _ConvBlock(1, 8)(torch.rand(1, 1, 6, 6, 6)).sum().backward()
+    assert registered == [(1, 8, 6, 6, 6)] * 2
+    registered.clear()
+    _ConvBlock(4, 8)(torch.rand(1, 4, 6, 6, 6, requires_grad=True)).sum().backward()
+    assert registered == [(1, 8, 6, 6, 6)]

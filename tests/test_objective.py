@@ -385,5 +385,28 @@ def test_recomputation_skips_the_finiteness_checks():
     with recomputed_when_saved(y, make):
         loss = (y * y).sum()  # mul saves y
     loss.backward()
-    assert seen and not any(seen) and check_finite_enabled()  # (y * y saves y twice: two recomputations)
+    assert seen == [False] and check_finite_enabled()
     torch.testing.assert_close(x.grad, 8.0 * x.detach())
+
+
+def test_a_tensor_saved_twice_is_remade_once_and_let_go_after_its_last_use():
+    """y * y saves y twice (an in-place activation and the next convolution do too): one recomputation serves
+    both, and nothing keeps it once both have used it, even with the graph retained."""
+    x = torch.rand(4, requires_grad=True)
+    y = x * 2.0
+    made = []
+
+    def make():
+        made.append(x.detach() * 2.0)
+        return made[-1]
+
+    with recomputed_when_saved(y, make):
+        loss = (y * y).sum()
+    loss.backward(retain_graph=True)
+    assert len(made) == 1
+    first = weakref.ref(made.pop())
+    gc.collect()
+    assert first() is None, "the recomputed tensor outlived its last use"
+    loss.backward()  # the retained graph remakes it again
+    assert len(made) == 1
+    torch.testing.assert_close(x.grad, 16.0 * x.detach())
