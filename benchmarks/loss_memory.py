@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+import deepatlas_fast.objective as objective
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step_gpu as steps  # noqa: E402
@@ -45,6 +47,10 @@ def parse_args(argv=None):
                    help="--whole-step: layout of the convolutions (default contiguous, as train on a GPU; the CPU's "
                         "contiguous convolution backward holds blocked copies of its operands that channels_last "
                         "and cuDNN do not)")
+    p.add_argument("--groups-as", type=int, default=256, metavar="SIDE",
+                   help="split the LNCC terms' channels into the groups they get at this cube side (default 256, "
+                        "so that volumes measured at a small side predict 256^3; objective.LNCC_GROUP_ELEMENTS "
+                        "scaled by (side / SIDE)^3); 0: as at the measured side")
     p.add_argument("--rows", type=int, default=15, help="sites listed (default 15)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
+    if args.groups_as:
+        objective.LNCC_GROUP_ELEMENTS = max(1, objective.LNCC_GROUP_ELEMENTS * args.side**3 // args.groups_as**3)
     step_args = steps.parse_args(["--device", args.device, "--features", str(args.features),
                                   "--template", str(args.template),
                                   "--memory-format", args.memory_format])
@@ -127,7 +135,8 @@ def main(argv=None) -> int:
         once()
         steps._sync(device)
     print(f"loss side's peak on {device.type}: {args.batch} exams at {args.side}^3, {args.features + 1} feature "
-          f"channels (autoencoder + intensity), template {args.template}^3, ops {args.ops}, torch {torch.__version__}")
+          f"channels (autoencoder + intensity; LNCC channel groups as at {args.groups_as or args.side}^3), template "
+          f"{args.template}^3, ops {args.ops}, torch {torch.__version__}")
     print_table(args, prof, device)
     return 0
 
@@ -145,7 +154,8 @@ def report_whole_step(args, case, images, device) -> int:
         case.step(images, args.ops, bf16)
         steps._sync(device)
     print(f"training step's peak on {device.type}: {args.batch} exams at {args.side}^3, CoordNet base 16, 4 levels, "
-          f"{args.features} autoencoder channels, template {args.template}^3, ops {args.ops}, {args.precision}, "
+          f"{args.features} autoencoder channels (LNCC channel groups as at {args.groups_as or args.side}^3), "
+          f"template {args.template}^3, ops {args.ops}, {args.precision}, "
           f"checkpointing {args.checkpointing}, torch {torch.__version__}")
     print_table(args, prof, device)
     return 0

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .coords import identity_coords
-from .frame import apply_frame, invert_frame
 from .recompute import recomputed_when_saved
 from .stock import get_ops
 
@@ -136,13 +135,43 @@ def _voxel_scale(shape: Sequence[int]) -> list[float]:
     return [(s - 1) / 2.0 for s in shape]
 
 
+LNCC_GROUP_ELEMENTS = 3 * 256**3
+"""An LNCC term samples and correlates at most this many elements (channels x voxels) of one exam at a time,
+and at least one channel: its backward's working set is a group's sampled channels (sampled again) and their
+gradient. 3 channels at 256^3; the 9 feature channels of the default model in one group up to ~180^3, where
+the extra sample and LNCC calls of smaller groups cost more time than their memory is worth (on the CPU, groups
+of 3 made the loss side 17 % slower at 96^3)."""
+
+
+def _channel_group(channels: int, voxels: int) -> int:
+    return max(1, min(channels, LNCC_GROUP_ELEMENTS // max(voxels, 1)))
+
+
 def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights: LossWeights, reduction: str):
-    """``lncc(features, sample(source, where))`` with the sampled volume sampled again in the backward
-    instead of held (the LNCC backward needs it; C channels per exam are the objective's largest share)."""
-    warped = ops.sample(source, where)
-    # the recipe binds these tensors now: the backward calls it after the caller's loop has moved on
-    with recomputed_when_saved(warped, lambda s=source.detach(), w=where.detach(): ops.sample(s, w)):
-        return ops.lncc(features, warped, weights.kernel_size, weights.kernel, weights.eps, reduction)
+    """``lncc(features, sample(source, where))`` for one exam, reduced: ``"mean"`` -> the mean over channels and
+    voxels; ``"sum"`` -> the NCC map summed over the channels, ``[1, 1, D, H, W]``.
+
+    Made a group of channels at a time on large volumes (:data:`LNCC_GROUP_ELEMENTS`; sampling and LNCC are
+    channel-wise), and the sampled volume is sampled again in the backward instead of held (the LNCC backward
+    needs it): the backward then holds a group's channels, not C.
+    """
+    channels = features.shape[1]
+    group = _channel_group(channels, features[0, 0].numel())
+    total = None
+    for start in range(0, channels, group):
+        stop = min(start + group, channels)
+        group_source, group_features = source[:, start:stop], features[:, start:stop]
+        warped = ops.sample(group_source, where)
+        # the recipe binds these tensors now: the backward calls it after the caller's loop has moved on
+        with recomputed_when_saved(warped, lambda s=group_source.detach(), w=where.detach(): ops.sample(s, w)):
+            if reduction == "mean":
+                part = ops.lncc(group_features, warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
+                part = part * ((stop - start) / channels)
+            else:
+                part = ops.lncc(group_features, warped, weights.kernel_size, weights.kernel, weights.eps, "none")
+                part = part.sum(dim=1, keepdim=True)
+        total = part if total is None else total + part
+    return total
 
 
 def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: LossWeights, ops="fused") -> Tensor:
@@ -214,9 +243,9 @@ def implicit_term(
     # targets is held until the backward, and the LNCC backward's working set is one exam's (the NCC map's
     # gradient, the mask broadcast over the channels, reaches the C++ kernels unexpanded)
     for a, b in enumerate(partners):
-        ncc = _sampled_lncc(ops, sources[b : b + 1], target[a : a + 1], features[a : a + 1], weights, "none")
         # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
-        masked = (ncc.sum(dim=1, keepdim=True) * maskf[a : a + 1]).sum()
+        ncc = _sampled_lncc(ops, sources[b : b + 1], target[a : a + 1], features[a : a + 1], weights, "sum")
+        masked = (ncc * maskf[a : a + 1]).sum()
         total = masked if total is None else total + masked
     count = maskf.sum() * features.shape[1]
     loss = -total / count.clamp_min(1.0)
@@ -242,9 +271,19 @@ class _SpatialVariance(torch.autograd.Function):
         return (x - mean.unsqueeze(2)).mul_((2.0 / x.shape[2]) * grad.unsqueeze(2))
 
 
-def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dict:
+def _frame_linear_inverse(frame: Tensor) -> Tensor:
+    """``[N, 3, 3]``: the inverse of the linear part of ``frame [N, 3, 4]`` (float32; ``inv_ex``: no error check,
+    which would synchronise with a GPU, the frames are invertible by construction)."""
+    return torch.linalg.inv_ex(frame[:, :, :3].double())[0].float()
+
+
+def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused", frame: Optional[Tensor] = None) -> dict:
     """``{"jacobian", "logdet", "folding"}`` of the raw map plus statistics ``folding_fraction``
-    (share of det J <= 0) and ``det_mean``. det J is in voxel-consistent units (identity -> 1)."""
+    (share of det J <= 0) and ``det_mean``. det J is in voxel-consistent units (identity -> 1).
+
+    ``frame [N, 3, 4]``: measure the map relative to the exam's frame, ``frame^-1(c)``, whose det J is the map's
+    divided by the frame's determinant (the frame is affine), so the relative map is never made.
+    """
     ops = get_ops(ops)
     coords_raw = coords_raw.float()
     scale = _voxel_scale(coords_raw.shape[2:])
@@ -252,6 +291,8 @@ def jacobian_terms(coords_raw: Tensor, weights: LossWeights, ops="fused") -> dic
     # one determinant map serves every term: its variance per exam is jacobian_var's value (which would make
     # a second pass, forward and backward, and a second gradient map of the coordinates' size)
     det = ops.jacobian_det(coords_raw, scale)
+    if frame is not None:
+        det = det * (1.0 / torch.linalg.det(frame[:, :, :3].double())).float().view(-1, 1, 1, 1, 1)
     out["jacobian"] = _SpatialVariance.apply(det.flatten(2)).mean()
     out["logdet"] = torch.log(det.clamp_min(weights.det_floor)).flatten(1).mean(dim=1).pow(2).mean()
     out["folding"] = F.relu(-det).mean()
@@ -265,10 +306,35 @@ def _identity_variance(size: int) -> float:
     return (size + 1) / (3.0 * (size - 1)) if size > 1 else 0.0
 
 
-def collapse_term(coords: Tensor, ratio: float = 0.25) -> Tensor:
-    """``mean_{n,k} relu(ratio - var_k(c_n) / var_k(identity))^2`` over the spatial grid; 0 for the identity."""
-    n = coords.shape[0]
-    var = _SpatialVariance.apply(coords.float().flatten(2))  # [N, 3]
+class _SpatialCovariance(torch.autograd.Function):
+    """Population covariance over dim 2 of ``x [N, K, P]`` -> ``[N, K, K]``, holding ``x`` and the means for the
+    backward (a gradient of x's size made in one allocation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mean = x.mean(dim=2, keepdim=True)
+        centred = x - mean
+        ctx.save_for_backward(x, mean)
+        return torch.bmm(centred, centred.transpose(1, 2)) / x.shape[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean = ctx.saved_tensors
+        symmetric = (grad + grad.transpose(1, 2)) * (1.0 / x.shape[2])
+        return torch.baddbmm(-(symmetric @ mean), symmetric, x)
+
+
+def collapse_term(coords: Tensor, ratio: float = 0.25, frame: Optional[Tensor] = None) -> Tensor:
+    """``mean_{n,k} relu(ratio - var_k(c_n) / var_k(identity))^2`` over the spatial grid; 0 for the identity.
+
+    ``frame [N, 3, 4]``: of the map relative to the exam's frame, ``frame^-1(c)``, whose variances come from the
+    map's covariance (the relative map is never made).
+    """
+    cov = _SpatialCovariance.apply(coords.float().flatten(2))  # [N, 3, 3]
+    if frame is not None:
+        inverse = _frame_linear_inverse(frame)
+        cov = inverse @ cov @ inverse.transpose(1, 2)
+    var = torch.diagonal(cov, dim1=1, dim2=2)
     ref = torch.tensor([_identity_variance(s) for s in coords.shape[2:]], device=coords.device).clamp_min(1e-12)
     return F.relu(ratio - var / ref).pow(2).mean()
 
@@ -356,11 +422,11 @@ def deepatlas_loss(
             terms["implicit"], valid_fraction = zero, zero
         # the regularisers measure the map relative to the exam's frame (the identity for "grid")
         frame = outputs.get("frame")
-        rel = raw if frame is None else apply_frame(invert_frame(frame), raw)
-        jac = jacobian_terms(rel, weights, ops) if (weights.jacobian or weights.logdet or weights.folding) else None
+        frame = None if frame is None else frame.float()
+        jac = jacobian_terms(raw, weights, ops, frame) if (weights.jacobian or weights.logdet or weights.folding) else None
         for name in ("jacobian", "logdet", "folding"):
             terms[name] = jac[name] if jac is not None and getattr(weights, name) > 0 else zero
-        terms["collapse"] = collapse_term(rel, weights.collapse_ratio) if weights.collapse > 0 else zero
+        terms["collapse"] = collapse_term(raw, weights.collapse_ratio, frame) if weights.collapse > 0 else zero
         terms["bound"] = bound_term(raw) if weights.bound > 0 else zero
         total = sum(getattr(weights, name) * terms[name] for name in TERMS)
         if not isinstance(total, torch.Tensor) or not total.requires_grad:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import deepatlas_fast as da
+import deepatlas_fast.objective as objective
 from deepatlas_fast.model import DeepAtlas
 from deepatlas_fast.objective import (
     TERMS,
@@ -235,13 +236,15 @@ def _implicit_batched(coords, feats, shape, w, ops, pairs):
 
 
 @pytest.mark.parametrize("ops", ["fused", "stock"])
-def test_implicit_term_equals_the_batched_formula(ops):
-    """One exam at a time on batch views, the sampled features recomputed for the backward: the loss and
-    gradient of the batched formula, for the default pairs (b = a + 1) and a given permutation."""
+def test_implicit_term_equals_the_batched_formula(ops, monkeypatch):
+    """One exam (and group of channels) at a time on batch views, the sampled features recomputed for the
+    backward: the loss and gradient of the batched formula, for the default pairs (b = a + 1) and a given
+    permutation."""
     n, shape = 3, (S, S, S)
+    monkeypatch.setattr(objective, "LNCC_GROUP_ELEMENTS", 3 * S**3)
     coords = (da.identity_coords(shape, batch=n) * 0.9 + 0.03 * torch.randn(n, 3, *shape, generator=g(9)))
     coords = coords.requires_grad_()
-    feats = torch.rand(n, 2, *shape, generator=g(10))
+    feats = torch.rand(n, 5, *shape, generator=g(10))  # (in channel groups of 3 and 2)
     w = LossWeights(invert_iters=4)
     for pairs in (None, torch.tensor([2, 0, 1])):
         expected = _implicit_batched(coords, feats, shape, w, ops, torch.roll(torch.arange(n), -1) if pairs is None else pairs)
@@ -355,6 +358,78 @@ def test_reconstruction_loss_trains_the_autoencoder():
     assert all(p.grad is None for p in model.coordnet.parameters())
     with pytest.raises(ValueError, match="features=0"):
         reconstruction_loss(_model(features=0), x)
+
+
+@pytest.mark.parametrize("ops", ["fused", "stock"])
+def test_explicit_term_equals_the_batched_formula(ops, monkeypatch):
+    """One exam and one group of channels at a time, sampled again for the backward: the loss and gradients
+    of lncc(features, sample(atlas, coords)) over every channel and exam at once."""
+    n, shape = 2, (S, S - 1, S + 1)
+    monkeypatch.setattr(objective, "LNCC_GROUP_ELEMENTS", 3 * S**3)
+    ops_ = get_ops(ops)
+    coords = (da.identity_coords(shape, batch=n) * 0.9 + 0.03 * torch.randn(n, 3, *shape, generator=g(33)))
+    coords = coords.requires_grad_()
+    feats = torch.rand(n, 7, *shape, generator=g(34))  # groups of 3, 3 and 1 channels
+    atlas = torch.rand(1, 7, 9, 10, 8, generator=g(35), requires_grad=True)
+    w = LossWeights(kernel_size=5)
+    expected = ops_.lncc(feats, ops_.sample(atlas.expand(n, -1, -1, -1, -1), coords), 5, "box", w.eps, "mean")
+    loss = explicit_term(coords, feats, atlas, w, ops)
+    torch.testing.assert_close(loss, expected)
+    for ours, theirs in zip(torch.autograd.grad(loss, (coords, atlas)), torch.autograd.grad(expected, (coords, atlas))):
+        torch.testing.assert_close(ours, theirs)
+
+
+def _framed_map(n, shape, seed):
+    """A smooth map and an affine frame (rotation, anisotropic scale, a reflection in the second exam)."""
+    coords = da.identity_coords(shape, batch=n) * 0.8 + 0.05 * torch.randn(n, 3, *shape, generator=g(seed))
+    frame = torch.zeros(n, 3, 4)
+    for i in range(n):
+        q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g(seed + 1 + i)))
+        frame[i, :, :3] = q @ torch.diag(torch.tensor([0.7, 1.1, 0.9]) * (1 if i == 0 else -1))
+        frame[i, :, 3] = 0.1 * torch.randn(3, generator=g(seed + 5 + i))
+    return coords.requires_grad_(), frame
+
+
+def test_regularisers_of_the_map_relative_to_its_frame_without_making_it():
+    """jacobian_terms / collapse_term given the frame = the terms of frame^-1(c) made explicitly, values and
+    gradients (det J divided by the frame's determinant; variances from the map's covariance)."""
+    from deepatlas_fast.frame import apply_frame, invert_frame
+
+    coords, frame = _framed_map(2, (9, 10, 11), 36)
+    w = LossWeights()
+    ours, theirs = jacobian_terms(coords, w, frame=frame), jacobian_terms(apply_frame(invert_frame(frame), coords), w)
+    for name in ("jacobian", "logdet", "folding", "det_mean", "folding_fraction"):
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    assert theirs["jacobian"].item() > 0 and theirs["logdet"].item() > 0
+    a = torch.autograd.grad(ours["jacobian"] + ours["logdet"], coords)[0]
+    b = torch.autograd.grad(theirs["jacobian"] + theirs["logdet"], coords)[0]
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+    for ratio in (0.25, 0.9):  # (0.9: the guard fires on these maps)
+        ours, theirs = collapse_term(coords, ratio, frame), collapse_term(apply_frame(invert_frame(frame), coords), ratio)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert theirs.item() > 0
+    a, b = torch.autograd.grad(ours, coords)[0], torch.autograd.grad(theirs, coords)[0]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_channel_groups():
+    from deepatlas_fast.objective import LNCC_GROUP_ELEMENTS, _channel_group
+
+    assert _channel_group(9, 256**3) == 3 and _channel_group(9, 160**3) == 9 and _channel_group(9, 512**3) == 1
+    assert _channel_group(2, 8) == 2 and LNCC_GROUP_ELEMENTS == 3 * 256**3
+
+
+def test_spatial_covariance_matches_autograd():
+    from deepatlas_fast.objective import _SpatialCovariance
+
+    x = torch.randn(2, 3, 40, generator=g(37), dtype=torch.float64, requires_grad=True)
+    centred = x - x.mean(dim=2, keepdim=True)
+    expected = centred @ centred.transpose(1, 2) / x.shape[2]
+    ours = _SpatialCovariance.apply(x)
+    torch.testing.assert_close(ours, expected)
+    up = torch.randn(2, 3, 3, generator=g(38), dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(expected, x, up)[0])
+    assert torch.autograd.gradcheck(_SpatialCovariance.apply, (x,))
 
 
 def test_spatial_variance_matches_autograd_var():
