@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
@@ -147,13 +148,15 @@ def _channel_group(channels: int, voxels: int) -> int:
     return max(1, min(channels, LNCC_GROUP_ELEMENTS // max(voxels, 1)))
 
 
-def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights: LossWeights, reduction: str):
+def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights: LossWeights, reduction: str,
+                  remake_where=None):
     """``lncc(features, sample(source, where))`` for one exam, reduced: ``"mean"`` -> the mean over channels and
     voxels; ``"sum"`` -> the NCC map summed over the channels, ``[1, 1, D, H, W]``.
 
     Made a group of channels at a time on large volumes (:data:`LNCC_GROUP_ELEMENTS`; sampling and LNCC are
     channel-wise), and the sampled volume is sampled again in the backward instead of held (the LNCC backward
-    needs it): the backward then holds a group's channels, not C.
+    needs it): the backward then holds a group's channels, not C. ``remake_where`` (a function returning
+    ``where``'s values): the resampling makes ``where`` again too instead of holding it.
     """
     channels = features.shape[1]
     group = _channel_group(channels, features[0, 0].numel())
@@ -163,7 +166,11 @@ def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights:
         group_source, group_features = source[:, start:stop], features[:, start:stop]
         warped = ops.sample(group_source, where)
         # the recipe binds these tensors now: the backward calls it after the caller's loop has moved on
-        with recomputed_when_saved(warped, lambda s=group_source.detach(), w=where.detach(): ops.sample(s, w)):
+        if remake_where is None:
+            remake = partial(ops.sample, group_source.detach(), where.detach())
+        else:
+            remake = partial(_sample_at_remade, ops, group_source.detach(), remake_where)
+        with recomputed_when_saved(warped, remake):
             if reduction == "mean":
                 part = ops.lncc(group_features, warped, weights.kernel_size, weights.kernel, weights.eps, "mean")
                 part = part * ((stop - start) / channels)
@@ -172,6 +179,10 @@ def _sampled_lncc(ops, source: Tensor, where: Tensor, features: Tensor, weights:
                 part = part.sum(dim=1, keepdim=True)
         total = part if total is None else total + part
     return total
+
+
+def _sample_at_remade(ops, source: Tensor, remake_where) -> Tensor:
+    return ops.sample(source, remake_where())
 
 
 def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: LossWeights, ops="fused") -> Tensor:
@@ -190,9 +201,10 @@ def explicit_term(coords: Tensor, features: Tensor, atlas: Tensor, weights: Loss
     # one exam at a time (every exam has the same voxel count, so the mean of the exams' means is the mean):
     # the LNCC backward's working set (the sampled atlas features, sampled again, and their gradient) is one
     # exam's, and the atlas is sampled as it is instead of expanded to N copies
-    for a in range(n):
+    # (unbound, not sliced: each slice's backward made a zero map of the whole batch's size)
+    for a, exam in enumerate(coords.unbind(0)):
         source = atlas[a : a + 1] if atlas.shape[0] == n else atlas
-        term = _sampled_lncc(ops, source, coords[a : a + 1], features[a : a + 1], weights, "mean")
+        term = _sampled_lncc(ops, source, exam.unsqueeze(0), features[a : a + 1], weights, "mean")
         total = term if total is None else total + term
     return total / n
 
@@ -234,17 +246,23 @@ def implicit_term(
     features = features.float()
     psi, valid = ops.invert(coords, tuple(template_shape), weights.invert_iters, weights.invert_tol)
     mask = ops.sample(valid[partners].to(coords.dtype), coords.detach(), "zeros") >= 0.5  # [N, 1, D, H, W]
-    target = ops.sample(psi[partners], coords)  # position in exam b of each voxel of exam a
-    target = torch.where(mask, target, target.detach())
     maskf = mask.to(coords.dtype)
     sources = features.detach()
     total = None
-    # one exam at a time, on batch slices (views): no permuted copy of the feature volumes or of the
-    # targets is held until the backward, and the LNCC backward's working set is one exam's (the NCC map's
-    # gradient, the mask broadcast over the channels, reaches the C++ kernels unexpanded)
-    for a, b in enumerate(partners):
-        # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
-        ncc = _sampled_lncc(ops, sources[b : b + 1], target[a : a + 1], features[a : a + 1], weights, "sum")
+    # one exam at a time, on batch views: no permuted copy of the feature volumes is made, and the LNCC backward's
+    # working set is one exam's (the NCC map's gradient, the mask broadcast over the channels, reaches the C++
+    # kernels unexpanded). The exam's targets (where in exam b lies the anatomy each voxel of exam a maps to) are
+    # sampled again in the backward instead of held; the maps are unbound, not sliced (each slice's backward made
+    # a zero map of the whole batch's size).
+    for a, (b, exam) in enumerate(zip(partners, coords.unbind(0))):
+        exam = exam.unsqueeze(0)
+        remake_target = partial(ops.sample, psi[b : b + 1].detach(), exam.detach())
+        target = ops.sample(psi[b : b + 1], exam)
+        target = torch.where(mask[a : a + 1], target, target.detach())  # no gradient through invalid points
+        with recomputed_when_saved(target, remake_target):
+            # channels summed before the mask: one volume of temporary instead of a masked copy of the NCC map
+            ncc = _sampled_lncc(ops, sources[b : b + 1], target, features[a : a + 1], weights, "sum", remake_target)
+        del target
         masked = (ncc * maskf[a : a + 1]).sum()
         total = masked if total is None else total + masked
     count = maskf.sum() * features.shape[1]
