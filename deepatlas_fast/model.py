@@ -182,17 +182,6 @@ def _convolve_as(conv: nn.Conv3d, x: Tensor, dtype: torch.dtype) -> Tensor:
     return F.conv3d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride, conv.padding)
 
 
-def _cat_channels(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.cat`` along channels, in the channels-last layout when an input is in it (a convolution's
-    output with channels-last weights, :func:`set_convolution_memory_format`): the next convolution then
-    reads the result as is, instead of a mixed concatenation coming out contiguous and converted."""
-    channels_last = any(t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
-                        for t in tensors)
-    if not channels_last:
-        return torch.cat(list(tensors), dim=1)
-    return torch.cat([t.contiguous(memory_format=torch.channels_last_3d) for t in tensors], dim=1)
-
-
 def _check_images(name: str, x, in_channels: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N, {in_channels}, D, H, W], got {type(x).__name__}")
@@ -498,11 +487,23 @@ class FeatureNet(nn.Module):
         )
 
     def encode(self, x: Tensor) -> Tensor:
-        """``[N, C, D, H, W]`` -> features ``[N, F, D, H, W]``."""
+        """``[N, C, D, H, W]`` -> features ``[N, F, D, H, W]``.
+
+        ``code(cat([fine, resize(coarse)]))``, computed without either: the code's first convolution runs on the
+        fine path with its slice of the weight and on the coarse path by slabs as it is resized
+        (:func:`~deepatlas_fast.upsampled_conv.upsampled_conv3d`), so the 48 channels of the concatenation and the
+        32 of the resized context never exist at full resolution (they were a training step's peak with
+        activation checkpointing).
+        """
         _check_images("x", x, self.in_channels)
         fine = self.fine(x)
-        coarse = F.interpolate(self.coarse(fine), size=x.shape[2:], mode="trilinear", align_corners=False)
-        return self.code(_cat_channels([fine, coarse]))
+        coarse = self.coarse(fine)
+        conv, activation, head = self.code
+        width = fine.shape[1]
+        y = F.conv3d(fine, conv.weight[:, :width], conv.bias, conv.stride, conv.padding)
+        # a convolution's output is not saved for its backward: adding in place is safe
+        y = y.add_(upsampled_conv3d(coarse, conv.weight[:, width:], x.shape[2:], align_corners=False))
+        return head(activation(y))
 
     def decode(self, features: Tensor) -> Tensor:
         """``[N, F, D, H, W]`` -> reconstruction ``[N, C, D, H, W]``."""

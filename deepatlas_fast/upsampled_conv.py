@@ -7,7 +7,8 @@ again the same way and sends each slab's gradient straight to the coarse tensor.
 resized input (nor, in the backward, the resized input and its gradient together): the coarse input, a slab's
 worth of planes and the output instead.
 
-The resize is ``F.interpolate(h, size, mode="trilinear", align_corners=True)`` (the CoordNet's "corners" grid)
+The resize is ``F.interpolate(h, size, mode="trilinear", align_corners=...)`` (True: the CoordNet's "corners" grid;
+False: the feature autoencoder's context path)
 computed within each coarse plane, then between them (a matrix of two weights per fine plane applied to the
 coarse planes), in float32 (or
 float64) and rounded once to ``h``'s dtype: equal to the trilinear op up to float rounding.
@@ -52,18 +53,22 @@ class Upsampled:
         return _resize(self.source, self.size)
 
 
-def _resize(h: Tensor, size: Sequence[int]) -> Tensor:
+def _resize(h: Tensor, size: Sequence[int], align_corners: bool = True) -> Tensor:
     if tuple(h.shape[2:]) == tuple(size):
         return h
-    return F.interpolate(h, size=tuple(size), mode="trilinear", align_corners=True)
+    return F.interpolate(h, size=tuple(size), mode="trilinear", align_corners=align_corners)
 
 
 class _PlaneTable:
-    """Fine plane ``j`` = ``(1 - t[j]) * coarse[lo[j]] + t[j] * coarse[hi[j]]`` (``align_corners=True``)."""
+    """Fine plane ``j`` = ``(1 - t[j]) * coarse[lo[j]] + t[j] * coarse[hi[j]]`` (``F.interpolate``'s positions)."""
 
-    def __init__(self, fine: int, coarse: int, device):
-        scale = (coarse - 1) / (fine - 1) if fine > 1 else 0.0
-        position = [j * scale for j in range(fine)]
+    def __init__(self, fine: int, coarse: int, device, align_corners: bool = True):
+        if align_corners:
+            scale = (coarse - 1) / (fine - 1) if fine > 1 else 0.0
+            position = [j * scale for j in range(fine)]
+        else:  # pixel centres, clamped at the first
+            position = [max((j + 0.5) * coarse / fine - 0.5, 0.0) for j in range(fine)]
+        self.align_corners = align_corners
         self.lo = [min(int(p), coarse - 1) for p in position]
         self.hi = [min(lo + 1, coarse - 1) for lo in self.lo]
         self.t = [p - lo for p, lo in zip(position, self.lo)]
@@ -84,7 +89,8 @@ class _PlaneTable:
         # not under autocast (its matmul in bfloat16 would round the weights; the backward's remake runs without it)
         with torch.autocast(h_rows.device.type, enabled=False):
             if tuple(x.shape[3:]) != tuple(plane_size):  # within the planes first: fewer coarse planes than fine ones
-                x = F.interpolate(x, size=(x.shape[2], *plane_size), mode="trilinear", align_corners=True)
+                x = F.interpolate(x, size=(x.shape[2], *plane_size), mode="trilinear",
+                                  align_corners=self.align_corners)
             weights = self.weights(first_coarse, first_coarse + x.shape[2], start, stop, x.dtype)
             return _mix_planes(weights, x).to(h_rows.dtype)
 
@@ -135,9 +141,9 @@ def _slabs(table: _PlaneTable, depth: int, rows: int):
 
 class _UpsampledConv3d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, size, rows):
+    def forward(ctx, h, weight, size, rows, align_corners):
         layout = _layout(weight)
-        table = _PlaneTable(size[0], h.shape[2], h.device)
+        table = _PlaneTable(size[0], h.shape[2], h.device, align_corners)
         out = None
         for out_start, out_stop, first, last in _slabs(table, size[0], rows):
             x = _slab_input(h[:, :, first:last], first, table, size, out_start, out_stop, layout)
@@ -147,7 +153,7 @@ class _UpsampledConv3d(torch.autograd.Function):
                                   memory_format=layout)
             out[:, :, out_start:out_stop] = y
         ctx.save_for_backward(h, weight)
-        ctx.size, ctx.rows, ctx.layout = tuple(size), rows, layout
+        ctx.size, ctx.rows, ctx.layout, ctx.align_corners = tuple(size), rows, layout, align_corners
         return out
 
     @staticmethod
@@ -156,9 +162,9 @@ class _UpsampledConv3d(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         size, rows, layout = ctx.size, ctx.rows, ctx.layout
         need_h, need_w = ctx.needs_input_grad[:2]
-        table = _PlaneTable(size[0], h.shape[2], h.device)
+        table = _PlaneTable(size[0], h.shape[2], h.device, ctx.align_corners)
         dtype = grad.dtype  # the forward convolution's (autocast's) dtype
-        w = weight.detach().to(dtype)
+        w = weight.detach().to(dtype).contiguous(memory_format=layout)  # (a slice of a weight is not)
         # slabs overlap on coarse planes: their gradients are summed in at least float32
         grad_h = torch.zeros(h.shape, dtype=_accumulation(h), device=h.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=_accumulation(weight), device=weight.device) if need_w else None
@@ -174,7 +180,7 @@ class _UpsampledConv3d(torch.autograd.Function):
                 grad_h[:, :, first:last] += torch.autograd.grad(x, h_rows, grad_x.to(x.dtype))[0]
             if need_w:
                 grad_w += grad_slab_w
-        return (grad_h.to(h.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None, None, None)
+        return (grad_h.to(h.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None, None, None, None)
 
 
 def _accumulation(t: Tensor) -> torch.dtype:
@@ -186,8 +192,9 @@ def _layout(t: Tensor) -> torch.memory_format:
     return torch.channels_last_3d if t.stride(1) == 1 and t.shape[1] > 1 else torch.contiguous_format
 
 
-def upsampled_conv3d(h: Tensor, weight: Tensor, size: Sequence[int], rows: Optional[int] = None) -> Tensor:
-    """``F.conv3d(F.interpolate(h, size, mode="trilinear", align_corners=True), weight, padding=1)`` (no bias;
+def upsampled_conv3d(h: Tensor, weight: Tensor, size: Sequence[int], rows: Optional[int] = None,
+                     align_corners: bool = True) -> Tensor:
+    """``F.conv3d(F.interpolate(h, size, mode="trilinear", align_corners=align_corners), weight, padding=1)`` (no bias;
     stride 1; ``weight [C_out, C_in, 3, 3, 3]``) made ``rows`` output planes at a time (default
     :func:`slab_rows`), forward and backward, without holding the resized tensor (a single slab still makes it
     whole, briefly, in the forward and again in the backward). Under ``torch.compile`` it is that expression
@@ -204,5 +211,5 @@ def upsampled_conv3d(h: Tensor, weight: Tensor, size: Sequence[int], rows: Optio
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     if torch.compiler.is_compiling():
-        return F.conv3d(_resize(h, size), weight, None, 1, 1)
-    return _UpsampledConv3d.apply(h, weight, size, rows)
+        return F.conv3d(_resize(h, size, align_corners), weight, None, 1, 1)
+    return _UpsampledConv3d.apply(h, weight, size, rows, bool(align_corners))

@@ -230,7 +230,10 @@ def test_dot_inplane_passes_match_reference(device, d, h, w, c, k, kernel, reduc
         patch.setattr(kernels, "INPLANE", "dot")
         a, b = pair((1, c, d, h, w), seed, device=device)
         check("triton", a, b, k, kernel, reduction, needs=[NEEDS[seed % 3]], seed=seed)
-        check("triton", a.float(), b.float(), k, kernel, reduction, needs=[(True, True)], rel=1e-5, seed=seed)
+        # float32 on volumes smaller than the window is ill-conditioned: a single voxel with k=3 has 26 of its 27
+        # taps in the zero padding, its variance 1/27 of its second moment, and float32 gradients off by 2e-5
+        # where the float64 one is 0 (hypothesis found it; the scratch passes give the same digits)
+        check("triton", a.float(), b.float(), k, kernel, reduction, needs=[(True, True)], rel=1e-4, seed=seed)
         flat = torch.full(a.shape, -1000.0, dtype=torch.float64, device=device)
         check("triton", flat, b, k, kernel, reduction, needs=[(True, True)], rel=1e-5, seed=seed)
 

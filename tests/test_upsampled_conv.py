@@ -12,8 +12,8 @@ def g(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def reference(h, weight, size):
-    return F.conv3d(F.interpolate(h, size=size, mode="trilinear", align_corners=True), weight, padding=1)
+def reference(h, weight, size, align_corners=True):
+    return F.conv3d(F.interpolate(h, size=size, mode="trilinear", align_corners=align_corners), weight, padding=1)
 
 
 CASES = [  # coarse grid, fine grid, planes per slab
@@ -30,14 +30,15 @@ CASES = [  # coarse grid, fine grid, planes per slab
 
 @pytest.mark.parametrize("coarse,fine,rows", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_resize_then_convolution_forward_and_backward(coarse, fine, rows, channels_last):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_matches_resize_then_convolution_forward_and_backward(coarse, fine, rows, channels_last, align_corners):
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     h = torch.randn(2, 3, *coarse, generator=g(1), dtype=torch.float64).contiguous(memory_format=layout)
     weight = torch.randn(4, 3, 3, 3, 3, generator=g(2), dtype=torch.float64).contiguous(memory_format=layout)
     h.requires_grad_()
     weight.requires_grad_()
-    expected = reference(h, weight, fine)
-    out = upsampled_conv3d(h, weight, fine, rows=rows)
+    expected = reference(h, weight, fine, align_corners)
+    out = upsampled_conv3d(h, weight, fine, rows=rows, align_corners=align_corners)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn(expected.shape, generator=g(3), dtype=torch.float64)
@@ -46,10 +47,12 @@ def test_matches_resize_then_convolution_forward_and_backward(coarse, fine, rows
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_gradcheck(rows):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_gradcheck(rows, align_corners):
     h = torch.randn(1, 2, 3, 2, 3, generator=g(4), dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 2, 3, 3, 3, generator=g(5), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: upsampled_conv3d(a, b, (5, 4, 5), rows=rows), (h, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, b: upsampled_conv3d(a, b, (5, 4, 5), rows=rows, align_corners=align_corners), (h, weight))
 
 
 @pytest.mark.parametrize("need", ["h", "weight"])
@@ -177,3 +180,23 @@ def test_cuda_matches_resize_then_convolution(channels_last, monkeypatch):
     assert low.dtype == stock.dtype == torch.bfloat16
     assert (low.float() - theirs).abs().max() <= 1.5 * (stock.float() - theirs).abs().max() + 1e-3 * theirs.abs().max()
     assert torch.autograd.grad(low.float().sum(), weight)[0].dtype == torch.float32
+
+
+def test_feature_encoder_equals_its_concatenated_formula():
+    """FeatureNet.encode = code(cat([fine, resize(coarse)])) (align_corners=False), made without either."""
+    from deepatlas_fast.model import FeatureNet
+
+    torch.manual_seed(0)
+    net = FeatureNet(features=3, width=4).double()
+    x = torch.rand(2, 1, 9, 12, 11, generator=g(20), dtype=torch.float64)
+
+    def concatenated(x):
+        fine = net.fine(x)
+        coarse = F.interpolate(net.coarse(fine), size=x.shape[2:], mode="trilinear", align_corners=False)
+        return net.code(torch.cat([fine, coarse], dim=1))
+
+    ours, theirs = net.encode(x), concatenated(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    params = list(net.fine.parameters()) + list(net.coarse.parameters()) + list(net.code.parameters())
+    for a, b in zip(torch.autograd.grad(ours.square().sum(), params), torch.autograd.grad(theirs.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
