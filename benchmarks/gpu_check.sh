@@ -10,8 +10,8 @@
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
 # _SPLAT / _INVERT_SPLAT=tiled) are tested first and join the report, the profile, ncu and the tiledloss
 # training step only if their tests pass.
-# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu lossmem
-# train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
+# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu upconv
+# lossmem train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
 # Issues 3/4 need the full report (160^3 and 256^3, batch 1 and 2, torch.compile, C=16, 2x16x128^3), which does
 # not fit beside the tests: a second call, after a first one whose tiled tests passed, e.g.
@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train trainnhwc tiledloss train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu upconv lossmem train trainnhwc tiledloss train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -100,7 +100,7 @@ if has report; then
     log "waiting for peers"; wait "$PEERS_PID"; tail -n 3 /tmp/peers.txt; cat /tmp/peers.txt >> "$OUT/setup.txt"
   fi
   log "kernel report"
-  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-60}" $PY benchmarks/gpu_report.py --out "$OUT" \
+  PYTHONPATH="$PEERS:${PYTHONPATH:-}" timeout "${REPORT_TIMEOUT:-50}" $PY benchmarks/gpu_report.py --out "$OUT" \
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls $REPORT_SKIP --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
@@ -131,6 +131,12 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   command -v ncu >/dev/null 2>&1 || log "ncu: not found"
+fi
+
+if has upconv; then  # a decoder's upsampled convolution by slabs against resize + conv3d at 256^3 (time, memory)
+  log "upsampled convolution: slabs vs resize + conv3d"
+  timeout "${UPCONV_TIMEOUT:-10}" $PY benchmarks/upsampled_conv_bench.py >> "$OUT/train_step.log" 2>&1
+  echo "upsampled convolution exit code: $?" | tee -a "$OUT/train_step.log"
 fi
 
 if has lossmem; then  # the objective's peak by allocation site at 256^3 (the CPU's table: 2026-11-27-loss-memory.md)

@@ -200,3 +200,19 @@ def test_feature_encoder_equals_its_concatenated_formula():
     params = list(net.fine.parameters()) + list(net.coarse.parameters()) + list(net.code.parameters())
     for a, b in zip(torch.autograd.grad(ours.square().sum(), params), torch.autograd.grad(theirs.square().sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_benchmark_script_runs_on_the_cpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "upsampled_conv_bench.py"), "--device", "cpu", "--side", "9",
+         "--cin", "4", "--cout", "2", "--reps", "1"],
+        capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| fp32 | resize + conv3d |" in proc.stdout and "| bf16 | slabs 2 |" in proc.stdout
