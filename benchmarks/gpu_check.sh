@@ -146,6 +146,7 @@ if has lossmem; then  # the objective's peak by allocation site at 256^3 (the CP
   echo "loss memory exit code: $?" | tee -a "$OUT/train_step.log"
 fi
 
+# The training steps run with cuDNN's benchmark mode, as train does (the tables of 2026-11-26/27 ran without it).
 if has train; then  # "fused" = the default backends (DEFAULT_ORDER), or TRAIN_BACKEND for all ops
   log "training step"
   DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${TRAIN_TIMEOUT:-75}" $PY benchmarks/train_step_gpu.py \

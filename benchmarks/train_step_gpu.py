@@ -62,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--no-find-max", dest="find_max", action="store_false")
     p.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
                    help="layout of the convolution weights and activations (train's config.memory_format)")
+    p.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true", default=True,
+                   help="let cuDNN time its convolution algorithms for each shape, as train does (default on; its "
+                        "choice can also change the workspace memory)")
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     p.add_argument("--time-breakdown", action="store_true",
                    help="also profile one loss-side forward + backward: time by kernel (first size and ops)")
     p.add_argument("--memory-breakdown", action="store_true",
@@ -265,6 +269,7 @@ def main(argv=None) -> int:
         print("train_step_gpu: --device cuda but no CUDA device; use --device cpu (with --quick)", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # (train sets it: fixed crop shapes per stage)
     lines = [
         "# DeepATLAS training step: memory and time",
         "",
@@ -273,7 +278,8 @@ def main(argv=None) -> int:
         f"date {datetime.date.today().isoformat()}",
         f"- model: CoordNet base {args.base}, {args.levels} levels, {args.frame} frame; autoencoder {args.features} channels (frozen); "
         f"template {args.template}^3; batch {args.batch}; AdamW + clipping; default LossWeights; "
-        f"{args.memory_format} convolutions",
+        f"{args.memory_format} convolutions" + (", cuDNN benchmark mode" if device.type == "cuda" and args.cudnn_benchmark
+                                                 else ""),
         f"- backends (fused): " + ", ".join(f"{op}={deepatlas_fast.get_backend(op, device.type)}"
                                              for op in ("sample", "lncc", "jacobian_var", "invert")),
         "- step ms: median of {} steps after a warm-up{}; peak MiB: max allocated during those steps "
