@@ -485,3 +485,24 @@ def test_a_tensor_saved_twice_is_remade_once_and_let_go_after_its_last_use():
     loss.backward()  # the retained graph remakes it again
     assert len(made) == 1
     torch.testing.assert_close(x.grad, 16.0 * x.detach())
+
+
+def test_implicit_term_inverts_the_raw_maps():
+    """deepatlas_loss's implicit term is implicit_term of the raw maps, not of the maps clamped to the template
+    cube: where the clamp binds a map's Jacobian is singular, and inverting the clamped maps of a trained model
+    gave a few voxels on the cube's faces 99 % of the term's gradient (benchmarks/results/2026-11-27-loss-memory.md)."""
+    from deepatlas_fast.model import bound_coords
+
+    shape = (S, S, S)
+    raw = da.identity_coords(shape, batch=2) * 1.3 + 0.03 * torch.randn(2, 3, *shape, generator=g(40))
+    raw.requires_grad_()
+    feats = torch.rand(2, 2, *shape, generator=g(41))
+    model = _model(template=(10, 10, 10))
+    outputs = {"coords": bound_coords(raw), "coords_raw": raw, "features": feats, "atlas": model.atlas}
+    w = LossWeights(explicit=0, jacobian=0, logdet=0, folding=0, collapse=0, bound=0)
+    total, _ = deepatlas_loss(model, torch.rand(2, 1, *shape), w, outputs=outputs)
+    expected = implicit_term(raw, feats, (10, 10, 10), w)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(torch.autograd.grad(total, raw)[0], torch.autograd.grad(expected, raw)[0])
+    clamped = implicit_term(bound_coords(raw), feats, (10, 10, 10), w)
+    assert abs(clamped.item() - expected.item()) > 1e-4
