@@ -7,11 +7,10 @@ again the same way and sends each slab's gradient straight to the coarse tensor.
 resized input (nor, in the backward, the resized input and its gradient together): the coarse input, a slab's
 worth of planes and the output instead.
 
-The resize is ``F.interpolate(h, size, mode="trilinear", align_corners=...)`` (True: the CoordNet's "corners" grid;
-False: the feature autoencoder's context path)
-computed within each coarse plane, then between them (a matrix of two weights per fine plane applied to the
-coarse planes), in float32 (or
-float64) and rounded once to ``h``'s dtype: equal to the trilinear op up to float rounding.
+The resize is ``F.interpolate(h, size, mode="trilinear", align_corners=...)`` (True: the CoordNet's "corners"
+grid; False: the feature autoencoder's context path), computed within each coarse plane, then between them (a
+matrix of two weights per fine plane applied to the coarse planes), in float32 (or float64) and rounded once to
+``h``'s dtype: equal to the trilinear op up to float rounding.
 """
 
 from __future__ import annotations
@@ -63,24 +62,34 @@ class _PlaneTable:
     """Fine plane ``j`` = ``(1 - t[j]) * coarse[lo[j]] + t[j] * coarse[hi[j]]`` (``F.interpolate``'s positions)."""
 
     def __init__(self, fine: int, coarse: int, device, align_corners: bool = True):
-        if align_corners:
-            scale = (coarse - 1) / (fine - 1) if fine > 1 else 0.0
-            position = [j * scale for j in range(fine)]
-        else:  # pixel centres, clamped at the first
-            position = [max((j + 0.5) * coarse / fine - 0.5, 0.0) for j in range(fine)]
-        self.align_corners = align_corners
-        self.lo = [min(int(p), coarse - 1) for p in position]
+        self.fine, self.coarse, self.device, self.align_corners = fine, coarse, device, align_corners
+        # the planes each slab reads, on the host (the same positions as the device's matrix below)
+        self.lo = [min(int(p), coarse - 1) for p in self._positions(torch.arange(fine, dtype=torch.float64)).tolist()]
         self.hi = [min(lo + 1, coarse - 1) for lo in self.lo]
-        self.t = [p - lo for p, lo in zip(position, self.lo)]
-        self.device = device
+        self._matrices = {}
+
+    def _positions(self, fine_index: Tensor) -> Tensor:
+        if self.align_corners:
+            scale = (self.coarse - 1) / (self.fine - 1) if self.fine > 1 else 0.0
+            return fine_index * scale
+        return ((fine_index + 0.5) * (self.coarse / self.fine) - 0.5).clamp_min(0.0)  # pixel centres, clamped
 
     def weights(self, first_coarse: int, last_coarse: int, start: int, stop: int, dtype) -> Tensor:
-        """``[stop - start, last_coarse - first_coarse]``: fine planes ``[start, stop)`` from those coarse planes."""
-        matrix = [[0.0] * (last_coarse - first_coarse) for _ in range(start, stop)]
-        for row, j in zip(matrix, range(start, stop)):
-            row[self.lo[j] - first_coarse] += 1.0 - self.t[j]
-            row[self.hi[j] - first_coarse] += self.t[j]
-        return torch.tensor(matrix, dtype=dtype, device=self.device)
+        """``[stop - start, last_coarse - first_coarse]``: fine planes ``[start, stop)`` from those coarse planes.
+        The whole ``[fine, coarse]`` matrix is made once per dtype on the device (no copy from the host, which
+        would synchronise with a GPU at every slab)."""
+        matrix = self._matrices.get(dtype)
+        if matrix is None:
+            fine_index = torch.arange(self.fine, dtype=torch.float64, device=self.device)
+            position = self._positions(fine_index)
+            lo = position.floor().clamp_max(self.coarse - 1)
+            t = position - lo
+            rows = fine_index.long()
+            matrix = torch.zeros(self.fine, self.coarse, dtype=torch.float64, device=self.device)
+            matrix.index_put_((rows, lo.long()), 1.0 - t, accumulate=True)
+            matrix.index_put_((rows, (lo + 1).clamp_max(self.coarse - 1).long()), t, accumulate=True)
+            matrix = self._matrices[dtype] = matrix.to(dtype)
+        return matrix[start:stop, first_coarse:last_coarse]
 
     def planes(self, h_rows: Tensor, first_coarse: int, start: int, stop: int, plane_size: Sequence[int]) -> Tensor:
         """Fine planes ``[start, stop)`` from ``h_rows`` = coarse planes from ``first_coarse`` on."""
