@@ -135,19 +135,21 @@ class _ConvBlock(nn.Sequential):
 
     def forward(self, *parts: Tensor) -> Tensor:
         conv1, norm1, act1, conv2, norm2, act2 = self
-        x1 = conv1(parts[0]) if len(parts) == 1 and isinstance(parts[0], Tensor) else self._first_convolution(parts)
+        image = parts[0] if len(parts) == 1 and isinstance(parts[0], Tensor) else None
+        x1 = conv1(image) if image is not None else _convolve_parts(conv1, parts)
         low = norm1.low_precision(x1)
         # Not in a checkpointed block (train.enable_activation_checkpointing), which recomputes all of it:
         # recipes saved there held more at the backward's peak, not less.
         if getattr(self, "_deepatlas_checkpointed", False):
             return act2(norm2(conv2(act1(norm1.normalize(x1, low)))))
-        if len(parts) == 1 and isinstance(parts[0], Tensor) and conv1.in_channels <= self.REMADE_INPUT_CHANNELS:
+        if image is not None and conv1.in_channels <= self.REMADE_INPUT_CHANNELS:
             # the norm's saved input (the convolution's output) is convolved again from the image
-            remake_x1 = partial(_convolve_as, conv1, parts[0].detach(), x1.dtype)
+            remake_x1 = partial(_convolve_as, conv1, image.detach(), x1.dtype)
             with recomputed_when_saved(x1, remake_x1):
                 z1 = norm1.normalize(x1, low)
         else:
-            remake_x1 = partial(lambda x: x, x1.detach())  # held by the norm anyway
+            held = x1.detach()  # by the norm anyway
+            remake_x1 = lambda: held  # noqa: E731
             z1 = norm1.normalize(x1, low)
         # the first layer's activation, held by the in-place activation and by the second convolution, is
         # made again from the norm's input in the backward: one tensor per layer instead of two
@@ -155,24 +157,27 @@ class _ConvBlock(nn.Sequential):
             h = conv2(act1(z1))
         return act2(norm2(h))
 
-    def _first_convolution(self, parts: Sequence[Union[Tensor, Upsampled]]) -> Tensor:
-        conv = self[0]
-        channels = [p.channels if isinstance(p, Upsampled) else p.shape[1] for p in parts]
-        if sum(channels) != conv.in_channels:
-            raise ValueError(f"parts must have {conv.in_channels} channels together, got {channels}")
-        out, start = None, 0
-        for part, count in zip(parts, channels):
-            weight = conv.weight[:, start : start + count]
-            start += count
-            if isinstance(part, Upsampled) and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1):
-                y = upsampled_conv3d(part.source, weight, part.size)
-            else:
-                part = part.materialize() if isinstance(part, Upsampled) else part
-                y = F.conv3d(part, weight, None, conv.stride, conv.padding)
-            out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
-        if conv.bias is not None:
-            out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
-        return out
+
+def _convolve_parts(conv: nn.Conv3d, parts: Sequence[Union[Tensor, Upsampled]]) -> Tensor:
+    """``conv(torch.cat(parts, dim=1))`` without the concatenation: each part convolved with its slice of the
+    weight, the results added; an :class:`~deepatlas_fast.upsampled_conv.Upsampled` part resized by slabs as it
+    is convolved (:func:`~deepatlas_fast.upsampled_conv.upsampled_conv3d`)."""
+    channels = [p.channels if isinstance(p, Upsampled) else p.shape[1] for p in parts]
+    if sum(channels) != conv.in_channels:
+        raise ValueError(f"parts must have {conv.in_channels} channels together, got {channels}")
+    out, start = None, 0
+    for part, count in zip(parts, channels):
+        weight = conv.weight[:, start : start + count]
+        start += count
+        if isinstance(part, Upsampled) and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1):
+            y = upsampled_conv3d(part.source, weight, part.size, align_corners=part.align_corners)
+        else:
+            part = part.materialize() if isinstance(part, Upsampled) else part
+            y = F.conv3d(part, weight, None, conv.stride, conv.padding)
+        out = y if out is None else out.add_(y)  # a convolution's output is not saved: in place is safe
+    if conv.bias is not None:
+        out = out.add_(conv.bias.to(out.dtype).view(1, -1, 1, 1, 1))
+    return out
 
 
 def _convolve_as(conv: nn.Conv3d, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -497,13 +502,9 @@ class FeatureNet(nn.Module):
         """
         _check_images("x", x, self.in_channels)
         fine = self.fine(x)
-        coarse = self.coarse(fine)
         conv, activation, head = self.code
-        width = fine.shape[1]
-        y = F.conv3d(fine, conv.weight[:, :width], conv.bias, conv.stride, conv.padding)
-        # a convolution's output is not saved for its backward: adding in place is safe
-        y = y.add_(upsampled_conv3d(coarse, conv.weight[:, width:], x.shape[2:], align_corners=False))
-        return head(activation(y))
+        context = Upsampled(self.coarse(fine), tuple(x.shape[2:]), align_corners=False)
+        return head(activation(_convolve_parts(conv, [fine, context])))
 
     def decode(self, features: Tensor) -> Tensor:
         """``[N, F, D, H, W]`` -> reconstruction ``[N, C, D, H, W]``."""

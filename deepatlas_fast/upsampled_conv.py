@@ -37,19 +37,20 @@ def slab_rows(depth: int) -> int:
 
 @dataclass(frozen=True)
 class Upsampled:
-    """Stands for ``F.interpolate(source, size, mode="trilinear", align_corners=True)`` as a part of a
-    :class:`deepatlas_fast.model._ConvBlock`'s input, whose first convolution then runs
-    :func:`upsampled_conv3d` on it instead of holding the resized tensor."""
+    """Stands for ``F.interpolate(source, size, mode="trilinear", align_corners=align_corners)`` as a part of a
+    convolution's input (:func:`deepatlas_fast.model._convolve_parts`), which then runs :func:`upsampled_conv3d`
+    on it instead of holding the resized tensor."""
 
     source: Tensor
     size: tuple
+    align_corners: bool = True
 
     @property
     def channels(self) -> int:
         return self.source.shape[1]
 
     def materialize(self) -> Tensor:
-        return _resize(self.source, self.size)
+        return _resize(self.source, self.size, self.align_corners)
 
 
 def _resize(h: Tensor, size: Sequence[int], align_corners: bool = True) -> Tensor:
