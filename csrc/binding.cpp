@@ -53,6 +53,9 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
   m.def("jacobian_det_backward(Tensor grad, Tensor field, float[]? scale) -> Tensor");
   m.def("jacobian_var(Tensor field, float[]? scale, bool normalized) -> (Tensor, Tensor)");
   m.def("jacobian_var_backward(Tensor grad_var, Tensor field, float[]? scale, bool normalized) -> Tensor");
+  // the backward by tiles of the CUDA kernels (jacobian_tile.h), and their serial emulation on the CPU
+  m.def("jacobian_det_backward_tiled(Tensor grad, Tensor field, float[]? scale) -> Tensor");
+  m.def("jacobian_var_backward_tiled(Tensor grad_var, Tensor field, float[]? scale, bool normalized) -> Tensor");
   m.def("invert(Tensor coords, int[] out_shape, int iters, float tol) -> (Tensor, Tensor)");
   m.def("invert_backward(Tensor grad, Tensor coords, Tensor inverse, Tensor valid) -> Tensor");
   m.def("invert_displacement(Tensor disp, int iters, float tol) -> (Tensor, Tensor)");

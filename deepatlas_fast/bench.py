@@ -155,6 +155,16 @@ def _cuda_splat_variant(implementation: str, available):
                          available)
 
 
+def _cuda_jacobian_variant(implementation: str, available):
+    """The cuda jacobian_var with DEEPATLAS_FAST_CUDA_JACOBIAN=``implementation`` (its backward): {name: fn}."""
+    import deepatlas_fast as da
+
+    from .ops import _cpp
+
+    return _cuda_variant("jacobian_var", lambda f: da.jacobian_var(f), _cpp.JACOBIAN_CUDA_VARIABLE, implementation,
+                         implementation, available)
+
+
 def backend_of(name: str) -> str:
     """The backend behind a report implementation name: "cuda (tiled)" -> "cuda", "triton" -> "triton"."""
     return name.split(" ")[0]
@@ -290,7 +300,8 @@ def build_cases(
             def make_field(n=n, shape=shape):
                 return (vol_coords(n, 1, shape)[1],), ()
 
-            impls = {**ours("jacobian_var", lambda f: da.jacobian_var(f), point), "stock": stock.jacobian_var,
+            impls = {**ours("jacobian_var", lambda f: da.jacobian_var(f), point),
+                     **_cuda_jacobian_variant("tiled", available), "stock": stock.jacobian_var,
                      **compiled(point, "stock", stock.jacobian_var)}
             cases.append(Case("jacobian_var", f"{n}x{side}³", (n, 1, *shape), 36, make_field, impls, side=side))
         if "invert_displacement" in ops:

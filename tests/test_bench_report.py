@@ -85,6 +85,21 @@ def test_triton_lncc_variant_sets_the_in_plane_passes_for_forward_and_backward(m
     assert similarity.INPLANE == before == "scratch"
 
 
+def test_cuda_jacobian_variant_selects_the_tiled_backward_for_the_measurement(monkeypatch):
+    """The report's "cuda (tiled)" jacobian_var row: DEEPATLAS_FAST_CUDA_JACOBIAN=tiled while it is measured,
+    the default afterwards; no row without the cuda backend."""
+    from deepatlas_fast import bench
+    from deepatlas_fast.ops import _cpp
+
+    monkeypatch.delenv(_cpp.JACOBIAN_CUDA_VARIABLE, raising=False)
+    (name, fn), = bench._cuda_jacobian_variant("tiled", {"cuda": ["jacobian_var"]}).items()
+    assert name == "cuda (tiled)" and bench.backend_of(name) == "cuda"
+    assert bench._cuda_jacobian_variant("tiled", {"cuda": ["lncc"]}) == {}
+    with fn.context():
+        assert _cpp.jacobian_cuda_implementation() == "tiled"
+    assert _cpp.jacobian_cuda_implementation() == "gather"
+
+
 def test_kernel_profile_runs_on_the_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_profile.py"), "--side", "10", "--device", "cpu",

@@ -25,6 +25,7 @@
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/jacobian.h"
 #include "deepatlas_fast/jacobian_host.h"
+#include "deepatlas_fast/jacobian_tile.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -218,6 +219,35 @@ void gather_backward(const T* field, const T* x, const std::vector<T>& coef, T* 
   });
 }
 
+// The CUDA kernel's tiled backward (jacobian_tile.h) run serially, unit after unit (units in parallel), for
+// the raw *_backward_tiled ops: they exist so that the CPU tests check the code the GPU runs.
+template <typename T, bool AFFINE>
+void tiled_backward(const T* field, const T* x, const std::vector<T>& coef, T* grad_field, const Geometry& g) {
+  const tile::Units units = tile::units_of(g);
+  const int64_t per_item = units.tiles() * units.runs;
+  at::parallel_for(0, g.n * per_item, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(tile::kScratchElements);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / per_item, run = i % per_item / units.tiles(), t = i % units.tiles();
+      const int64_t p0 = run * tile::kPlanesPerUnit, p1 = std::min(p0 + tile::kPlanesPerUnit, g.size[0]);
+      tile::backward_unit<T, AFFINE>(SerialExec{}, scratch.data(), field + b * 3 * g.voxels,
+                                     AFFINE ? nullptr : x + b * g.voxels, coef[2 * b], coef[2 * b + 1],
+                                     grad_field + b * 3 * g.voxels, g, t / units.x, t % units.x, p0, p1);
+    }
+  });
+}
+
+// The backward of batch element b from g = coef[2b] * (AFFINE ? det0 : x) + coef[2b+1]: the cpu backend's
+// ring of planes, or the CUDA kernel's tiles (TILED).
+template <typename T, bool AFFINE, bool TILED>
+void backward(const T* field, const T* x, const std::vector<T>& coef, T* grad_field, const Geometry& g) {
+  if (TILED) {
+    tiled_backward<T, AFFINE>(field, x, coef, grad_field, g);
+  } else {
+    gather_backward<T, AFFINE>(field, x, coef, grad_field, g);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // ops
 
@@ -231,8 +261,8 @@ at::Tensor jacobian_det(const at::Tensor& field, std::optional<at::ArrayRef<doub
   return det;
 }
 
-at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
-                                 std::optional<at::ArrayRef<double>> scale) {
+template <bool TILED>
+at::Tensor det_backward(const at::Tensor& grad, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale) {
   const Geometry g = check_field(field);
   check_det_grad(grad, field, g);
   const double s = scale_factor(scale);
@@ -240,7 +270,7 @@ at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_det_backward", [&] {
     std::vector<scalar_t> coef(2 * g.n);
     for (int64_t b = 0; b < g.n; ++b) coef[2 * b] = scalar_t(s), coef[2 * b + 1] = scalar_t(0);
-    gather_backward<scalar_t, false>(field.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), coef,
+    backward<scalar_t, false, TILED>(field.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), coef,
                                      grad_field.mutable_data_ptr<scalar_t>(), g);
   });
   return grad_field;
@@ -265,8 +295,9 @@ std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::op
   return {var, folding};
 }
 
-at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
-                                 std::optional<at::ArrayRef<double>> scale, bool normalized) {
+template <bool TILED>
+at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
+                        bool normalized) {
   const Geometry g = check_field(field);
   check_var_grad(grad_var, field);
   const double s = scale_factor(scale);
@@ -281,9 +312,29 @@ at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& f
       variance_coefficients(stats[b].moments, normalized, weight, s, a, c);
       coef[2 * b] = scalar_t(a), coef[2 * b + 1] = scalar_t(c);
     }
-    gather_backward<scalar_t, true>(f, nullptr, coef, grad_field.mutable_data_ptr<scalar_t>(), g);
+    backward<scalar_t, true, TILED>(f, nullptr, coef, grad_field.mutable_data_ptr<scalar_t>(), g);
   });
   return grad_field;
+}
+
+at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
+                                 std::optional<at::ArrayRef<double>> scale) {
+  return det_backward<false>(grad, field, scale);
+}
+
+at::Tensor jacobian_det_backward_tiled(const at::Tensor& grad, const at::Tensor& field,
+                                       std::optional<at::ArrayRef<double>> scale) {
+  return det_backward<true>(grad, field, scale);
+}
+
+at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
+                                 std::optional<at::ArrayRef<double>> scale, bool normalized) {
+  return var_backward<false>(grad_var, field, scale, normalized);
+}
+
+at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field,
+                                       std::optional<at::ArrayRef<double>> scale, bool normalized) {
+  return var_backward<true>(grad_var, field, scale, normalized);
 }
 
 }  // namespace

@@ -16,15 +16,6 @@ namespace deepatlas_fast {
 
 using namespace lncc::tile;
 
-// Phases run one index after the other: a barrier has nothing to wait for.
-struct SerialExec {
-  template <typename F>
-  void for_each(int n, F&& f) const {
-    for (int i = 0; i < n; ++i) f(i);
-  }
-  void sync() const {}
-};
-
 // The Runner of lncc_tile_host.h: units one after the other within each worker thread.
 template <typename T>
 struct SerialRunner {

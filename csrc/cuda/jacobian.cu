@@ -6,6 +6,8 @@
 // * combine_kernel: one block merges the partials of each batch element in a fixed order (Chan) and writes
 //   the statistics, or the backward's per-batch coefficients: on the device, no host sync.
 // * backward_kernel: the gather of jacobian.h (six taps, U recomputed at each), no atomics.
+// * tiled_backward_kernel (the *_backward_tiled ops): the same gather by tiles, U made once per voxel in
+//   shared memory (jacobian_tile.h), one block per unit.
 // All on the current stream, with allocations sized by the shapes only: CUDA-graph capturable.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +21,7 @@
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/jacobian.h"
 #include "deepatlas_fast/jacobian_host.h"
+#include "deepatlas_fast/jacobian_tile.h"
 
 namespace deepatlas_fast {
 namespace {
@@ -180,6 +183,31 @@ __global__ void backward_kernel(const T* __restrict__ field, const T* __restrict
   for (int k = 0; k < 3; ++k) o[k * g.voxels] = out[k];
 }
 
+// The phases of a unit spread over the block's threads; sync() is the block barrier.
+struct BlockExec {
+  template <typename F>
+  __device__ __forceinline__ void for_each(int n, F&& f) const {
+    for (int i = threadIdx.x; i < n; i += tile::kThreads) f(i);
+  }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+};
+
+// One block per unit: blockIdx.x the tile, blockIdx.y the run of planes, blockIdx.z the batch element;
+// g as backward_kernel.
+template <typename T, bool AFFINE>
+__global__ void __launch_bounds__(tile::kThreads)
+    tiled_backward_kernel(const T* __restrict__ field, const T* __restrict__ x, const T* __restrict__ coef,
+                          T* __restrict__ grad_field, const Geometry g, const T s, const tile::Units units) {
+  __shared__ T scratch[tile::kScratchElements];
+  const int64_t b = blockIdx.z;
+  const int64_t p0 = int64_t(blockIdx.y) * tile::kPlanesPerUnit;
+  const int64_t p1 = p0 + tile::kPlanesPerUnit < g.size[0] ? p0 + tile::kPlanesPerUnit : g.size[0];
+  tile::backward_unit<T, AFFINE>(BlockExec{}, scratch, field + b * 3 * g.voxels,
+                                 AFFINE ? nullptr : x + b * g.voxels, AFFINE ? coef[2 * b] : s,
+                                 AFFINE ? coef[2 * b + 1] : T(0), grad_field + b * 3 * g.voxels, g,
+                                 int64_t(blockIdx.x) / units.x, int64_t(blockIdx.x) % units.x, p0, p1);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // host
 
@@ -206,12 +234,22 @@ at::Tensor launch_statistics(const at::Tensor& field, const Geometry& g, double 
   return partials;
 }
 
-template <typename T, bool AFFINE>
+template <typename T, bool AFFINE, bool TILED>
 void launch_backward(const at::Tensor& field, const T* x, const T* coef, at::Tensor& grad_field, const Geometry& g,
                      double s) {
-  const dim3 grid(blocks_for(g.voxels, kBackwardThreads), static_cast<unsigned int>(g.n));
-  backward_kernel<T, AFFINE><<<grid, kBackwardThreads, 0, current_stream()>>>(
-      field.const_data_ptr<T>(), x, coef, grad_field.mutable_data_ptr<T>(), g, T(s));
+  if (TILED) {
+    const tile::Units units = tile::units_of(g);
+    TORCH_CHECK(units.tiles() <= std::numeric_limits<int32_t>::max() && units.runs <= 65535,
+                "deepatlas_fast: field too large for the tiled Jacobian backward, got ", field.sizes());
+    const dim3 grid(static_cast<unsigned int>(units.tiles()), static_cast<unsigned int>(units.runs),
+                    static_cast<unsigned int>(g.n));
+    tiled_backward_kernel<T, AFFINE><<<grid, tile::kThreads, 0, current_stream()>>>(
+        field.const_data_ptr<T>(), x, coef, grad_field.mutable_data_ptr<T>(), g, T(s), units);
+  } else {
+    const dim3 grid(blocks_for(g.voxels, kBackwardThreads), static_cast<unsigned int>(g.n));
+    backward_kernel<T, AFFINE><<<grid, kBackwardThreads, 0, current_stream()>>>(
+        field.const_data_ptr<T>(), x, coef, grad_field.mutable_data_ptr<T>(), g, T(s));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -229,8 +267,8 @@ at::Tensor jacobian_det(const at::Tensor& field, std::optional<at::ArrayRef<doub
   return det;
 }
 
-at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
-                                 std::optional<at::ArrayRef<double>> scale) {
+template <bool TILED>
+at::Tensor det_backward(const at::Tensor& grad, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale) {
   const Geometry g = check_cuda_field(field);
   check_det_grad(grad, field, g);
   const double s = scale_factor(scale);
@@ -238,7 +276,7 @@ at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field
   at::Tensor grad_field = new_output(field.sizes(), field.options());
   if (grad_field.numel() == 0) return grad_field;
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_det_backward", [&] {
-    launch_backward<scalar_t, false>(field, grad.const_data_ptr<scalar_t>(), nullptr, grad_field, g, s);
+    launch_backward<scalar_t, false, TILED>(field, grad.const_data_ptr<scalar_t>(), nullptr, grad_field, g, s);
   });
   return grad_field;
 }
@@ -265,8 +303,9 @@ std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::op
   return {var, folding};
 }
 
-at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
-                                 std::optional<at::ArrayRef<double>> scale, bool normalized) {
+template <bool TILED>
+at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
+                        bool normalized) {
   const Geometry g = check_cuda_field(field);
   check_var_grad(grad_var, field);
   const double s = scale_factor(scale);
@@ -280,9 +319,29 @@ at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& f
         partials.const_data_ptr<double>(), partials.size(1), g, normalized, s, grad_var.const_data_ptr<scalar_t>(),
         coef.mutable_data_ptr<scalar_t>(), nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_backward<scalar_t, true>(field, nullptr, coef.const_data_ptr<scalar_t>(), grad_field, g, s);
+    launch_backward<scalar_t, true, TILED>(field, nullptr, coef.const_data_ptr<scalar_t>(), grad_field, g, s);
   });
   return grad_field;
+}
+
+at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
+                                 std::optional<at::ArrayRef<double>> scale) {
+  return det_backward<false>(grad, field, scale);
+}
+
+at::Tensor jacobian_det_backward_tiled(const at::Tensor& grad, const at::Tensor& field,
+                                       std::optional<at::ArrayRef<double>> scale) {
+  return det_backward<true>(grad, field, scale);
+}
+
+at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
+                                 std::optional<at::ArrayRef<double>> scale, bool normalized) {
+  return var_backward<false>(grad_var, field, scale, normalized);
+}
+
+at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field,
+                                       std::optional<at::ArrayRef<double>> scale, bool normalized) {
+  return var_backward<true>(grad_var, field, scale, normalized);
 }
 
 }  // namespace

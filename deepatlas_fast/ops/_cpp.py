@@ -91,6 +91,13 @@ INVERT_SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_INVERT_SPLAT"
 INVERT_SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
 
 
+#: The CUDA backward of jacobian_det / jacobian_var: "gather" (cuda/jacobian.cu's backward_kernel, one thread per
+#: voxel making U at its six taps: the default, measured on a GPU) or "tiled" (jacobian_tile.h: U made once per
+#: voxel in shared memory). Read from the environment at each call.
+JACOBIAN_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_JACOBIAN"
+JACOBIAN_CUDA_IMPLEMENTATIONS = ("gather", "tiled")
+
+
 def _environment_choice(variable: str, choices: tuple) -> str:
     choice = os.environ.get(variable, "") or choices[0]
     if choice not in choices:
@@ -111,6 +118,11 @@ def splat_cuda_implementation() -> str:
 def invert_splat_cuda_implementation() -> str:
     """The CUDA invert pyramid's splat :data:`INVERT_SPLAT_CUDA_VARIABLE` selects (default "atomic")."""
     return _environment_choice(INVERT_SPLAT_CUDA_VARIABLE, INVERT_SPLAT_CUDA_IMPLEMENTATIONS)
+
+
+def jacobian_cuda_implementation() -> str:
+    """The CUDA Jacobian backward :data:`JACOBIAN_CUDA_VARIABLE` selects (default "gather")."""
+    return _environment_choice(JACOBIAN_CUDA_VARIABLE, JACOBIAN_CUDA_IMPLEMENTATIONS)
 
 
 def _lncc_kernels(a, kernel_size):
@@ -144,8 +156,14 @@ def jacobian_det(field, scale):
     return _kernels().jacobian_det(field, scale)
 
 
+def _jacobian_tiled(field) -> bool:
+    return field.is_cuda and jacobian_cuda_implementation() == "tiled"
+
+
 def jacobian_det_backward(grad, field, scale):
-    return _kernels().jacobian_det_backward(_as(grad, field.dtype), field, scale)
+    ops = _kernels()
+    backward = ops.jacobian_det_backward_tiled if _jacobian_tiled(field) else ops.jacobian_det_backward
+    return backward(_as(grad, field.dtype), field, scale)
 
 
 def jacobian_var(field, scale, normalized):
@@ -153,7 +171,9 @@ def jacobian_var(field, scale, normalized):
 
 
 def jacobian_var_backward(grad_var, field, scale, normalized):
-    return _kernels().jacobian_var_backward(_as(grad_var, field.dtype), field, scale, normalized)
+    ops = _kernels()
+    backward = ops.jacobian_var_backward_tiled if _jacobian_tiled(field) else ops.jacobian_var_backward
+    return backward(_as(grad_var, field.dtype), field, scale, normalized)
 
 
 def invert(coords, out_shape, iters, tol):

@@ -42,4 +42,14 @@ DA_HD T identity_coordinate(int64_t i, int64_t s) {
   return i < s / 2 ? T(-1) + step * T(i) : T(1) - step * T(s - 1 - i);
 }
 
+// The executor of the tile algorithms (lncc_tile.h, jacobian_tile.h) in their serial CPU emulations: a
+// phase's indices one after the other, so a barrier has nothing to wait for.
+struct SerialExec {
+  template <typename F>
+  void for_each(int n, F&& f) const {
+    for (int i = 0; i < n; ++i) f(i);
+  }
+  void sync() const {}
+};
+
 }  // namespace deepatlas_fast
