@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS = re.compile(r"Used (\d+) registers")
+SHARED = re.compile(r"(\d+) bytes smem")
 
 
 def find_nvcc():
@@ -76,6 +77,8 @@ def compile_one(nvcc, source: Path, stub: Path):
             current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         elif current is not None and (m := REGISTERS.search(line)):
             current["registers"] = int(m.group(1))
+            if m := SHARED.search(line):
+                current["smem"] = int(m.group(1))
     for row, name in zip(rows, demangle([r["kernel"] for r in rows])):
         row["kernel"] = short(name)
     return source.name, proc.returncode, proc.stderr, rows
@@ -85,12 +88,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes (default 2)")
+    parser.add_argument("--only", nargs="+", metavar="FILE.cu", help="compile these csrc/cuda files only")
     args = parser.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
         print("cuda_sm90: nvcc not found (PATH, CUDA_HOME): nothing compiled", file=sys.stderr)
         return 2
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    if args.only:
+        unknown = set(args.only) - {s.name for s in sources}
+        if unknown:
+            parser.error(f"--only: no csrc/cuda/{sorted(unknown)[0]}")
+        sources = [s for s in sources if s.name in args.only]
     with tempfile.TemporaryDirectory() as stub:
         header = Path(stub, "c10", "cuda", "impl", "cuda_cmake_macros.h")
         header.parent.mkdir(parents=True)
@@ -99,18 +108,20 @@ def main(argv=None) -> int:
             results = list(pool.map(lambda s: compile_one(nvcc, s, Path(stub)), sources))
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     lines = [f"# CUDA kernels compiled for sm_90 ({version})", "",
-             "| file | kernel | registers | stack B | spill stores B | spill loads B |", "|---|---|---:|---:|---:|---:|"]
+             "| file | kernel | registers | static smem B | stack B | spill stores B | spill loads B |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     failed = False
     for name, code, stderr, rows in results:
         if code != 0:
             failed = True
-            lines.append(f"| {name} | COMPILE ERROR | | | | |")
+            lines.append(f"| {name} | COMPILE ERROR | | | | | |")
             print(f"cuda_sm90: {name} failed to compile:\n{stderr[-4000:]}", file=sys.stderr)
             continue
         for row in sorted(rows, key=lambda r: r["kernel"]):
             spilled = row.get("spill_stores", 0) or row.get("spill_loads", 0)
             failed |= bool(spilled)
-            lines.append(f"| {name} | `{row['kernel']}` | {row.get('registers', '?')} | {row.get('stack', '?')} | "
+            lines.append(f"| {name} | `{row['kernel']}` | {row.get('registers', '?')} | {row.get('smem', 0)} | "
+                         f"{row.get('stack', '?')} | "
                          f"{row.get('spill_stores', '?')} | {row.get('spill_loads', '?')} |")
     table = "\n".join(lines) + "\n"
     print(table)
