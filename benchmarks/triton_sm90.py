@@ -136,9 +136,9 @@ def exercise_jacobian(bt, dtype):
     grad = torch.randn(2, 1, *coords.shape[2:], dtype=dtype)
     bt.jacobian_det(coords, None)
     bt.jacobian_det_backward(grad, coords, [1.0, 2.0, 3.0])
-    bt.jacobian_var(coords, None, True)
-    bt.jacobian_var_backward(torch.tensor(1.0, dtype=dtype), coords, None, False)
-    bt.jacobian_var_backward(torch.tensor(1.0, dtype=dtype), coords, None, True)
+    stats = bt.jacobian_var(coords, None, True)[2]
+    bt.jacobian_var_backward(torch.tensor(1.0, dtype=dtype), coords, stats, None, False)
+    bt.jacobian_var_backward(torch.tensor(1.0, dtype=dtype), coords, stats, None, True)
 
 
 def exercise_invert(bt, dtype):

@@ -51,11 +51,14 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
         " str reduction, bool need_a, bool need_b) -> Tensor[]");
   m.def("jacobian_det(Tensor field, float[]? scale) -> Tensor");
   m.def("jacobian_det_backward(Tensor grad, Tensor field, float[]? scale) -> Tensor");
-  m.def("jacobian_var(Tensor field, float[]? scale, bool normalized) -> (Tensor, Tensor)");
-  m.def("jacobian_var_backward(Tensor grad_var, Tensor field, float[]? scale, bool normalized) -> Tensor");
+  // (var, folding, stats): stats [N, 2] float64, per batch element the mean and variance of det, for the backward
+  m.def("jacobian_var(Tensor field, float[]? scale, bool normalized) -> (Tensor, Tensor, Tensor)");
+  m.def("jacobian_var_backward(Tensor grad_var, Tensor field, Tensor stats, float[]? scale, bool normalized)"
+        " -> Tensor");
   // the backward by tiles of the CUDA kernels (jacobian_tile.h), and their serial emulation on the CPU
   m.def("jacobian_det_backward_tiled(Tensor grad, Tensor field, float[]? scale) -> Tensor");
-  m.def("jacobian_var_backward_tiled(Tensor grad_var, Tensor field, float[]? scale, bool normalized) -> Tensor");
+  m.def("jacobian_var_backward_tiled(Tensor grad_var, Tensor field, Tensor stats, float[]? scale, bool normalized)"
+        " -> Tensor");
   m.def("invert(Tensor coords, int[] out_shape, int iters, float tol) -> (Tensor, Tensor)");
   m.def("invert_backward(Tensor grad, Tensor coords, Tensor inverse, Tensor valid) -> Tensor");
   m.def("invert_displacement(Tensor disp, int iters, float tol) -> (Tensor, Tensor)");

@@ -23,7 +23,8 @@ element; indices are clamped before any address is formed, so masked lanes stay 
   gradient) and one write of the field gradient, and nothing but the input is saved for backward.
   ``g(q) = a_n * X(q) + b_n`` with per-batch scalars: ``AFFINE=False`` reads X from the incoming
   det-map gradient (``jacobian_det``, a = s, b unused); ``AFFINE=True`` uses the recomputed ``det0(q)``
-  (``jacobian_var``: a, b come from the statistics, recomputed by ``_forward_kernel`` in the backward).
+  (``jacobian_var``: a, b come from the statistics, the forward's third output ``stats``: per batch
+  element the mean and variance of det, so the backward makes no second statistics pass).
 """
 
 from __future__ import annotations
@@ -244,17 +245,20 @@ def jacobian_det_backward(grad, field, scale=None):
 
 
 def jacobian_var(field, scale=None, normalized=False):
+    """(var, folding, stats): stats ``[N, 2]`` float64, per batch element the mean and variance of det, which
+    the backward takes instead of running the statistics again."""
     mean, var, folding = _statistics(field, scale)
+    stats = torch.stack([mean, var], dim=1).to(torch.float64)
     if normalized:
         var = var / (mean * mean).clamp_min(NORMALIZE_FLOOR)
-    return var.mean(), folding.mean()
+    return var.mean(), folding.mean(), stats
 
 
-def jacobian_var_backward(grad_var, field, scale=None, normalized=False):
+def jacobian_var_backward(grad_var, field, stats, scale=None, normalized=False):
     """g(det) = alpha (det - mean) + correction, folded with the scale into ``a det0 + b`` per batch."""
     n = field.shape[0]
     voxels = field[0, 0].numel()
-    mean, var, _ = _statistics(field, scale)
+    mean, var = stats.to(field.dtype).unbind(1)
     weight = grad_var.to(field.dtype) / n
     alpha = 2 * weight / voxels * torch.ones_like(mean)
     beta = -alpha * mean

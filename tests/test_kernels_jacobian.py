@@ -109,6 +109,21 @@ def test_var_matches_reference(backend, device, d, h, w, n, seed, scale, normali
     assert out[0].shape == () and out[1].shape == ()
 
 
+def test_forward_stats_for_the_backward(backend, device):
+    """A backend's jacobian_var also returns what its backward takes instead of a second pass: per batch
+    element the mean and population variance of det, float64, whether normalized or not."""
+    scale = [1.0, -2.0, 0.5]
+    field = near_identity(2, (7, 9, 11), 3, 0.6, torch.float64, device)
+    det = da.reference.jacobian_det(field.cpu(), scale).flatten(1)
+    expected = torch.stack([det.mean(1), det.var(1, unbiased=False)], 1)
+    for name in (backend, "reference"):
+        module = registry.backend_module(name, "jacobian_var")
+        for normalized in (False, True):
+            stats = module.jacobian_var(field, scale, normalized)[2]
+            assert stats.dtype == torch.float64 and stats.shape == (2, 2) and stats.device == field.device
+            torch.testing.assert_close(stats.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_sizes_two_and_large_volume_with_many_programs(backend, device):
     """Size-2 axes, and 24x20x28 cut into 14 (forward) / 4 (backward) Triton programs per batch element:
     the partials and their combination across programs (the cpu kernels' chunks: see the thread test)."""
@@ -204,8 +219,9 @@ def test_cpu_results_do_not_depend_on_the_thread_count(device):
     results = []
     for threads in (1, 2):
         with num_threads(threads):
-            var, folding = ops.jacobian_var(field, scale, True)
-            results.append([var, folding, ops.jacobian_var_backward(var.new_tensor(1.3), field, scale, True),
+            var, folding, stats = ops.jacobian_var(field, scale, True)
+            results.append([var, folding, stats,
+                            ops.jacobian_var_backward(var.new_tensor(1.3), field, stats, scale, True),
                             ops.jacobian_det(field, scale), ops.jacobian_det_backward(grad, field, scale)])
     for one, two in zip(*results):
         assert torch.equal(one, two)
@@ -215,6 +231,7 @@ def _bad_calls(field, grad):
     """(call, message) pairs: raw C++ ops with one bad argument each."""
     ops = torch.ops.deepatlas_fast_C
     one = field.new_tensor(1.0)
+    stats = torch.zeros(field.shape[0], 2, dtype=torch.float64, device=field.device)
     return [
         (lambda: ops.jacobian_det(field[0], None), "field must have 5 dimensions"),
         (lambda: ops.jacobian_var(field[:, :2].contiguous(), None, False), "field must have 3 channels"),
@@ -225,11 +242,14 @@ def _bad_calls(field, grad):
         (lambda: ops.jacobian_det_backward(grad.float(), field, None), "grad must have the dtype of field"),
         (lambda: ops.jacobian_det_backward(grad[:, :, 1:].contiguous(), field, None), "grad must have shape"),
         (lambda: ops.jacobian_det_backward(grad, field, [1.0]), "scale must have 3 entries"),
-        (lambda: ops.jacobian_var_backward(one.expand(2).contiguous(), field, None, False),
+        (lambda: ops.jacobian_var_backward(one.expand(2).contiguous(), field, stats, None, False),
          "grad_var must hold one value"),
-        (lambda: ops.jacobian_var_backward(one.float(), field, None, False), "grad_var must have the dtype of field"),
-        (lambda: ops.jacobian_var_backward(one, field[:, :, :, :1].contiguous(), None, True),
+        (lambda: ops.jacobian_var_backward(one.float(), field, stats, None, False),
+         "grad_var must have the dtype of field"),
+        (lambda: ops.jacobian_var_backward(one, field[:, :, :, :1].contiguous(), stats, None, True),
          "every spatial size >= 2"),
+        (lambda: ops.jacobian_var_backward(one, field, stats[:1].contiguous(), None, True), "stats must have shape"),
+        (lambda: ops.jacobian_var_backward(one, field, stats.float(), None, True), "stats must be float64"),
     ]
 
 

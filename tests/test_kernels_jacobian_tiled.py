@@ -53,9 +53,16 @@ def check_det(field, scale, seed, device, dtype):
     return ours
 
 
+def stats_of(field, scale):
+    """jacobian_var's third output (the backward's per-batch mean and variance of det)."""
+    return ops().jacobian_var(field, scale, False)[2]
+
+
 def check_var(field, scale, normalized, device, dtype, grad_var=1.7):
     grad = torch.tensor(grad_var, dtype=torch.float64)
-    ours = ops().jacobian_var_backward_tiled(grad.to(device, dtype), field.to(device, dtype), scale, normalized)
+    field_d = field.to(device, dtype)
+    ours = ops().jacobian_var_backward_tiled(grad.to(device, dtype), field_d, stats_of(field_d, scale), scale,
+                                             normalized)
     assert_near(ours, reference.jacobian_var_backward(grad, field, scale, normalized), dtype)
     return ours
 
@@ -93,8 +100,8 @@ def test_same_values_as_the_untiled_kernels(device):
     grad_var = torch.tensor(0.3, dtype=torch.float64, device=device)
     pairs = [
         (ops().jacobian_det_backward_tiled(grad, field, SCALES[1]), ops().jacobian_det_backward(grad, field, SCALES[1])),
-        (ops().jacobian_var_backward_tiled(grad_var, field, None, True),
-         ops().jacobian_var_backward(grad_var, field, None, True)),
+        (ops().jacobian_var_backward_tiled(grad_var, field, stats_of(field, None), None, True),
+         ops().jacobian_var_backward(grad_var, field, stats_of(field, None), None, True)),
     ]
     for tiled, untiled in pairs:
         if device == "cpu":
@@ -134,7 +141,10 @@ def test_rejects_bad_inputs(device):
     field = field_of((4, 5, 6), 10, batch=2).to(device)
     grad = torch.randn(2, 1, 4, 5, 6, generator=g(11), dtype=torch.float64).to(device)
     one = torch.tensor(1.0, dtype=torch.float64, device=device)
-    det, var = ops().jacobian_det_backward_tiled, ops().jacobian_var_backward_tiled
+    stats = stats_of(field, None)
+    det = ops().jacobian_det_backward_tiled
+    var = lambda grad_var, f, scale, normalized, s=stats: ops().jacobian_var_backward_tiled(  # noqa: E731
+        grad_var, f, s, scale, normalized)
     cases = [
         (lambda: det(grad, field[:, :2].contiguous(), None), "field must have 3 channels"),
         (lambda: det(grad, field[..., :1].contiguous(), None), "every spatial size >= 2"),
@@ -143,6 +153,8 @@ def test_rejects_bad_inputs(device):
         (lambda: det(grad, field, [1.0, 2.0]), "scale must have 3 entries"),
         (lambda: var(one.expand(2).contiguous(), field, None, False), "grad_var must hold one value"),
         (lambda: var(one.float(), field, None, False), "dtype"),
+        (lambda: var(one, field, None, False, stats[:1].contiguous()), "stats must have shape"),
+        (lambda: var(one, field, None, False, stats.float()), "stats must be float64"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -276,43 +276,47 @@ at::Tensor det_backward(const at::Tensor& grad, const at::Tensor& field, std::op
   return grad_field;
 }
 
-std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
-                                                bool normalized) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field,
+                                                            std::optional<at::ArrayRef<double>> scale,
+                                                            bool normalized) {
   const Geometry g = check_field(field);
   const double s = scale_factor(scale);
   at::Tensor var = new_output({}, field.options());
   at::Tensor folding = new_output({}, field.options());
+  at::Tensor stats = new_output({g.n, 2}, field.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_var", [&] {
-    const std::vector<Partial> stats = batch_statistics(field.const_data_ptr<scalar_t>(), g, scalar_t(s));
+    const std::vector<Partial> partials = batch_statistics(field.const_data_ptr<scalar_t>(), g, scalar_t(s));
     double var_sum = 0, folding_sum = 0;
-    for (const Partial& p : stats) {
-      var_sum += variance_statistic(p.moments, normalized);
-      folding_sum += double(p.folds) / double(g.voxels);
+    for (int64_t b = 0; b < g.n; ++b) {
+      var_sum += variance_statistic(partials[b].moments, normalized);
+      folding_sum += double(partials[b].folds) / double(g.voxels);
+      store_stats(partials[b].moments, stats.mutable_data_ptr<double>() + 2 * b);
     }
     *var.mutable_data_ptr<scalar_t>() = scalar_t(var_sum / double(g.n));
     *folding.mutable_data_ptr<scalar_t>() = scalar_t(folding_sum / double(g.n));
   });
-  return {var, folding};
+  return {var, folding, stats};
 }
 
 template <bool TILED>
-at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
-                        bool normalized) {
+at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
+                        std::optional<at::ArrayRef<double>> scale, bool normalized) {
   const Geometry g = check_field(field);
   check_var_grad(grad_var, field);
+  check_stats(stats, field, g);
   const double s = scale_factor(scale);
   at::Tensor grad_field = new_output(field.sizes(), field.options());
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_var_backward", [&] {
-    const scalar_t* f = field.const_data_ptr<scalar_t>();
-    const std::vector<Partial> stats = batch_statistics(f, g, scalar_t(s));
     const double weight = double(*grad_var.const_data_ptr<scalar_t>()) / double(g.n);
     std::vector<scalar_t> coef(2 * g.n);
     for (int64_t b = 0; b < g.n; ++b) {
       double a, c;
-      variance_coefficients(stats[b].moments, normalized, weight, s, a, c);
+      variance_coefficients(stats_moments(stats.const_data_ptr<double>() + 2 * b, g.voxels), normalized, weight, s,
+                            a, c);
       coef[2 * b] = scalar_t(a), coef[2 * b + 1] = scalar_t(c);
     }
-    backward<scalar_t, true, TILED>(f, nullptr, coef, grad_field.mutable_data_ptr<scalar_t>(), g);
+    backward<scalar_t, true, TILED>(field.const_data_ptr<scalar_t>(), nullptr, coef,
+                                    grad_field.mutable_data_ptr<scalar_t>(), g);
   });
   return grad_field;
 }
@@ -327,14 +331,14 @@ at::Tensor jacobian_det_backward_tiled(const at::Tensor& grad, const at::Tensor&
   return det_backward<true>(grad, field, scale);
 }
 
-at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
+at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
                                  std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<false>(grad_var, field, scale, normalized);
+  return var_backward<false>(grad_var, field, stats, scale, normalized);
 }
 
-at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field,
+at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
                                        std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<true>(grad_var, field, scale, normalized);
+  return var_backward<true>(grad_var, field, stats, scale, normalized);
 }
 
 }  // namespace

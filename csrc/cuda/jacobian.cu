@@ -4,7 +4,8 @@
 //   neighbours; writes the det map (jacobian_det) or, per block, the partials (count, mean, M2, folds) of
 //   jacobian_var (block M2 two-pass, in double; the det map is never written).
 // * combine_kernel: one block merges the partials of each batch element in a fixed order (Chan) and writes
-//   the statistics, or the backward's per-batch coefficients: on the device, no host sync.
+//   the statistics (and the per-batch stats the backward takes): on the device, no host sync.
+// * coefficient_kernel: the backward's per-batch coefficients of g from those stats and grad_var.
 // * backward_kernel: the gather of jacobian.h (six taps, U recomputed at each), no atomics.
 // * tiled_backward_kernel (the *_backward_tiled ops): the same gather by tiles, U made once per voxel in
 //   shared memory (jacobian_tile.h), one block per unit.
@@ -114,14 +115,12 @@ __global__ void __launch_bounds__(kForwardThreads)
 }
 
 // Per batch element, merges its `blocks` partials (thread t takes t, t + THREADS, ..., then a tree: a
-// fixed order). COEF: writes the backward coefficients coef[2b], coef[2b+1] (jacobian.h,
-// variance_coefficients) for the incoming gradient *grad_var; else the batch means of the variance
+// fixed order) and writes its stats row (jacobian.h, store_stats); then the batch means of the variance
 // statistic and of the folding fraction to *var and *folding.
-template <typename T, bool COEF>
+template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const double* __restrict__ partials, const int64_t blocks, const Geometry g, const bool normalized,
-                   const double s, const T* __restrict__ grad_var, T* __restrict__ coef, T* __restrict__ var,
-                   T* __restrict__ folding) {
+                   double* __restrict__ stats, T* __restrict__ var, T* __restrict__ folding) {
   __shared__ Moments moments[kCombineThreads];
   __shared__ double folds[kCombineThreads];
   const int t = threadIdx.x;
@@ -145,22 +144,28 @@ __global__ void __launch_bounds__(kCombineThreads)
       __syncthreads();
     }
     if (t == 0) {
-      if (COEF) {
-        double a, c;
-        variance_coefficients(moments[0], normalized, double(*grad_var) / double(g.n), s, a, c);
-        coef[2 * b] = T(a);
-        coef[2 * b + 1] = T(c);
-      } else {
-        var_sum += variance_statistic(moments[0], normalized);
-        folding_sum += folds[0] / double(g.voxels);
-      }
+      store_stats(moments[0], stats + 2 * b);
+      var_sum += variance_statistic(moments[0], normalized);
+      folding_sum += folds[0] / double(g.voxels);
     }
     __syncthreads();  // moments[0] is overwritten by the next batch element
   }
-  if (!COEF && t == 0) {
+  if (t == 0) {
     *var = T(var_sum / double(g.n));
     *folding = T(folding_sum / double(g.n));
   }
+}
+
+// coef[2b], coef[2b+1] (jacobian.h, variance_coefficients) of batch element b for the incoming *grad_var.
+template <typename T>
+__global__ void coefficient_kernel(const double* __restrict__ stats, const Geometry g, const bool normalized,
+                                   const double s, const T* __restrict__ grad_var, T* __restrict__ coef) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= g.n) return;
+  double a, c;
+  variance_coefficients(stats_moments(stats + 2 * b, g.voxels), normalized, double(*grad_var) / double(g.n), s, a, c);
+  coef[2 * b] = T(a);
+  coef[2 * b + 1] = T(c);
 }
 
 // grad_field at one voxel per thread: the gather of jacobian.h, g = a * (AFFINE ? det0 : x) + b with
@@ -291,43 +296,45 @@ at::Tensor det_backward(const at::Tensor& grad, const at::Tensor& field, std::op
   return grad_field;
 }
 
-std::tuple<at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
-                                                bool normalized) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobian_var(const at::Tensor& field,
+                                                            std::optional<at::ArrayRef<double>> scale,
+                                                            bool normalized) {
   const Geometry g = check_cuda_field(field);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor var = new_output({}, field.options());
   at::Tensor folding = new_output({}, field.options());
+  at::Tensor stats = new_output({g.n, 2}, field.options().dtype(at::kDouble));
   if (g.n == 0) {  // the mean over an empty batch, as the reference
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     folding.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {var, folding};
+    return {var, folding, stats};
   }
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_var", [&] {
     const at::Tensor partials = launch_statistics<scalar_t>(field, g, s);
-    combine_kernel<scalar_t, false><<<1, kCombineThreads, 0, current_stream()>>>(
-        partials.const_data_ptr<double>(), partials.size(1), g, normalized, s, nullptr, nullptr,
+    combine_kernel<scalar_t><<<1, kCombineThreads, 0, current_stream()>>>(
+        partials.const_data_ptr<double>(), partials.size(1), g, normalized, stats.mutable_data_ptr<double>(),
         var.mutable_data_ptr<scalar_t>(), folding.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {var, folding};
+  return {var, folding, stats};
 }
 
 template <bool TILED>
-at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, std::optional<at::ArrayRef<double>> scale,
-                        bool normalized) {
+at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
+                        std::optional<at::ArrayRef<double>> scale, bool normalized) {
   const Geometry g = check_cuda_field(field);
   check_var_grad(grad_var, field);
+  check_stats(stats, field, g);
   const double s = scale_factor(scale);
   const c10::cuda::CUDAGuard guard(field.device());
   at::Tensor grad_field = new_output(field.sizes(), field.options());
   if (grad_field.numel() == 0) return grad_field;
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_jacobian_var_backward", [&] {
-    const at::Tensor partials = launch_statistics<scalar_t>(field, g, s);
     at::Tensor coef = at::empty({g.n, 2}, field.options());
-    combine_kernel<scalar_t, true><<<1, kCombineThreads, 0, current_stream()>>>(
-        partials.const_data_ptr<double>(), partials.size(1), g, normalized, s, grad_var.const_data_ptr<scalar_t>(),
-        coef.mutable_data_ptr<scalar_t>(), nullptr, nullptr);
+    coefficient_kernel<scalar_t><<<blocks_for(g.n, kCombineThreads), kCombineThreads, 0, current_stream()>>>(
+        stats.const_data_ptr<double>(), g, normalized, s, grad_var.const_data_ptr<scalar_t>(),
+        coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_backward<scalar_t, true, TILED>(field, nullptr, coef.const_data_ptr<scalar_t>(), grad_field, g, s);
   });
@@ -344,14 +351,14 @@ at::Tensor jacobian_det_backward_tiled(const at::Tensor& grad, const at::Tensor&
   return det_backward<true>(grad, field, scale);
 }
 
-at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field,
+at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
                                  std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<false>(grad_var, field, scale, normalized);
+  return var_backward<false>(grad_var, field, stats, scale, normalized);
 }
 
-at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field,
+at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
                                        std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<true>(grad_var, field, scale, normalized);
+  return var_backward<true>(grad_var, field, stats, scale, normalized);
 }
 
 }  // namespace

@@ -170,10 +170,10 @@ def jacobian_var(field, scale, normalized):
     return _kernels().jacobian_var(field, scale, normalized)
 
 
-def jacobian_var_backward(grad_var, field, scale, normalized):
+def jacobian_var_backward(grad_var, field, stats, scale, normalized):
     ops = _kernels()
     backward = ops.jacobian_var_backward_tiled if _jacobian_tiled(field) else ops.jacobian_var_backward
-    return backward(_as(grad_var, field.dtype), field, scale, normalized)
+    return backward(_as(grad_var, field.dtype), field, stats, scale, normalized)
 
 
 def invert(coords, out_shape, iters, tol):

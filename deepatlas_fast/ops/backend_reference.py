@@ -23,8 +23,14 @@ lncc = _lncc.lncc
 lncc_backward = _lncc.lncc_backward
 jacobian_det = _jacobian.jacobian_det
 jacobian_det_backward = _jacobian.jacobian_det_backward
-jacobian_var = _jacobian.jacobian_var
-jacobian_var_backward = _jacobian.jacobian_var_backward
+jacobian_var = _jacobian.jacobian_var_with_stats  # (var, folding, stats [N, 2] float64: mean and variance of det)
+
+
+def jacobian_var_backward(grad_var, field, stats, scale, normalized):
+    """The forward's ``stats`` go unused: the reference makes det again for its per-voxel gradient."""
+    return _jacobian.jacobian_var_backward(grad_var, field, scale, normalized)
+
+
 invert = _invert.invert_forward
 invert_backward = _invert.invert_backward
 invert_displacement = _invert.invert_displacement_forward

@@ -50,7 +50,9 @@ def _var_forward(field, scale, normalized):
 
 
 @torch.library.custom_op("deepatlas_fast::jacobian_var", mutates_args=())
-def _var_op(field: Tensor, scale: Optional[list[float]], normalized: bool) -> tuple[Tensor, Tensor]:
+def _var_op(field: Tensor, scale: Optional[list[float]], normalized: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(var, folding, stats): stats ``[N, 2]`` float64 (per batch element the mean and variance of det) are
+    for the backward, which then needs no second pass over the field; the public function drops them."""
     _check(field)
     return _var_forward(field, scale, normalized)
 
@@ -58,23 +60,23 @@ def _var_op(field: Tensor, scale: Optional[list[float]], normalized: bool) -> tu
 @_var_op.register_fake
 def _(field, scale, normalized):
     _check(field)
-    return field.new_empty(()), field.new_empty(())
+    return field.new_empty(()), field.new_empty(()), field.new_empty((field.shape[0], 2), dtype=torch.float64)
 
 
-def _var_backward(grad_var, field, scale, normalized, backend_name):
+def _var_backward(grad_var, field, stats, scale, normalized, backend_name):
     impl = backward_backend(backend_name, "jacobian_var")
-    return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), scale, normalized)
+    return impl.jacobian_var_backward(grad_var.contiguous(), field.contiguous(), stats.contiguous(), scale, normalized)
 
 
 @torch.library.custom_op("deepatlas_fast::jacobian_var_backward", mutates_args=())
 def _var_backward_op(
-    grad_var: Tensor, field: Tensor, scale: Optional[list[float]], normalized: bool, backend_name: str
+    grad_var: Tensor, field: Tensor, stats: Tensor, scale: Optional[list[float]], normalized: bool, backend_name: str
 ) -> Tensor:
-    return _var_backward(grad_var, field, scale, normalized, backend_name)
+    return _var_backward(grad_var, field, stats, scale, normalized, backend_name)
 
 
 @_var_backward_op.register_fake
-def _(grad_var, field, scale, normalized, backend_name):
+def _(grad_var, field, stats, scale, normalized, backend_name):
     return field.new_empty(field.shape)
 
 
@@ -91,14 +93,14 @@ def _det_gradient(ctx, needs, backward, grad):
 
 def _var_setup(ctx, inputs, output):
     field, ctx.scale, ctx.normalized = inputs
-    ctx.save_for_backward(field)
+    ctx.save_for_backward(field, output[2])
     ctx.backend = forward_backend("jacobian_var", field)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _var_gradient(ctx, needs, backward, grad_var, _grad_folding):
-    (field,) = ctx.saved_tensors
-    return backward(grad_var, field, ctx.scale, ctx.normalized, ctx.backend), None, None
+def _var_gradient(ctx, needs, backward, grad_var, _grad_folding, _grad_stats):
+    field, stats = ctx.saved_tensors
+    return backward(grad_var, field, stats, ctx.scale, ctx.normalized, ctx.backend), None, None
 
 
 JACOBIAN_DET = EagerOp("jacobian_det", _det_forward, _det_setup, _det_gradient, _det_backward)
@@ -153,5 +155,5 @@ def jacobian_var(
     if not isinstance(normalized, bool):
         raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
     check_finite("field", field)
-    var, folding = JACOBIAN_VAR(field, scale, normalized)
+    var, folding, _ = JACOBIAN_VAR(field, scale, normalized)
     return (var, folding) if return_folding else var

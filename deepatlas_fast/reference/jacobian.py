@@ -86,13 +86,20 @@ def jacobian_var(
     The variance is the population variance (divides by the voxel count); with ``normalized`` it is
     divided by ``max(mean(det)^2, 1e-12)`` per batch element.
     """
+    var, folding, _ = jacobian_var_with_stats(field, scale, normalized)
+    return var, folding
+
+
+def jacobian_var_with_stats(field: torch.Tensor, scale: Optional[Sequence[float]] = None, normalized: bool = False):
+    """:func:`jacobian_var` and its ``stats``: ``[N, 2]`` float64, per batch element the mean and the
+    population variance of det (not divided), which the backends' backward takes from the forward."""
     det = jacobian_det(field, scale).flatten(1)
     mean = det.mean(dim=1, keepdim=True)
-    var = ((det - mean) ** 2).mean(dim=1)
-    if normalized:
-        var = var / (mean.squeeze(1) ** 2).clamp_min(NORMALIZE_FLOOR)
+    spread = ((det - mean) ** 2).mean(dim=1)
+    var = spread / (mean.squeeze(1) ** 2).clamp_min(NORMALIZE_FLOOR) if normalized else spread
     folding = (det <= 0).to(det.dtype).mean(dim=1)
-    return var.mean(), folding.mean()
+    stats = torch.stack([mean.squeeze(1), spread], dim=1).detach().to(torch.float64)
+    return var.mean(), folding.mean(), stats
 
 
 def jacobian_var_backward(grad_var, field, scale: Optional[Sequence[float]] = None, normalized: bool = False):

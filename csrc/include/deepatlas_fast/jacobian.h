@@ -187,6 +187,17 @@ DA_HD Moments merge_moments(const Moments& a, const Moments& b) {
   return Moments{count, a.mean + delta * weight, a.m2 + b.m2 + delta * delta * a.count * weight};
 }
 
+// jacobian_var's stats row of a batch element (mean, population variance of the scaled det: the forward's
+// third output, which the backward takes) from its moments, and back.
+DA_HD void store_stats(const Moments& m, double* row) {
+  row[0] = m.mean;
+  row[1] = m.m2 / m.count;
+}
+
+DA_HD Moments stats_moments(const double* row, int64_t voxels) {
+  return Moments{double(voxels), row[0], row[1] * double(voxels)};
+}
+
 constexpr double kNormalizeFloor = 1e-12;  // reference NORMALIZE_FLOOR: floor of mean(det)^2
 
 // The per-batch variance statistic of jacobian_var: M2 / voxels, divided by max(mean^2, floor) when normalized.

@@ -57,6 +57,17 @@ inline void check_var_grad(const at::Tensor& grad_var, const at::Tensor& field) 
   check_device(grad_var, "grad_var", field, "field");
 }
 
+// jacobian_var's per-batch statistics [N, 2] float64 (mean, population variance of the scaled det), which
+// its backward takes from the forward instead of a second pass over the field.
+inline void check_stats(const at::Tensor& stats, const at::Tensor& field, const Geometry& g) {
+  check_input(stats, "stats", 2);
+  TORCH_CHECK(stats.scalar_type() == at::kDouble, "deepatlas_fast: stats must be float64, got ", stats.scalar_type());
+  check_device(stats, "stats", field, "field");
+  TORCH_CHECK(stats.size(0) == g.n && stats.size(1) == 2,
+              "deepatlas_fast: stats must have shape [N, 2] (jacobian_var's third output) of field ", field.sizes(),
+              ", got ", stats.sizes());
+}
+
 }  // namespace jacobian
 }  // namespace deepatlas_fast
 
