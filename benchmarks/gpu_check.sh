@@ -87,7 +87,7 @@ REPORT_SKIP=reference
 TILED_OK=0
 if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, the cuda backend, then triton
   TILED_TESTS="tests/test_kernels_lncc_tiled.py tests/test_kernels_splat_tiled.py tests/test_kernels_invert_splat_tiled.py
-    tests/test_kernels_jacobian_tiled.py"
+    tests/test_kernels_jacobian_tiled.py tests/test_kernels_invert_backward_tiled.py"
   if run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" \
     $TILED_TESTS; then TILED_OK=1; else REPORT_SKIP=reference,tiled; fi
   run_tests "opt-in tiled cuda kernels: bad inputs" 10 "not cpu and rejects_bad_inputs" $TILED_TESTS
@@ -125,10 +125,10 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   if command -v ncu >/dev/null 2>&1 && [[ $REPORT_SKIP != *tiled* ]]; then
-    echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient, Jacobian backward)" >> "$OUT/report.log"
+    echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient, Jacobian backward, invert backward)" >> "$OUT/report.log"
     timeout "${NCU_TILED_TIMEOUT:-25}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample,jacobian_var 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
+      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample,jacobian_var,invert_displacement 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   command -v ncu >/dev/null 2>&1 || log "ncu: not found"
@@ -166,7 +166,7 @@ fi
 
 if has tiledloss; then  # every opt-in tiled kernel at once: the step, the loss side and its time by kernel at 256^3
   if [ "$TILED_OK" = 1 ]; then  # (the train step's rows are the defaults)
-    log "training step: every tiled kernel (lncc, sample's splat, invert's pyramid, Jacobian backward)"
+    log "training step: every tiled kernel (lncc, sample's splat, invert's pyramid and backward, Jacobian backward)"
     DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_CUDA_SPLAT=tiled DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled \
       DEEPATLAS_FAST_CUDA_JACOBIAN=tiled \
       timeout "${TILEDLOSS_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py --sizes 256 --ops fused --precision fp32 \

@@ -38,6 +38,8 @@ CASES = {  # name -> (call that must raise, part of the expected message)
     "sample_splat_tiled: 2-channel coords": ("ops.sample_splat_tiled(f(1, 1, 3, 3, 3), f(1, 2, 3, 3, 3), [4, 4, 4], "
                                              "'zeros', False)", "coords"),
     "invert_splat_tiled: bad level_shape": ("ops.invert_splat_tiled(f(1, 3, 4, 4, 4), [4, 1, 4])", "level_shape"),
+    "invert_backward_tiled: valid not bool": ("ops.invert_backward_tiled(f(1, 3, 4, 4, 4), f(1, 3, 4, 4, 4), "
+                                              "f(1, 3, 4, 4, 4), f(1, 1, 4, 4, 4))", "valid must be bool"),
     "jacobian_det_backward_tiled: grad shape": ("ops.jacobian_det_backward_tiled(f(1, 1, 4, 4, 3), f(1, 3, 4, 4, 4), "
                                                 "None)", "grad must have shape"),
 }

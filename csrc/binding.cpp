@@ -45,6 +45,9 @@ TORCH_LIBRARY(deepatlas_fast_C, m) {
   m.def("sample_splat_tiled(Tensor grad, Tensor field, int[] vol_size, str padding, bool warp) -> Tensor");
   // one level of invert's splatted initial guess by tiles (invert_splat_tile.h): [N, cells, 4] accumulators
   m.def("invert_splat_tiled(Tensor coords, int[] level_shape) -> Tensor");
+  // invert's backward splat by tiles of target points (invert_backward_tile.h)
+  m.def("invert_backward_tiled(Tensor grad, Tensor coords, Tensor inverse, Tensor valid) -> Tensor");
+  m.def("invert_displacement_backward_tiled(Tensor grad, Tensor disp, Tensor inverse_disp, Tensor valid) -> Tensor");
   // the tile algorithm of lncc (lncc_tile.h): CUDA kernels, and their serial emulation on the CPU
   m.def("lncc_tiled(Tensor a, Tensor b, int kernel_size, str kernel, float eps, str reduction) -> Tensor");
   m.def("lncc_tiled_backward(Tensor grad, Tensor a, Tensor b, int kernel_size, str kernel, float eps,"

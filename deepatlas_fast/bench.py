@@ -165,6 +165,17 @@ def _cuda_jacobian_variant(implementation: str, available):
                          implementation, available)
 
 
+def _cuda_invert_splat_variant(implementation: str, available):
+    """The cuda invert_displacement with DEEPATLAS_FAST_CUDA_INVERT_SPLAT=``implementation`` (its backward's
+    splat): {name: fn}."""
+    import deepatlas_fast as da
+
+    from .ops import _cpp
+
+    return _cuda_variant("invert_displacement", lambda d: da.invert_displacement(d)[0],
+                         _cpp.INVERT_SPLAT_CUDA_VARIABLE, implementation, f"{implementation} splat", available)
+
+
 def backend_of(name: str) -> str:
     """The backend behind a report implementation name: "cuda (tiled)" -> "cuda", "triton" -> "triton"."""
     return name.split(" ")[0]
@@ -312,6 +323,7 @@ def build_cases(
                 return (smooth_disp(n, shape, 2.0 / (shape[0] - 1)).to(device),), ()
 
             impls = {**ours("invert_displacement", lambda d: da.invert_displacement(d)[0], point),
+                     **_cuda_invert_splat_variant("tiled", available),
                      "stock 8-step": stock_invert_displacement,
                      **compiled(point, "stock 8-step", stock_invert_displacement)}
             cases.append(Case("invert_displacement", f"{n}x{side}³", (n, 1, *shape), 84, make_disp, impls, side=side))

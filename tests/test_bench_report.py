@@ -100,6 +100,20 @@ def test_cuda_jacobian_variant_selects_the_tiled_backward_for_the_measurement(mo
     assert _cpp.jacobian_cuda_implementation() == "gather"
 
 
+def test_cuda_invert_splat_variant_selects_the_tiled_backward_for_the_measurement(monkeypatch):
+    """The report's "cuda (tiled splat)" invert_displacement row: DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled while
+    it is measured (its backward's splat), the default afterwards."""
+    from deepatlas_fast import bench
+    from deepatlas_fast.ops import _cpp
+
+    monkeypatch.delenv(_cpp.INVERT_SPLAT_CUDA_VARIABLE, raising=False)
+    (name, fn), = bench._cuda_invert_splat_variant("tiled", {"cuda": ["invert_displacement"]}).items()
+    assert name == "cuda (tiled splat)" and bench._cuda_invert_splat_variant("tiled", {}) == {}
+    with fn.context():
+        assert _cpp.invert_splat_cuda_implementation() == "tiled"
+    assert _cpp.invert_splat_cuda_implementation() == "atomic"
+
+
 def test_kernel_profile_runs_on_the_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_profile.py"), "--side", "10", "--device", "cpu",

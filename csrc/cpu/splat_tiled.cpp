@@ -1,7 +1,8 @@
-// sample_splat_tiled and invert_splat_tiled on the CPU: the CUDA tile algorithms (include/deepatlas_fast/
-// splat_tile.h, invert_splat_tile.h, on box_splat.h) run serially, tile after tile, one loop standing in for the
-// block's threads. They exist so that the CPU tests check the code the CUDA kernels run; the cpu backend's
-// volume gradient and pyramid are cpu/sampling.cpp's and cpu/inversion.cpp's.
+// sample_splat_tiled, invert_splat_tiled and invert_*backward_tiled on the CPU: the CUDA tile algorithms
+// (include/deepatlas_fast/splat_tile.h, invert_splat_tile.h, invert_backward_tile.h, on box_splat.h) run
+// serially, tile after tile, one loop standing in for the block's threads. They exist so that the CPU tests
+// check the code the CUDA kernels run; the cpu backend's volume gradient, pyramid and invert backward are
+// cpu/sampling.cpp's and cpu/inversion.cpp's.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "deepatlas_fast/inversion_host.h"
+#include "deepatlas_fast/invert_backward_tile.h"
 #include "deepatlas_fast/invert_splat_tile.h"
 #include "deepatlas_fast/sampling_host.h"
 #include "deepatlas_fast/splat_tile.h"
@@ -73,6 +75,37 @@ at::Tensor invert_splat_tiled(const at::Tensor& coords, at::IntArrayRef level_sh
     inversion::fits_int32(n, 4, src, level) ? run(int32_t(0)) : run(int64_t(0));
   });
   return acc;
+}
+
+// invert's backward: the target tiles one after the other, the index type the CUDA kernel takes for these sizes.
+template <bool DISP>
+at::Tensor invert_backward_tiled(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
+                                 const at::Tensor& valid) {
+  const inversion::Grid target = inversion::check_backward_tiled(grad, field, inverse, valid, DISP);
+  const inversion::Grid src = inversion::spatial_grid(field);
+  const int64_t n = field.size(0);
+  at::Tensor out = at::zeros(field.sizes(), field.options());
+  AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward_tiled", [&] {
+    using T = scalar_t;
+    const auto run = [&](auto index) {
+      using I = decltype(index);
+      std::vector<inversion::TargetState<T, I>> states(box::kThreads);
+      std::vector<T> box_sums(box::box_capacity<T>());
+      const box::SerialBlock<inversion::TargetState<T, I>> block{&states};
+      const box::Tiles tiles = box::tiles_of(target.size);
+      const inversion::GridOf<I> src_i = inversion::narrow_grid<I>(src), target_i = inversion::narrow_grid<I>(target);
+      for (int64_t b = 0; b < n; ++b) {
+        for (int64_t tile = 0; tile < tiles.count(); ++tile) {
+          inversion::backward_tile<T, DISP, I>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(),
+                                               inverse.const_data_ptr<T>(), valid.const_data_ptr<bool>(),
+                                               out.mutable_data_ptr<T>(), box_sums.data(), src_i, target_i,
+                                               target.size, tiles, tile, I(b));
+        }
+      }
+    };
+    inversion::fits_int32(n, 3, src, target) ? run(int32_t(0)) : run(int64_t(0));
+  });
+  return out;
 }
 
 }  // namespace

@@ -10,6 +10,8 @@
 // * solve_kernel: per target point the initial guess, the Newton steps and the validity test.
 // * backward_kernel: per valid target point one transposed 3x3 solve, then atomic adds into the 8
 //   source nodes of its cell (none for invalid or degenerate points).
+// With DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled the pyramid levels and the backward are splatted by tiles in
+// shared memory first (cuda/splat_tiled.cu).
 // The atomics make the coordinate-map forward and both backwards not bitwise reproducible: under
 // torch.use_deterministic_algorithms(True) they raise, as torch's own non-deterministic kernels do.
 // No host synchronisation: every launch decision comes from shapes (CUDA-graph capturable).
@@ -149,10 +151,11 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
 
 // ---- host side --------------------------------------------------------------------------------------
 
-// DEEPATLAS_FAST_CUDA_INVERT_SPLAT selects how the pyramid levels are splatted: "atomic" (splat_kernel, the
-// default, measured on a GPU) or "tiled" (invert_splat_tile.h: per tile of source points in shared memory
-// first; opt-in until measured). Read at each call.
-bool tiled_pyramid() {
+// DEEPATLAS_FAST_CUDA_INVERT_SPLAT selects how the pyramid levels and the backward are splatted: "atomic"
+// (splat_kernel, backward_kernel: the default, measured on a GPU) or "tiled" (invert_splat_tile.h,
+// invert_backward_tile.h: per tile of source, resp. target points in shared memory first; opt-in until
+// measured). Read at each call.
+bool tiled_splats() {
   const char* value = std::getenv("DEEPATLAS_FAST_CUDA_INVERT_SPLAT");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "atomic") == 0) return false;
   TORCH_CHECK(std::strcmp(value, "tiled") == 0,
@@ -168,7 +171,7 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
   const Grid src = spatial_grid(coords);
   cudaStream_t stream = current_stream();
   const dim3 splat_grid = point_grid(src.cells, n);
-  const bool tiled = tiled_pyramid();
+  const bool tiled = tiled_splats();
   at::Tensor coarse;
   for (size_t level = levels.size() - 1;; --level) {
     const Grid& grid = levels[level];
@@ -255,8 +258,16 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
   at::Tensor out = at::zeros(field.sizes(), field.options());
   if (n == 0) return out;
   at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (atomic splat)");
+  const bool tiled = tiled_splats();
+  if (tiled) check_backward_tiled(grad, field, inverse, valid, DISP);
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward", [&] {
     using T = scalar_t;
+    if (tiled) {
+      backward_tiled<T, DISP>(grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
+                              valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), n, src, target,
+                              current_stream());
+      return;
+    }
     const auto launch = [&](auto index) {
       using I = decltype(index);
       backward_kernel<T, DISP, I><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(

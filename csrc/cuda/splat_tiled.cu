@@ -1,6 +1,7 @@
-// CUDA kernels of sample_splat_tiled and invert_splat_tiled: the tiled box splat of
-// include/deepatlas_fast/box_splat.h over output points (splat_tile.h) or source points (invert_splat_tile.h),
-// one block of box::kThreads threads per tile and batch item, the box buffer in shared memory.
+// CUDA kernels of sample_splat_tiled, invert_splat_tiled and invert_*backward_tiled: the tiled box splat of
+// include/deepatlas_fast/box_splat.h over output points (splat_tile.h), source points (invert_splat_tile.h) or
+// target points (invert_backward_tile.h), one block of box::kThreads threads per tile and batch item, the box
+// buffer in shared memory.
 // Atomic adds (shared, then global for the box's nonzero voxels): not bitwise reproducible. The caller's
 // stream, no host synchronisation.
 #include <ATen/Dispatch.h>
@@ -11,6 +12,7 @@
 #include "deepatlas_fast/host.h"
 #include "deepatlas_fast/host_cuda.h"
 #include "deepatlas_fast/inversion_host.h"
+#include "deepatlas_fast/invert_backward_tile.h"
 #include "deepatlas_fast/invert_splat_tile.h"
 #include "deepatlas_fast/sampling_host.h"
 #include "deepatlas_fast/splat_tile.h"
@@ -98,9 +100,64 @@ at::Tensor invert_splat_tiled(const at::Tensor& coords, at::IntArrayRef level_sh
   return acc;
 }
 
+// One block per tile of target points and batch item (invert_backward_tile.h); launch bounds as splat_kernel.
+template <typename T, bool DISP, typename I>
+__global__ void __launch_bounds__(box::kThreads, 2)
+    invert_backward_kernel(const T* __restrict__ grad, const T* __restrict__ field, const T* __restrict__ inverse,
+                           const bool* __restrict__ valid, T* __restrict__ out, const inversion::GridOf<I> src,
+                           const inversion::GridOf<I> target, const box::Tiles tiles) {
+  __shared__ T box_sums[box::box_capacity<T>()];
+  inversion::TargetState<T, I> state;
+  const box::CudaBlock<inversion::TargetState<T, I>> block{state};
+  const int64_t target_size[3] = {target.size[0], target.size[1], target.size[2]};
+  inversion::backward_tile<T, DISP, I>(block, grad, field, inverse, valid, out, box_sums, src, target, target_size,
+                                       tiles, int64_t(blockIdx.x), static_cast<I>(blockIdx.y));
+}
+
+template <bool DISP>
+at::Tensor invert_backward_tiled(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
+                                 const at::Tensor& valid) {
+  const inversion::Grid target = inversion::check_backward_tiled(grad, field, inverse, valid, DISP);
+  const c10::cuda::CUDAGuard guard(field.device());
+  at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (tiled splat, atomic adds)");
+  at::Tensor out = at::zeros(field.sizes(), field.options());
+  if (field.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward_tiled", [&] {
+    using T = scalar_t;
+    inversion::backward_tiled<T, DISP>(grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
+                                       valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), field.size(0),
+                                       inversion::spatial_grid(field), target, current_stream());
+  });
+  return out;
+}
+
 }  // namespace
 
 namespace inversion {
+
+template <typename T, bool DISP>
+void backward_tiled(const T* grad, const T* field, const T* inverse, const bool* valid, T* out, int64_t n,
+                    const Grid& src, const Grid& target, cudaStream_t stream) {
+  const box::Tiles tiles = box::tiles_of(target.size);
+  const dim3 grid(static_cast<unsigned int>(tiles.count()), static_cast<unsigned int>(n));
+  const auto launch = [&](auto index) {
+    using I = decltype(index);
+    invert_backward_kernel<T, DISP, I><<<grid, box::kThreads, 0, stream>>>(grad, field, inverse, valid, out,
+                                                                           narrow_grid<I>(src),
+                                                                           narrow_grid<I>(target), tiles);
+  };
+  fits_int32(n, 3, src, target) ? launch(int32_t(0)) : launch(int64_t(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define DEEPATLAS_FAST_BACKWARD_TILED(T, DISP)                                                                   \
+  template void backward_tiled<T, DISP>(const T*, const T*, const T*, const bool*, T*, int64_t, const Grid&, \
+                                        const Grid&, cudaStream_t);
+DEEPATLAS_FAST_BACKWARD_TILED(float, false)
+DEEPATLAS_FAST_BACKWARD_TILED(float, true)
+DEEPATLAS_FAST_BACKWARD_TILED(double, false)
+DEEPATLAS_FAST_BACKWARD_TILED(double, true)
+#undef DEEPATLAS_FAST_BACKWARD_TILED
 
 template <typename T>
 void splat_level_tiled(const T* coords, T* acc, int64_t n, const Grid& src, const Grid& level, cudaStream_t stream) {

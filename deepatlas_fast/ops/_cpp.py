@@ -84,9 +84,10 @@ LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
 SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
 SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
 
-#: How the CUDA invert (coordinate maps) splats the levels of its initial-guess pyramid: "atomic"
-#: (cuda/inversion.cu's splat_kernel: the default, measured on a GPU) or "tiled" (invert_splat_tile.h: per tile
-#: of source points in shared memory first). Read by the CUDA launcher at each call; checked here first.
+#: How the CUDA invert splats the levels of its initial-guess pyramid (coordinate maps) and its backward (both
+#: ops): "atomic" (cuda/inversion.cu's splat_kernel and backward_kernel: the default, measured on a GPU) or
+#: "tiled" (invert_splat_tile.h, invert_backward_tile.h: per tile of source, resp. target points in shared
+#: memory first). Read by the CUDA launchers at each call; checked here first.
 INVERT_SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_INVERT_SPLAT"
 INVERT_SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
 
@@ -183,6 +184,8 @@ def invert(coords, out_shape, iters, tol):
 
 
 def invert_backward(grad, coords, inverse, valid):
+    if coords.is_cuda:
+        invert_splat_cuda_implementation()  # a bad value raises here, naming the variable
     return _kernels().invert_backward(_as(grad, coords.dtype), coords, inverse, valid)
 
 
@@ -191,4 +194,6 @@ def invert_displacement(disp, iters, tol):
 
 
 def invert_displacement_backward(grad, disp, inverse_disp, valid):
+    if disp.is_cuda:
+        invert_splat_cuda_implementation()
     return _kernels().invert_displacement_backward(_as(grad, disp.dtype), disp, inverse_disp, valid)

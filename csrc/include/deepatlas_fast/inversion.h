@@ -107,14 +107,20 @@ DA_HD I cell_low_d(T p_d, const GridOf<I>& grid) {
 }
 
 // Corners of the trilinear cell holding normalised p, clamped into the grid (the reference's
-// _cell_corners: value and derivative stay continuous up to the border, linear beyond it).
+// _cell_corners: value and derivative stay continuous up to the border, linear beyond it; every grid axis
+// has >= 2 nodes, so all 8 corners are inside), and the cell's lowest corner `low`.
 template <typename T, typename I>
-DA_HD void cell_corners(const T p[3], const GridOf<I>& grid, Corners<T, I>& corners) {
-  I low[3];
+DA_HD void cell_corners(const T p[3], const GridOf<I>& grid, Corners<T, I>& corners, I low[3]) {
   T frac[3];
 DA_UNROLL
   for (int a = 0; a < 3; ++a) cell_of(voxel_position(p[a], grid.size[a]), grid.size[a], true, low[a], frac[a]);
   trilinear_corners(low, frac, grid.size, corners);
+}
+
+template <typename T, typename I>
+DA_HD void cell_corners(const T p[3], const GridOf<I>& grid, Corners<T, I>& corners) {
+  I low[3];
+  cell_corners(p, grid, corners, low);
 }
 
 // Trilinear value of the map at normalised p and its Jacobian jac[k][a] = d value_k / d p_a.

@@ -88,6 +88,16 @@ inline Grid check_backward(const at::Tensor& grad, const at::Tensor& field, cons
   return spatial_grid(inverse);
 }
 
+// The tiled backward's arguments: the backward's, and tiles of the target grid numbered in 32 bits
+// (box_splat.h's tile_point), the batch on a CUDA grid's y.
+inline Grid check_backward_tiled(const at::Tensor& grad, const at::Tensor& field, const at::Tensor& inverse,
+                                 const at::Tensor& valid, bool disp) {
+  const Grid target = check_backward(grad, field, inverse, valid, disp);
+  TORCH_CHECK(box::tiles_of(target.size).count() < (int64_t(1) << 31) && field.size(0) < 65536,
+              "deepatlas_fast: invert backward (tiled): too many points, got ", inverse.sizes());
+  return target;
+}
+
 // invert_splat_tiled's arguments: coords as invert's, level_shape 3 sizes >= 2, tiles of the source grid
 // numbered in 32 bits (box_splat.h's tile_point); returns the level's grid.
 inline Grid check_splat_level(const at::Tensor& coords, at::IntArrayRef level_shape) {

@@ -101,10 +101,13 @@ inline Geometry check_splat(const at::Tensor& grad, const at::Tensor& field, at:
     m.impl("warp_backward", &deepatlas_fast::backward<true>);    \
   }
 
-// Registers sample_splat_tiled and invert_splat_tiled for dispatch key KEY: cpu/splat_tiled.cpp and
-// cuda/splat_tiled.cu each define splat_tiled and invert_splat_tiled in namespace deepatlas_fast.
-#define DEEPATLAS_FAST_SPLAT_TILED_IMPL(KEY)                                  \
-  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                              \
-    m.impl("sample_splat_tiled", &deepatlas_fast::splat_tiled);               \
-    m.impl("invert_splat_tiled", &deepatlas_fast::invert_splat_tiled);        \
+// Registers sample_splat_tiled, invert_splat_tiled and invert(_displacement)_backward_tiled for dispatch key
+// KEY: cpu/splat_tiled.cpp and cuda/splat_tiled.cu each define splat_tiled, invert_splat_tiled and
+// invert_backward_tiled<DISP> in namespace deepatlas_fast.
+#define DEEPATLAS_FAST_SPLAT_TILED_IMPL(KEY)                                                         \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                                                     \
+    m.impl("sample_splat_tiled", &deepatlas_fast::splat_tiled);                                      \
+    m.impl("invert_splat_tiled", &deepatlas_fast::invert_splat_tiled);                               \
+    m.impl("invert_backward_tiled", &deepatlas_fast::invert_backward_tiled<false>);                  \
+    m.impl("invert_displacement_backward_tiled", &deepatlas_fast::invert_backward_tiled<true>);      \
   }
