@@ -321,26 +321,6 @@ at::Tensor var_backward(const at::Tensor& grad_var, const at::Tensor& field, con
   return grad_field;
 }
 
-at::Tensor jacobian_det_backward(const at::Tensor& grad, const at::Tensor& field,
-                                 std::optional<at::ArrayRef<double>> scale) {
-  return det_backward<false>(grad, field, scale);
-}
-
-at::Tensor jacobian_det_backward_tiled(const at::Tensor& grad, const at::Tensor& field,
-                                       std::optional<at::ArrayRef<double>> scale) {
-  return det_backward<true>(grad, field, scale);
-}
-
-at::Tensor jacobian_var_backward(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
-                                 std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<false>(grad_var, field, stats, scale, normalized);
-}
-
-at::Tensor jacobian_var_backward_tiled(const at::Tensor& grad_var, const at::Tensor& field, const at::Tensor& stats,
-                                       std::optional<at::ArrayRef<double>> scale, bool normalized) {
-  return var_backward<true>(grad_var, field, stats, scale, normalized);
-}
-
 }  // namespace
 }  // namespace deepatlas_fast
 

@@ -123,19 +123,8 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   if (point >= target.cells) return;
   const I t = static_cast<I>(point), b = static_cast<I>(blockIdx.y);
   if (!valid[b * target.cells + t]) return;
-  const I base = b * 3 * target.cells + t;
   T p[3], g[3];
-  DA_UNROLL
-  for (int k = 0; k < 3; ++k) {
-    p[k] = inverse[base + k * target.cells];
-    g[k] = grad[base + k * target.cells];
-  }
-  if (DISP) {
-    T u[3];
-    identity_point(t, target, u);
-    DA_UNROLL
-    for (int k = 0; k < 3; ++k) p[k] += u[k];
-  }
+  solution_and_grad<T, DISP>(grad, inverse, target, b, t, p, g);
   const T* item = field + b * 3 * src.cells;
   T lambda[3];
   if (!backward_lambda<T, DISP>(item, src, p, g, lambda)) return;

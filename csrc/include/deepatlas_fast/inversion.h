@@ -239,6 +239,24 @@ DA_UNROLL
   return std::sqrt(sum) <= tol;
 }
 
+// The solution p of target point t of batch item b and the incoming gradient g there, from the forward's
+// inverse and the backward's grad, both [n, 3, *target] (DISP: inverse holds p - u, u the point itself).
+template <typename T, bool DISP, typename I>
+DA_HD void solution_and_grad(const T* grad, const T* inverse, const GridOf<I>& target, I b, I t, T p[3], T g[3]) {
+  const I base = b * 3 * target.cells + t;
+DA_UNROLL
+  for (int k = 0; k < 3; ++k) {
+    p[k] = inverse[base + k * target.cells];
+    g[k] = grad[base + k * target.cells];
+  }
+  if (DISP) {
+    T u[3];
+    identity_point(t, target, u);
+DA_UNROLL
+    for (int k = 0; k < 3; ++k) p[k] += u[k];
+  }
+}
+
 // lambda = J(p)^-T g at a solution p. Returns false (the point passes no gradient) where J is
 // degenerate, |det J| <= kSingularBackward |J|_F^3.
 template <typename T, bool DISP, typename I>

@@ -40,19 +40,8 @@ DA_HD void backward_tile(const Block& blk, const T* __restrict__ grad, const T* 
     st.on = false;
     const I t = box::tile_point<I>(target_size, tiles, tile, tid);
     if (t < 0 || !valid[b * target.cells + t]) return;
-    const I base = b * 3 * target.cells + t;
     T p[3], g[3], lambda[3];
-    DA_UNROLL
-    for (int k = 0; k < 3; ++k) {
-      p[k] = inverse[base + k * target.cells];
-      g[k] = grad[base + k * target.cells];
-    }
-    if (DISP) {
-      T u[3];
-      identity_point(t, target, u);
-      DA_UNROLL
-      for (int k = 0; k < 3; ++k) p[k] += u[k];
-    }
+    solution_and_grad<T, DISP>(grad, inverse, target, b, t, p, g);
     if (!backward_lambda<T, DISP>(field + b * 3 * src.cells, src, p, g, lambda)) return;
     cell_corners(p, src, st.cell, st.lo);
     DA_UNROLL

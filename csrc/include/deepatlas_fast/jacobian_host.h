@@ -72,15 +72,15 @@ inline void check_stats(const at::Tensor& stats, const at::Tensor& field, const 
 }  // namespace deepatlas_fast
 
 // Registers the ops for dispatch key KEY (CPU or CUDA), one list for both backends: cpu/jacobian.cpp and
-// cuda/jacobian.cu each define jacobian_det, jacobian_var, their _backward and _backward_tiled (the tiled
-// backward of jacobian_tile.h; on the CPU its serial emulation) in namespace deepatlas_fast and end with
-// DEEPATLAS_FAST_JACOBIAN_IMPL(CPU), resp. (CUDA).
-#define DEEPATLAS_FAST_JACOBIAN_IMPL(KEY)                                                \
-  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                                         \
-    m.impl("jacobian_det", &deepatlas_fast::jacobian_det);                               \
-    m.impl("jacobian_det_backward", &deepatlas_fast::jacobian_det_backward);             \
-    m.impl("jacobian_det_backward_tiled", &deepatlas_fast::jacobian_det_backward_tiled); \
-    m.impl("jacobian_var", &deepatlas_fast::jacobian_var);                               \
-    m.impl("jacobian_var_backward", &deepatlas_fast::jacobian_var_backward);             \
-    m.impl("jacobian_var_backward_tiled", &deepatlas_fast::jacobian_var_backward_tiled); \
+// cuda/jacobian.cu each define jacobian_det, jacobian_var, det_backward<TILED> and var_backward<TILED> (TILED:
+// the tiled backward of jacobian_tile.h; on the CPU its serial emulation) in namespace deepatlas_fast and end
+// with DEEPATLAS_FAST_JACOBIAN_IMPL(CPU), resp. (CUDA).
+#define DEEPATLAS_FAST_JACOBIAN_IMPL(KEY)                                               \
+  TORCH_LIBRARY_IMPL(deepatlas_fast_C, KEY, m) {                                        \
+    m.impl("jacobian_det", &deepatlas_fast::jacobian_det);                              \
+    m.impl("jacobian_det_backward", &deepatlas_fast::det_backward<false>);              \
+    m.impl("jacobian_det_backward_tiled", &deepatlas_fast::det_backward<true>);         \
+    m.impl("jacobian_var", &deepatlas_fast::jacobian_var);                              \
+    m.impl("jacobian_var_backward", &deepatlas_fast::var_backward<false>);              \
+    m.impl("jacobian_var_backward_tiled", &deepatlas_fast::var_backward<true>);         \
   }
