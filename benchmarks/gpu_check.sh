@@ -12,7 +12,8 @@
 # training step only if their tests pass.
 # STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu upconv
 # lossmem train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
-# REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts.
+# REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts. After the report, benchmarks/pick_defaults.py
+# prints the winner per op and the setting (backend order, variant variable) that would make it the default.
 # Issues 3/4 need the full report (160^3 and 256^3, batch 1 and 2, torch.compile, C=16, 2x16x128^3), which does
 # not fit beside the tests: a second call, after a first one whose tiled tests passed, e.g.
 #   STEPS=report REPORT_TIMEOUT=540 REPORT_ARGS="--points 160x1,160x2,256x1,256x2 --skip-impls reference --reps 10" \
@@ -105,6 +106,10 @@ if has report; then
     ${REPORT_ARGS:---points 256x1,160x1 --skip-impls $REPORT_SKIP --no-compile --reps 10} > "$OUT/report.log" 2>&1
   echo "report exit code: $?"
   tail -n 3 "$OUT/report.log"
+  if [ -f "$OUT/report.json" ]; then  # the winners per op and the settings that would make them the defaults
+    echo "== defaults the report implies (benchmarks/pick_defaults.py)" >> "$OUT/report.log"
+    $PY benchmarks/pick_defaults.py "$OUT/report.json" 2>&1 | tee -a "$OUT/report.log" | tail -n 8
+  fi
 fi
 
 if has profile; then  # per-kernel times (torch.profiler), appended to report.log

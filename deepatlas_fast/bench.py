@@ -122,6 +122,7 @@ def _triton_lncc_variant(inplane: str, available):
 
     fn = _with_backend("triton", lambda a, b: da.lncc(a, b, 9))
     fn.context = lambda: similarity.inplane_mode(inplane)
+    fn.setting = f"deepatlas_fast.kernels.similarity.INPLANE = {inplane!r}"
     return {f"triton ({inplane} in-plane)": fn}
 
 
@@ -132,6 +133,7 @@ def _cuda_variant(op: str, op_fn, variable: str, value: str, label: str, availab
         return {}
     fn = _with_backend("cuda", op_fn)
     fn.context = lambda: _environment(variable, value)
+    fn.setting = f"{variable}={value}"
     return {f"cuda ({label})": fn}
 
 
@@ -358,6 +360,8 @@ def measure(case: Case, name: str, fn, device, bandwidth) -> dict:
     leaves, constants = case.inputs()
     row = {"op": case.op, "case": case.label, "impl": name, "side": case.side, "batch": case.shape[0],
            "channels": case.shape[1]}
+    if getattr(fn, "setting", None):  # a variant: what selects it (benchmarks/pick_defaults.py reads it)
+        row["setting"] = fn.setting
     try:
         def forward():
             with torch.no_grad():

@@ -114,6 +114,37 @@ def test_cuda_invert_splat_variant_selects_the_tiled_backward_for_the_measuremen
     assert _cpp.invert_splat_cuda_implementation() == "atomic"
 
 
+def test_pick_defaults_names_the_winner_and_its_setting(tmp_path):
+    """benchmarks/pick_defaults.py on a report: our implementations ranked per case (failed rows, the
+    reference and stock left out), and per op the winner at the largest side with the setting its rows
+    recorded; the variant rows of a real report carry that setting."""
+    from deepatlas_fast import bench
+
+    def row(op, case, impl, ms, side, **extra):
+        return {"op": op, "case": case, "impl": impl, "fwd_bwd_ms": ms, "side": side, "batch": 1, "channels": 1,
+                **extra}
+
+    tiled = "DEEPATLAS_FAST_CUDA_LNCC=tiled"
+    rows = [row("lncc", "1x256³", "cuda", 7.3, 256), row("lncc", "1x256³", "cuda (tiled)", 1.2, 256, setting=tiled),
+            row("lncc", "1x256³", "stock", 90.0, 256), row("lncc", "1x160³", "cuda", 0.4, 160),
+            row("lncc", "1x160³", "cuda (tiled)", 0.5, 160, setting=tiled),
+            row("jacobian_var", "1x256³", "triton", 2.4, 256), row("jacobian_var", "1x256³", "cuda", 1.6, 256),
+            row("jacobian_var", "1x256³", "reference", 0.1, 256), {"op": "sample", "case": "x", "impl": "cuda",
+                                                                   "error": "RuntimeError: boom"}]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"environment": {}, "rows": rows}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pick_defaults.py"), str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "| lncc | 1x160³ | cuda 0.400 (1.00x), cuda (tiled) 0.500 (1.25x) |" in proc.stdout
+    assert "lncc: cuda (tiled) wins at 1x256³ (1.200 ms)" in proc.stdout and tiled in proc.stdout
+    assert "jacobian_var: cuda wins at 1x256³ (1.600 ms); DEFAULT_ORDER['cuda'] order for it: ['cuda', 'triton']" \
+        in proc.stdout
+    assert "stock" not in proc.stdout and "reference" not in proc.stdout and "sample" not in proc.stdout
+    (name, fn), = bench._cuda_jacobian_variant("tiled", {"cuda": ["jacobian_var"]}).items()
+    assert fn.setting == "DEEPATLAS_FAST_CUDA_JACOBIAN=tiled"
+
+
 def test_kernel_profile_runs_on_the_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_profile.py"), "--side", "10", "--device", "cpu",
