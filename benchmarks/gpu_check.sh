@@ -8,8 +8,8 @@
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
 # then, are now cut at 20 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
-# _SPLAT / _INVERT_SPLAT / _JACOBIAN=tiled) are tested first and join the report, the profile, ncu and the tiledloss
-# training step only if their tests pass.
+# _SPLAT / _INVERT_SPLAT / _JACOBIAN=tiled) are tested first; each joins the report, the profile, ncu and the
+# tiledloss training step only if its own tests pass.
 # STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu upconv
 # lossmem train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts. After the report, benchmarks/pick_defaults.py
@@ -55,13 +55,14 @@ if has report; then
   fi
 fi
 
-# pytest gets SIGINT at its limit, so it still prints the failures it has seen.
+# pytest gets SIGINT at its limit, so it still prints the failures it has seen ($LAST_TESTS: the last run's output).
+LAST_TESTS=/tmp/last_tests.txt
 run_tests() {  # name, limit, -k expression, files...
   local name=$1 limit=$2 select=$3; shift 3
   log "tests: $name"
   HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-5} timeout -s INT -k 15 "$limit" $PY -m pytest -v --tb=short -rfE \
     -n "${WORKERS:-16}" -k "$select" -p no:cacheprovider --durations=5 "$@" 2>&1 \
-    | grep -v "PytestBenchmarkWarning\|warner(" >> "$OUT/tests.txt"
+    | grep -v "PytestBenchmarkWarning\|warner(" | tee "$LAST_TESTS" >> "$OUT/tests.txt"
   local status=${PIPESTATUS[0]}
   echo "tests ($name) exit code: $status" | tee -a "$OUT/tests.txt"
   grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.txt" | tail -n 12
@@ -81,21 +82,37 @@ if has gputests; then
 fi
 
 
-# The opt-in tiled CUDA kernels join the report only when their tests pass: a faulting kernel would leave
-# the report's CUDA context unusable for every row after it. Their bad-input tests run apart and do not
-# decide: a check throwing from CUDA code crashed a worker before (the rawops step), whatever the kernel.
-REPORT_SKIP=reference
-TILED_OK=0
+# The opt-in tiled CUDA kernels, each selected by a variable (deepatlas_fast/ops/_cpp.py), join the report, the
+# profile, ncu and the tiledloss step only when their tests pass: a faulting kernel would leave the CUDA context
+# unusable for every row after it. A kernel whose test file had a failure (or all, when the run did not finish)
+# stays out; the others go on. Their bad-input tests run apart and do not decide: a check throwing from CUDA code
+# crashed a worker before (the rawops step), whatever the kernel.
+declare -A TILED_VARIABLE=(
+  [tests/test_kernels_lncc_tiled.py]=DEEPATLAS_FAST_CUDA_LNCC
+  [tests/test_kernels_splat_tiled.py]=DEEPATLAS_FAST_CUDA_SPLAT
+  [tests/test_kernels_invert_splat_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT
+  [tests/test_kernels_invert_backward_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT
+  [tests/test_kernels_jacobian_tiled.py]=DEEPATLAS_FAST_CUDA_JACOBIAN
+)
+TILED_ALL=$(printf '%s\n' "${TILED_VARIABLE[@]}" | sort -u | tr '\n' ' ')
+TILED_FAILED=$TILED_ALL  # until their tests have passed
 if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, the cuda backend, then triton
-  TILED_TESTS="tests/test_kernels_lncc_tiled.py tests/test_kernels_splat_tiled.py tests/test_kernels_invert_splat_tiled.py
-    tests/test_kernels_jacobian_tiled.py tests/test_kernels_invert_backward_tiled.py"
-  if run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" \
-    $TILED_TESTS; then TILED_OK=1; else REPORT_SKIP=reference,tiled; fi
+  TILED_TESTS="${!TILED_VARIABLE[*]}"
+  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" $TILED_TESTS
+  if [ "$?" -le 1 ]; then  # the run finished (0: all passed, 1: some failed)
+    TILED_FAILED=$(for f in "${!TILED_VARIABLE[@]}"; do
+      grep -qE "^(FAILED|ERROR) $f" "$LAST_TESTS" && echo "${TILED_VARIABLE[$f]}"; done | sort -u | tr '\n' ' ')
+  fi
   run_tests "opt-in tiled cuda kernels: bad inputs" 10 "not cpu and rejects_bad_inputs" $TILED_TESTS
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
   run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-20}" "not cpu and triton" $KERNEL_TESTS
 fi
+log "tiled kernels left out (tests failed or did not run): ${TILED_FAILED:-none}"
+# "VAR=" for each: a substring of the failing variants' settings ("VAR=tiled") that bench.skipped leaves out
+TILED_SKIP=$(for v in $TILED_FAILED; do printf '%s=,' "$v"; done)
+TILED_SKIP=${TILED_SKIP%,}
+REPORT_SKIP=reference${TILED_SKIP:+,$TILED_SKIP}
 
 if has report; then
   if [ -n "$PEERS_PID" ]; then
@@ -115,8 +132,7 @@ fi
 if has profile; then  # per-kernel times (torch.profiler), appended to report.log
   log "kernel profile"
   echo "== kernel profile" >> "$OUT/report.log"
-  if [[ $REPORT_SKIP == *tiled* ]]; then PROFILED=(--backends cuda,triton); else PROFILED=(); fi
-  timeout "${PROFILE_TIMEOUT:-15}" $PY benchmarks/kernel_profile.py ${PROFILED[@]+"${PROFILED[@]}"} ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-15}" $PY benchmarks/kernel_profile.py --skip "$TILED_SKIP" ${PROFILE_ARGS:-} >> "$OUT/report.log" 2>&1
   echo "profile exit code: $?"
 fi
 
@@ -129,11 +145,12 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
       $PY benchmarks/ncu_target.py --backend cuda 2>&1 | grep -v '^==PROF==' | tail -n 400 >> "$OUT/report.log"
     echo "ncu exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
-  if command -v ncu >/dev/null 2>&1 && [[ $REPORT_SKIP != *tiled* ]]; then
+  if command -v ncu >/dev/null 2>&1 && [ "$TILED_FAILED" != "$TILED_ALL" ]; then
     echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient, Jacobian backward, invert backward)" >> "$OUT/report.log"
     timeout "${NCU_TILED_TIMEOUT:-25}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample,jacobian_var,invert_displacement 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
+      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample,jacobian_var,invert_displacement \
+      --skip "$TILED_SKIP" 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   command -v ncu >/dev/null 2>&1 || log "ncu: not found"
@@ -170,10 +187,10 @@ if has trainnhwc; then  # the U-Net is most of a fused step: channels_last convo
 fi
 
 if has tiledloss; then  # every opt-in tiled kernel at once: the step, the loss side and its time by kernel at 256^3
-  if [ "$TILED_OK" = 1 ]; then  # (the train step's rows are the defaults)
-    log "training step: every tiled kernel (lncc, sample's splat, invert's pyramid and backward, Jacobian backward)"
-    DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_CUDA_SPLAT=tiled DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled \
-      DEEPATLAS_FAST_CUDA_JACOBIAN=tiled \
+  if [ "$TILED_FAILED" != "$TILED_ALL" ]; then  # (the train step's rows are the defaults)
+    TILED_ENV=$(for v in $TILED_ALL; do [[ " $TILED_FAILED " == *" $v "* ]] || echo "$v=tiled"; done)
+    log "training step: the tiled kernels that passed their tests:" $TILED_ENV
+    env $TILED_ENV \
       timeout "${TILEDLOSS_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py --sizes 256 --ops fused --precision fp32 \
       --checkpointing off --repeats 2 --no-find-max --time-breakdown >> "$OUT/train_step.log" 2>&1
     echo "train step (tiled kernels) exit code: $?" | tee -a "$OUT/train_step.log"

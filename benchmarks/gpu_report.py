@@ -35,7 +35,8 @@ def main(argv=None):
     parser.add_argument("--impls", default=None,
                         help="comma list of substrings: run only implementations whose name contains one")
     parser.add_argument("--skip-impls", default=None,
-                        help="comma list of substrings: skip implementations whose name contains one")
+                        help="comma list of substrings: skip implementations whose name (or, for a variant, the "
+                             "setting that selects it, e.g. DEEPATLAS_FAST_CUDA_JACOBIAN) contains one")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 20; 5 for the largest)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="REPORT_JSON",
                         help="only merge earlier report.json files (same device) into one report.md")

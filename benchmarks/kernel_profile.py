@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cuda,cuda (tiled),cuda (tiled splat),triton",
                         help="comma list of the report's implementation names (default: cuda, its tiled variants, "
                              "triton)")
+    parser.add_argument("--skip", default="", help="comma list: leave out implementations whose name or variant "
+                                                  "setting contains one (gpu_check: the variants whose tests failed)")
     parser.add_argument("--iters", type=int, default=3, help="profiled forward+backward passes (default 3)")
     parser.add_argument("--rows", type=int, default=8, help="kernels listed per op and backend (default 8)")
     args = parser.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     for case in cases:
         for name in backends:
             fn = case.impls.get(name)
-            if fn is None:
+            if fn is None or bench.skipped(name, fn, args.skip.split(",")):
                 continue
             leaves, constants = case.inputs()
             with finite_checks(False), getattr(fn, "context", contextlib.nullcontext)():  # a variant's setting

@@ -26,12 +26,16 @@ def main(argv=None) -> int:
                         help="comma list of backends or report implementation names (default cuda)")
     parser.add_argument("--ops", default=None, help="comma list of ops (default: all)")
     parser.add_argument("--side", type=int, default=256)
+    parser.add_argument("--skip", default="", help="comma list: leave out implementations whose name or variant "
+                                                  "setting contains one")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     names = args.backend.split(",")
     cases = [c for c in bench.build_cases(device, [(args.side, 1)], sorted({bench.backend_of(n) for n in names}))
              if args.ops is None or c.op in args.ops.split(",")]
-    runs = [(case, case.impls[name], *case.inputs()) for name in names for case in cases if name in case.impls]
+    skip = args.skip.split(",")
+    runs = [(case, case.impls[name], *case.inputs()) for name in names for case in cases
+            if name in case.impls and not bench.skipped(name, case.impls[name], skip)]
     contexts = contextlib.ExitStack()
     for fn in {id(fn): fn for _, fn, *_ in runs}.values():  # a variant's setting (all runs of one variant share it)
         contexts.enter_context(getattr(fn, "context", contextlib.nullcontext)())

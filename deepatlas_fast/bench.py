@@ -178,6 +178,13 @@ def _cuda_invert_splat_variant(implementation: str, available):
                          _cpp.INVERT_SPLAT_CUDA_VARIABLE, implementation, f"{implementation} splat", available)
 
 
+def skipped(name: str, fn, skip: Sequence[str]) -> bool:
+    """Whether an implementation is left out: one of ``skip`` is part of its name or of the setting that
+    selects it (a variant's environment variable: gpu_check.sh leaves out the variants whose tests failed)."""
+    setting = getattr(fn, "setting", "") or ""
+    return any(s and (s in name or s in setting) for s in skip)
+
+
 def backend_of(name: str) -> str:
     """The backend behind a report implementation name: "cuda (tiled)" -> "cuda", "triton" -> "triton"."""
     return name.split(" ")[0]
@@ -460,9 +467,9 @@ def run(
     skip: Sequence[str] = (),
     echo: Callable[[str], None] = lambda line: None,
 ) -> tuple:
-    """Measure every (case, implementation) whose name contains one of ``only`` (all by default) and none of
-    ``skip``; the report files are rewritten after every row (a run cut short still leaves its table).
-    Returns ``(environment, rows)``."""
+    """Measure every (case, implementation) whose name contains one of ``only`` (all by default) and that
+    :func:`skipped` does not leave out; the report files are rewritten after every row (a run cut short still
+    leaves its table). Returns ``(environment, rows)``."""
     from .ops import finite_checks
 
     device = torch.device(device)
@@ -472,7 +479,7 @@ def run(
         rows = []
         for case in cases:
             for name, fn in case.impls.items():
-                if (only and not any(s in name for s in only)) or any(s in name for s in skip):
+                if (only and not any(s in name for s in only)) or skipped(name, fn, skip):
                     continue
                 with getattr(fn, "context", contextlib.nullcontext)():  # a variant's setting, for fwd and bwd
                     rows.append(measure(case, name, fn, device, bandwidth))
