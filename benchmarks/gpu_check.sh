@@ -10,8 +10,10 @@
 # its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
 # _SPLAT / _INVERT_SPLAT / _JACOBIAN=tiled) are tested first; each joins the report, the profile, ncu and the
 # tiledloss training step only if its own tests pass.
-# STEPS picks what runs, in this order (default: all of "rawops gputests cudatests report profile ncu upconv
-# lossmem train trainnhwc tiledloss train4"); each step has its own time limit and a failing step does not stop the next.
+# STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu lossmem train
+# tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
+# 2026-11-27, so they left the default to give the tiled tests 60 s); each step has its own time limit and a
+# failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts. After the report, benchmarks/pick_defaults.py
 # prints the winner per op and the setting (backend order, variant variable) that would make it the default.
 # Issues 3/4 need the full report (160^3 and 256^3, batch 1 and 2, torch.compile, C=16, 2x16x128^3), which does
@@ -23,7 +25,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu upconv lossmem train trainnhwc tiledloss train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train tiledloss train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -98,7 +100,7 @@ TILED_ALL=$(printf '%s\n' "${TILED_VARIABLE[@]}" | sort -u | tr '\n' ' ')
 TILED_FAILED=$TILED_ALL  # until their tests have passed
 if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, the cuda backend, then triton
   TILED_TESTS="${!TILED_VARIABLE[*]}"
-  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-25}" "not cpu and not rejects_bad_inputs" $TILED_TESTS
+  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-60}" "not cpu and not rejects_bad_inputs" $TILED_TESTS
   if [ "$?" -le 1 ]; then  # the run finished (0: all passed, 1: some failed)
     TILED_FAILED=$(for f in "${!TILED_VARIABLE[@]}"; do
       grep -qE "^(FAILED|ERROR) $f" "$LAST_TESTS" && echo "${TILED_VARIABLE[$f]}"; done | sort -u | tr '\n' ' ')
