@@ -22,6 +22,18 @@ namespace {
 using namespace sampling;
 using namespace sampling::splat;
 
+// The CUDA grid's stand-in: tile_fn(block, box_sums, tile, b) for every tile of every batch item in [0, n), one
+// after the other, with one block of kThreads serial threads (states of type State) and one box buffer.
+template <typename State, typename T, typename TileFn>
+void each_tile_serially(int64_t n, const box::Tiles& tiles, TileFn&& tile_fn) {
+  std::vector<State> states(box::kThreads);
+  std::vector<T> box_sums(box::box_capacity<T>());
+  const box::SerialBlock<State> block{&states};
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t tile = 0; tile < tiles.count(); ++tile) tile_fn(block, box_sums.data(), tile, b);
+  }
+}
+
 at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntArrayRef vol_size,
                        c10::string_view padding, bool warp) {
   const Geometry g = check_splat(grad, field, vol_size, warp);
@@ -30,21 +42,17 @@ at::Tensor splat_tiled(const at::Tensor& grad, const at::Tensor& field, at::IntA
   if (g.n * g.c * g.points == 0) return grad_vol;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "deepatlas_fast_sample_splat_tiled", [&] {
     using T = scalar_t;
-    std::vector<PointState<T, int64_t>> states(kThreads);
-    std::vector<T> box_sums(box_capacity<T>());
-    const box::SerialBlock<PointState<T, int64_t>> block{&states};
     const Tiles tiles = tiles_of(g);
-    for (int64_t b = 0; b < g.n; ++b) {
-      for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-        if (warp) {
-          splat_tile<T, true>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(), grad_vol.mutable_data_ptr<T>(),
-                              box_sums.data(), g, tiles, zeros, tile, b);
-        } else {
-          splat_tile<T, false>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(),
-                               grad_vol.mutable_data_ptr<T>(), box_sums.data(), g, tiles, zeros, tile, b);
-        }
+    each_tile_serially<PointState<T, int64_t>, T>(g.n, tiles, [&](const auto& block, T* box_sums, int64_t tile,
+                                                                   int64_t b) {
+      if (warp) {
+        splat_tile<T, true>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(), grad_vol.mutable_data_ptr<T>(),
+                            box_sums, g, tiles, zeros, tile, b);
+      } else {
+        splat_tile<T, false>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(), grad_vol.mutable_data_ptr<T>(),
+                             box_sums, g, tiles, zeros, tile, b);
       }
-    }
+    });
   });
   return grad_vol;
 }
@@ -60,17 +68,13 @@ at::Tensor invert_splat_tiled(const at::Tensor& coords, at::IntArrayRef level_sh
     using T = scalar_t;
     const auto run = [&](auto index) {
       using I = decltype(index);
-      std::vector<inversion::SourceState<T, I>> states(box::kThreads);
-      std::vector<T> box_sums(box::box_capacity<T>());
-      const box::SerialBlock<inversion::SourceState<T, I>> block{&states};
       const box::Tiles tiles = box::tiles_of(src.size);
       const inversion::GridOf<I> src_i = inversion::narrow_grid<I>(src), level_i = inversion::narrow_grid<I>(level);
-      for (int64_t b = 0; b < n; ++b) {
-        for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-          inversion::splat_source_tile<T, I>(block, coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(),
-                                             box_sums.data(), src_i, src.size, level_i, tiles, tile, I(b));
-        }
-      }
+      each_tile_serially<inversion::SourceState<T, I>, T>(n, tiles, [&](const auto& block, T* box_sums, int64_t tile,
+                                                                           int64_t b) {
+        inversion::splat_source_tile<T, I>(block, coords.const_data_ptr<T>(), acc.mutable_data_ptr<T>(), box_sums,
+                                           src_i, src.size, level_i, tiles, tile, I(b));
+      });
     };
     inversion::fits_int32(n, 4, src, level) ? run(int32_t(0)) : run(int64_t(0));
   });
@@ -89,19 +93,15 @@ at::Tensor invert_backward_tiled(const at::Tensor& grad, const at::Tensor& field
     using T = scalar_t;
     const auto run = [&](auto index) {
       using I = decltype(index);
-      std::vector<inversion::TargetState<T, I>> states(box::kThreads);
-      std::vector<T> box_sums(box::box_capacity<T>());
-      const box::SerialBlock<inversion::TargetState<T, I>> block{&states};
       const box::Tiles tiles = box::tiles_of(target.size);
       const inversion::GridOf<I> src_i = inversion::narrow_grid<I>(src), target_i = inversion::narrow_grid<I>(target);
-      for (int64_t b = 0; b < n; ++b) {
-        for (int64_t tile = 0; tile < tiles.count(); ++tile) {
-          inversion::backward_tile<T, DISP, I>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(),
-                                               inverse.const_data_ptr<T>(), valid.const_data_ptr<bool>(),
-                                               out.mutable_data_ptr<T>(), box_sums.data(), src_i, target_i,
-                                               target.size, tiles, tile, I(b));
-        }
-      }
+      each_tile_serially<inversion::TargetState<T, I>, T>(n, tiles, [&](const auto& block, T* box_sums, int64_t tile,
+                                                                           int64_t b) {
+        inversion::backward_tile<T, DISP, I>(block, grad.const_data_ptr<T>(), field.const_data_ptr<T>(),
+                                             inverse.const_data_ptr<T>(), valid.const_data_ptr<bool>(),
+                                             out.mutable_data_ptr<T>(), box_sums, src_i, target_i, target.size, tiles,
+                                             tile, I(b));
+      });
     };
     inversion::fits_int32(n, 3, src, target) ? run(int32_t(0)) : run(int64_t(0));
   });
