@@ -71,9 +71,10 @@ run_tests() {  # name, limit, -k expression, files...
   return "$status"
 }
 
-if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; a crash gets a native backtrace
+if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; controls first, a crash is located
   log "raw C++ ops with bad inputs on cuda"
-  timeout "${RAWOPS_TIMEOUT:-30}" $PY benchmarks/raw_op_errors.py --device cuda --gdb >> "$OUT/tests.txt" 2>&1
+  timeout "${RAWOPS_TIMEOUT:-60}" $PY benchmarks/raw_op_errors.py --device cuda --controls --locate \
+    >> "$OUT/tests.txt" 2>&1
   echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
 fi
 

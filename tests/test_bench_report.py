@@ -181,6 +181,20 @@ def test_raw_op_errors_all_raise_on_the_cpu():
     assert len(cases) >= 6 and all(line.endswith("| raised") for line in cases)
 
 
+def test_segv_locator_names_the_faulting_library(tmp_path):
+    """raw_op_errors --locate: the preloaded handler prints the crash's library and re-raises the signal."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import raw_op_errors
+
+    library = raw_op_errors.build_locator(str(tmp_path))
+    if library is None:
+        pytest.skip("no C compiler (cc/gcc) to build benchmarks/segv_locator.c")
+    proc = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, LD_PRELOAD=library))
+    assert proc.returncode == -11, proc.stderr
+    assert "segv_locator: pc " in proc.stderr and "libc" in proc.stderr, proc.stderr
+
+
 def test_memory_breakdown_replays_the_allocator_trace():
     """train_step_gpu --memory-breakdown: the live bytes at the trace's peak, by allocating line."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
