@@ -129,6 +129,7 @@ def test_initial_guess_alone_matches_reference(backend, device):
     torch.testing.assert_close(inverse, on("reference", da.invert, corner, (5, 6, 7), iters=0)[0], atol=1e-12, rtol=0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_programs_and_replicated_accumulators(device, monkeypatch):
     """Small blocks: several programs per item, partial last blocks, and coarse pyramid levels

@@ -93,6 +93,7 @@ def test_21_taps_on_a_volume_smaller_than_the_window(backend, device, kernel):
     check(backend, a, b, 21, kernel, "none", needs=[(True, True)], seed=1)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inplane,k,expected", [("auto", 9, "dot"), ("auto", 11, "dot"), ("auto", 13, "scratch"),
                                                 ("dot", 21, "dot"), ("scratch", 3, "scratch"), ("dot", 3, "dot")])
@@ -159,6 +160,7 @@ def test_half_inputs_accumulate_in_float32(backend, device, dtype):
     check(backend, a, b, 5, "box", "none", needs=[(True, True)], rel=1e-2)  # gradients rounded to half
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_gpu_geometry_and_chunked_backward(device, monkeypatch):
     """The compiled-GPU launch geometry (32^2 regions, several tiles per plane, one plane per
@@ -201,6 +203,7 @@ def _emulated_tensor_core_dot(monkeypatch, split: bool):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_float32_window_products_need_the_tf32x3_split(kernel, monkeypatch):
     """The in-plane window sums run as tl.dot on tensor cores in float32. With the TF32x3 split the
@@ -218,6 +221,7 @@ def test_float32_window_products_need_the_tf32x3_split(kernel, monkeypatch):
         check("triton", a, b, 5, kernel, "none", needs=[(True, True)], rel=1e-5, seed=12)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=6)
 @given(d=st.integers(1, 4), h=st.integers(1, 17), w=st.integers(1, 17), c=st.integers(1, 2),

@@ -195,6 +195,7 @@ def test_half_volume(backend, device, dtype, coords_dtype):
             assert_close(grad_field.to(wide), ref_field, rel=2e-2)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backward,op", [(kernels.sample_backward, reference.sample_backward),
                                          (kernels.warp_backward, reference.warp_backward)])
@@ -230,6 +231,7 @@ def clustered_coords(n, shape, generator, device):
     return (base + 0.01 * torch.rand(n, 3, *shape, generator=generator, dtype=torch.float64)).to(device)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 def test_deterministic_volume_gradient(device, padding, deterministic, monkeypatch):
