@@ -7,9 +7,9 @@
 # session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
 # then, are now cut at 20 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
-# its limit cuts it short (rows are written as made). The opt-in tiled kernels (DEEPATLAS_FAST_CUDA_LNCC /
-# _SPLAT / _INVERT_SPLAT / _JACOBIAN=tiled) are tested first; each joins the report, the profile, ncu and the
-# tiledloss training step only if its own tests pass.
+# its limit cuts it short (rows are written as made). The opt-in kernels (DEEPATLAS_FAST_CUDA_LNCC / _SPLAT /
+# _INVERT_SPLAT / _JACOBIAN=tiled, DEEPATLAS_FAST_CUDA_SPLAT=merged) are tested first; each joins the report,
+# the profile, ncu and the tiledloss training step only if its own tests pass.
 # STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu lossmem train
 # tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
 # 2026-11-27, so they left the default to give the tiled tests 60 s); each step has its own time limit and a
@@ -85,17 +85,18 @@ if has gputests; then
 fi
 
 
-# The opt-in tiled CUDA kernels, each selected by a variable (deepatlas_fast/ops/_cpp.py), join the report, the
-# profile, ncu and the tiledloss step only when their tests pass: a faulting kernel would leave the CUDA context
-# unusable for every row after it. A kernel whose test file had a failure (or all, when the run did not finish)
-# stays out; the others go on. Their bad-input tests run apart and do not decide: a check throwing from CUDA code
-# crashed a worker before (the rawops step), whatever the kernel.
+# The opt-in CUDA kernels, each selected by a setting VAR=value (deepatlas_fast/ops/_cpp.py), join the report,
+# the profile, ncu and the tiledloss step only when their tests pass: a faulting kernel would leave the CUDA
+# context unusable for every row after it. A kernel whose test file had a failure (or all, when the run did not
+# finish) stays out; the others go on. Their bad-input tests run apart and do not decide: a check throwing from
+# CUDA code crashed a worker before (the rawops step), whatever the kernel.
 declare -A TILED_VARIABLE=(
-  [tests/test_kernels_lncc_tiled.py]=DEEPATLAS_FAST_CUDA_LNCC
-  [tests/test_kernels_splat_tiled.py]=DEEPATLAS_FAST_CUDA_SPLAT
-  [tests/test_kernels_invert_splat_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT
-  [tests/test_kernels_invert_backward_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT
-  [tests/test_kernels_jacobian_tiled.py]=DEEPATLAS_FAST_CUDA_JACOBIAN
+  [tests/test_kernels_lncc_tiled.py]=DEEPATLAS_FAST_CUDA_LNCC=tiled
+  [tests/test_kernels_splat_tiled.py]=DEEPATLAS_FAST_CUDA_SPLAT=tiled
+  [tests/test_kernels_splat_merged.py]=DEEPATLAS_FAST_CUDA_SPLAT=merged
+  [tests/test_kernels_invert_splat_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled
+  [tests/test_kernels_invert_backward_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled
+  [tests/test_kernels_jacobian_tiled.py]=DEEPATLAS_FAST_CUDA_JACOBIAN=tiled
 )
 TILED_ALL=$(printf '%s\n' "${TILED_VARIABLE[@]}" | sort -u | tr '\n' ' ')
 TILED_FAILED=$TILED_ALL  # until their tests have passed
@@ -112,8 +113,8 @@ if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, t
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-20}" "not cpu and triton" $KERNEL_TESTS
 fi
 log "tiled kernels left out (tests failed or did not run): ${TILED_FAILED:-none}"
-# "VAR=" for each: a substring of the failing variants' settings ("VAR=tiled") that bench.skipped leaves out
-TILED_SKIP=$(for v in $TILED_FAILED; do printf '%s=,' "$v"; done)
+# the failing settings, comma-separated: bench.skipped leaves out the variants whose setting contains one
+TILED_SKIP=$(for v in $TILED_FAILED; do printf '%s,' "$v"; done)
 TILED_SKIP=${TILED_SKIP%,}
 REPORT_SKIP=reference${TILED_SKIP:+,$TILED_SKIP}
 
@@ -152,7 +153,7 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
     echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient, Jacobian backward, invert backward)" >> "$OUT/report.log"
     timeout "${NCU_TILED_TIMEOUT:-25}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat)" --ops lncc,sample,jacobian_var,invert_displacement \
+      $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat),cuda (merged splat)" --ops lncc,sample,jacobian_var,invert_displacement \
       --skip "$TILED_SKIP" 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
@@ -191,7 +192,9 @@ fi
 
 if has tiledloss; then  # every opt-in tiled kernel at once: the step, the loss side and its time by kernel at 256^3
   if [ "$TILED_FAILED" != "$TILED_ALL" ]; then  # (the train step's rows are the defaults)
-    TILED_ENV=$(for v in $TILED_ALL; do [[ " $TILED_FAILED " == *" $v "* ]] || echo "$v=tiled"; done)
+    # the variants that beat the defaults or are untimed (the tiled sample / invert splats were slower: 2026-11-27)
+    TILED_ENV=$(for v in ${TILEDLOSS_SETTINGS:-DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_CUDA_JACOBIAN=tiled \
+      DEEPATLAS_FAST_CUDA_SPLAT=merged}; do [[ " $TILED_FAILED " == *" $v "* ]] || echo "$v"; done)
     log "training step: the tiled kernels that passed their tests:" $TILED_ENV
     env $TILED_ENV \
       timeout "${TILEDLOSS_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py --sizes 256 --ops fused --precision fp32 \

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=256, help="cube side (default 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", default="cuda,cuda (tiled),cuda (tiled splat),triton",
+    parser.add_argument("--backends", default="cuda,cuda (tiled),cuda (tiled splat),cuda (merged splat),triton",
                         help="comma list of the report's implementation names (default: cuda, its tiled variants, "
                              "triton)")
     parser.add_argument("--skip", default="", help="comma list: leave out implementations whose name or variant "

@@ -293,7 +293,8 @@ def build_cases(
             def make(n=n, shape=shape):
                 return vol_coords(n, 1, shape), ()
 
-            impls = {**ours("sample", da.sample, point), **_cuda_splat_variant("tiled", available), "stock": stock.sample,
+            impls = {**ours("sample", da.sample, point), **_cuda_splat_variant("tiled", available),
+                     **_cuda_splat_variant("merged", available), "stock": stock.sample,
                      **compiled(point, "stock", stock.sample)}
             cases.append(Case("sample", f"C=1 both grads {n}x{side}³", (n, 1, *shape), 56, make, impls, side=side))
 
@@ -345,7 +346,7 @@ def build_cases(
 
             cases.append(Case("sample", f"C=16 both grads 1x{side}³", (1, 16, *shape), 36 + 20 * 16, make16,
                               {**ours("sample", da.sample), **_cuda_splat_variant("tiled", available),
-                               "stock": stock.sample}, side=side))
+                               **_cuda_splat_variant("merged", available), "stock": stock.sample}, side=side))
         if "lncc" in ops:
             lside = 128 if side == 160 else side
             lshape = (lside,) * 3

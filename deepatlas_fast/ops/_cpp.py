@@ -79,10 +79,12 @@ LNCC_CUDA_IMPLEMENTATIONS = ("separable", "tiled")
 LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
 
 #: The CUDA volume gradient of sample / warp: "atomic" (cuda/sampling.cu, 8 global atomic adds per point
-#: and channel: the default, measured on a GPU) or "tiled" (cuda/splat_tiled.cu: per tile of points, in
-#: shared memory first). Read from the environment at each call.
+#: and channel: the default, measured on a GPU), "tiled" (cuda/splat_tiled.cu: per tile of points, in
+#: shared memory first) or "merged" (cuda/sampling.cu's WarpMerge: the adds that neighbouring lanes share
+#: merged by warp shuffles first, about 4 per point for near-identity maps; read by the CUDA launcher).
+#: Read from the environment at each call.
 SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
-SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
+SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled", "merged")
 
 #: How the CUDA invert splats the levels of its initial-guess pyramid (coordinate maps) and its backward (both
 #: ops): "atomic" (cuda/inversion.cu's splat_kernel and backward_kernel: the default, measured on a GPU) or

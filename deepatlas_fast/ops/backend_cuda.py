@@ -19,11 +19,12 @@ def _sampling_backward(cpp_backward, warp, grad, vol, field, padding, need_vol, 
     """The CUDA kernels' backward, except under ``torch.use_deterministic_algorithms(True)``: their volume
     gradient is splatted with atomics (the raw op raises there), so it comes from the Triton kernels'
     sort-then-gather instead, bitwise reproducible, as the triton backend does. With
-    ``DEEPATLAS_FAST_CUDA_SPLAT=tiled`` the volume gradient is ``sample_splat_tiled``'s."""
+    ``DEEPATLAS_FAST_CUDA_SPLAT=tiled`` the volume gradient is ``sample_splat_tiled``'s; "merged" is read by
+    the CUDA launcher itself."""
     if not need_vol:
         return cpp_backward(grad, vol, field, padding, need_vol, need_field)
     if not torch.are_deterministic_algorithms_enabled():
-        if _cpp.splat_cuda_implementation() == "atomic":
+        if _cpp.splat_cuda_implementation() in ("atomic", "merged"):
             return cpp_backward(grad, vol, field, padding, need_vol, need_field)
         dtype = compute_dtype(vol, field)
         grad_vol = torch.ops.deepatlas_fast_C.sample_splat_tiled(
