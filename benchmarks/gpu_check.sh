@@ -8,7 +8,7 @@
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
 # then, are now cut at 20 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in kernels (DEEPATLAS_FAST_CUDA_LNCC / _SPLAT /
-# _INVERT_SPLAT / _JACOBIAN=tiled, DEEPATLAS_FAST_CUDA_SPLAT=merged) are tested first; each joins the report,
+# _INVERT_SPLAT / _JACOBIAN=tiled, DEEPATLAS_FAST_CUDA_SPLAT / _INVERT_SPLAT=merged) are tested first; each joins the report,
 # the profile, ncu and the tiledloss training step only if its own tests pass.
 # STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu lossmem train
 # tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
@@ -96,6 +96,7 @@ declare -A TILED_VARIABLE=(
   [tests/test_kernels_splat_merged.py]=DEEPATLAS_FAST_CUDA_SPLAT=merged
   [tests/test_kernels_invert_splat_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled
   [tests/test_kernels_invert_backward_tiled.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled
+  [tests/test_kernels_invert_merged.py]=DEEPATLAS_FAST_CUDA_INVERT_SPLAT=merged
   [tests/test_kernels_jacobian_tiled.py]=DEEPATLAS_FAST_CUDA_JACOBIAN=tiled
 )
 TILED_ALL=$(printf '%s\n' "${TILED_VARIABLE[@]}" | sort -u | tr '\n' ' ')
@@ -194,7 +195,7 @@ if has tiledloss; then  # every opt-in tiled kernel at once: the step, the loss 
   if [ "$TILED_FAILED" != "$TILED_ALL" ]; then  # (the train step's rows are the defaults)
     # the variants that beat the defaults or are untimed (the tiled sample / invert splats were slower: 2026-11-27)
     TILED_ENV=$(for v in ${TILEDLOSS_SETTINGS:-DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_CUDA_JACOBIAN=tiled \
-      DEEPATLAS_FAST_CUDA_SPLAT=merged}; do [[ " $TILED_FAILED " == *" $v "* ]] || echo "$v"; done)
+      DEEPATLAS_FAST_CUDA_SPLAT=merged DEEPATLAS_FAST_CUDA_INVERT_SPLAT=merged}; do [[ " $TILED_FAILED " == *" $v "* ]] || echo "$v"; done)
     log "training step: the tiled kernels that passed their tests:" $TILED_ENV
     env $TILED_ENV \
       timeout "${TILEDLOSS_TIMEOUT:-30}" $PY benchmarks/train_step_gpu.py --sizes 256 --ops fused --precision fp32 \

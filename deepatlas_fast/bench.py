@@ -334,6 +334,7 @@ def build_cases(
 
             impls = {**ours("invert_displacement", lambda d: da.invert_displacement(d)[0], point),
                      **_cuda_invert_splat_variant("tiled", available),
+                     **_cuda_invert_splat_variant("merged", available),
                      "stock 8-step": stock_invert_displacement,
                      **compiled(point, "stock 8-step", stock_invert_displacement)}
             cases.append(Case("invert_displacement", f"{n}x{side}³", (n, 1, *shape), 84, make_disp, impls, side=side))

@@ -11,7 +11,7 @@
 // * backward_kernel: per valid target point one transposed 3x3 solve, then atomic adds into the 8
 //   source nodes of its cell (none for invalid or degenerate points).
 // With DEEPATLAS_FAST_CUDA_INVERT_SPLAT=tiled the pyramid levels and the backward are splatted by tiles in
-// shared memory first (cuda/splat_tiled.cu).
+// shared memory first (cuda/splat_tiled.cu); with =merged the backward's adds are merged within warps first.
 // The atomics make the coordinate-map forward and both backwards not bitwise reproducible: under
 // torch.use_deterministic_algorithms(True) they raise, as torch's own non-deterministic kernels do.
 // No host synchronisation: every launch decision comes from shapes (CUDA-graph capturable).
@@ -33,6 +33,7 @@
 #include "deepatlas_fast/inversion.h"
 #include "deepatlas_fast/inversion_host.h"
 #include "invert_splat.cuh"
+#include "warp_merge.cuh"
 
 namespace deepatlas_fast {
 namespace {
@@ -115,13 +116,39 @@ __global__ void solve_kernel(const T* __restrict__ field, const T* __restrict__ 
 }
 
 // out [n, 3, src] zeros: out[corners of p] -= w * J(p)^-T g. DISP: inverse holds p - u. I as solve_kernel.
-template <typename T, bool DISP, typename I>
+// MERGE: the adds that neighbouring lanes share merged first (warp_merge.cuh); every lane with a target point
+// takes part in the shuffles, an invalid or degenerate one with no corner inside.
+template <typename T, bool DISP, bool MERGE, typename I>
 __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ field,
                                 const T* __restrict__ inverse, const bool* __restrict__ valid, T* __restrict__ out,
                                 const GridOf<I> src, const GridOf<I> target) {
   const int64_t point = point_index();
+  // every thread of a block reaches the ballot: blocks are whole warps (kThreads)
+  const unsigned lanes = MERGE ? __ballot_sync(0xffffffffu, point < target.cells) : 0u;
   if (point >= target.cells) return;
   const I t = static_cast<I>(point), b = static_cast<I>(blockIdx.y);
+  T* item_out = out + b * 3 * src.cells;
+  if constexpr (MERGE) {
+    Corners<T, I> corners;
+    T lambda[3] = {0, 0, 0};
+    bool splats = valid[b * target.cells + t];
+    if (splats) {
+      T p[3], g[3];
+      solution_and_grad<T, DISP>(grad, inverse, target, b, t, p, g);
+      splats = backward_lambda<T, DISP>(field + b * 3 * src.cells, src, p, g, lambda);
+      cell_corners(p, src, corners);
+    }
+    if (!splats) {  // no add of its own; nothing to give or take
+      DA_UNROLL
+      for (int j = 0; j < 8; ++j) corners.inside[j] = false;
+      DA_UNROLL
+      for (int k = 0; k < 3; ++k) lambda[k] = T(0);
+    }
+    const WarpMerge merge = WarpMerge::of(corners, lanes);
+    DA_UNROLL
+    for (int k = 0; k < 3; ++k) merge.add(item_out + k * src.cells, corners, -lambda[k]);
+    return;
+  }
   if (!valid[b * target.cells + t]) return;
   T p[3], g[3];
   solution_and_grad<T, DISP>(grad, inverse, target, b, t, p, g);
@@ -130,7 +157,6 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   if (!backward_lambda<T, DISP>(item, src, p, g, lambda)) return;
   Corners<T, I> corners;
   cell_corners(p, src, corners);
-  T* item_out = out + b * 3 * src.cells;
   DA_UNROLL
   for (int j = 0; j < 8; ++j) {
     DA_UNROLL
@@ -141,15 +167,19 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
 // ---- host side --------------------------------------------------------------------------------------
 
 // DEEPATLAS_FAST_CUDA_INVERT_SPLAT selects how the pyramid levels and the backward are splatted: "atomic"
-// (splat_kernel, backward_kernel: the default, measured on a GPU) or "tiled" (invert_splat_tile.h,
-// invert_backward_tile.h: per tile of source, resp. target points in shared memory first; opt-in until
+// (splat_kernel, backward_kernel: the default, measured on a GPU), "tiled" (invert_splat_tile.h,
+// invert_backward_tile.h: per tile of source, resp. target points in shared memory first; measured slower)
+// or "merged" (the atomic pyramid; the backward's adds merged within warps, warp_merge.cuh; opt-in until
 // measured). Read at each call.
-bool tiled_splats() {
+enum class Splat { kAtomic, kTiled, kMerged };
+
+Splat splat_choice() {
   const char* value = std::getenv("DEEPATLAS_FAST_CUDA_INVERT_SPLAT");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "atomic") == 0) return false;
-  TORCH_CHECK(std::strcmp(value, "tiled") == 0,
-              "deepatlas_fast: DEEPATLAS_FAST_CUDA_INVERT_SPLAT must be 'atomic' or 'tiled', got '", value, "'");
-  return true;
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "atomic") == 0) return Splat::kAtomic;
+  if (std::strcmp(value, "merged") == 0) return Splat::kMerged;
+  TORCH_CHECK(std::strcmp(value, "tiled") == 0, "deepatlas_fast: DEEPATLAS_FAST_CUDA_INVERT_SPLAT must be 'atomic', ",
+              "'merged' or 'tiled', got '", value, "'");
+  return Splat::kTiled;
 }
 
 // The splat pyramid of coords, coarse to fine: the finest level's accumulators [n, target, 4] and the
@@ -160,7 +190,7 @@ std::pair<at::Tensor, at::Tensor> splat_pyramid(const at::Tensor& coords, const 
   const Grid src = spatial_grid(coords);
   cudaStream_t stream = current_stream();
   const dim3 splat_grid = point_grid(src.cells, n);
-  const bool tiled = tiled_splats();
+  const bool tiled = splat_choice() == Splat::kTiled;
   at::Tensor coarse;
   for (size_t level = levels.size() - 1;; --level) {
     const Grid& grid = levels[level];
@@ -247,7 +277,8 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
   at::Tensor out = at::zeros(field.sizes(), field.options());
   if (n == 0) return out;
   at::globalContext().alertNotDeterministic("deepatlas_fast invert backward (atomic splat)");
-  const bool tiled = tiled_splats();
+  const Splat splat = splat_choice();
+  const bool tiled = splat == Splat::kTiled;
   if (tiled) check_backward_tiled(grad, field, inverse, valid, DISP);
   AT_DISPATCH_FLOATING_TYPES(field.scalar_type(), "deepatlas_fast_invert_backward", [&] {
     using T = scalar_t;
@@ -259,7 +290,8 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& field, const at::T
     }
     const auto launch = [&](auto index) {
       using I = decltype(index);
-      backward_kernel<T, DISP, I><<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
+      const auto kernel = splat == Splat::kMerged ? backward_kernel<T, DISP, true, I> : backward_kernel<T, DISP, false, I>;
+      kernel<<<point_grid(target.cells, n), kThreads, 0, current_stream()>>>(
           grad.const_data_ptr<T>(), field.const_data_ptr<T>(), inverse.const_data_ptr<T>(),
           valid.const_data_ptr<bool>(), out.mutable_data_ptr<T>(), narrow_grid<I>(src), narrow_grid<I>(target));
     };

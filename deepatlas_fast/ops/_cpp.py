@@ -87,11 +87,12 @@ SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
 SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled", "merged")
 
 #: How the CUDA invert splats the levels of its initial-guess pyramid (coordinate maps) and its backward (both
-#: ops): "atomic" (cuda/inversion.cu's splat_kernel and backward_kernel: the default, measured on a GPU) or
+#: ops): "atomic" (cuda/inversion.cu's splat_kernel and backward_kernel: the default, measured on a GPU),
 #: "tiled" (invert_splat_tile.h, invert_backward_tile.h: per tile of source, resp. target points in shared
-#: memory first). Read by the CUDA launchers at each call; checked here first.
+#: memory first) or "merged" (the atomic pyramid; the backward's adds merged within warps first,
+#: cuda/warp_merge.cuh). Read by the CUDA launchers at each call; checked here first.
 INVERT_SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_INVERT_SPLAT"
-INVERT_SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled")
+INVERT_SPLAT_CUDA_IMPLEMENTATIONS = ("atomic", "tiled", "merged")
 
 
 #: The CUDA backward of jacobian_det / jacobian_var: "gather" (cuda/jacobian.cu's backward_kernel, one thread per
