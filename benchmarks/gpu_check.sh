@@ -2,7 +2,8 @@
 # One call on the GPU machine (device tool): install, GPU tests, kernel report, training-step table.
 # Results under $OUT (at most 8 files come back: setup.txt steps.log tests.txt report.{json,md,log}
 # train_step.{md,log}).
-#   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc)
+#   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc; with the library of
+#        benchmarks/prebuild_extension.sh and its stamp, the install skips the build)
 # The step limits add up to 9.75 minutes with the install (the device tool allows 10 per call, 15 per
 # session): run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
@@ -35,10 +36,22 @@ log "environment"
   "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
   > "$OUT/setup.txt" 2>&1; cat "$OUT/setup.txt"
 
-log "install (builds the C++/CUDA extension: csrc/cuda for sm_90)"
+# A library built here by benchmarks/prebuild_extension.sh (carried with its stamp) saves the ~50 s build when
+# its stamp matches these sources, this Python and this torch, and it loads; else the install builds it.
+PREBUILT=0
+if [ -f deepatlas_fast/_C.prebuilt ] && $PY benchmarks/extension_stamp.py --check deepatlas_fast/_C.prebuilt \
+    >> "$OUT/setup.txt" 2>&1 && $PY -c "import torch, deepatlas_fast._C" >> "$OUT/setup.txt" 2>&1; then
+  PREBUILT=1
+fi
+if [ "$PREBUILT" = 1 ]; then
+  log "install (the prebuilt extension: $(cut -c1-60 deepatlas_fast/_C.prebuilt))"
+else
+  rm -f deepatlas_fast/_C.prebuilt deepatlas_fast/_C.cpython-*.so
+  log "install (builds the C++/CUDA extension: csrc/cuda for sm_90)"
+fi
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  DEEPATLAS_FAST_NO_EXTENSION=${DEEPATLAS_FAST_NO_EXTENSION:-0} $PY -m pip install -q -e . --no-build-isolation --no-deps \
-  >> "$OUT/setup.txt" 2>&1 || { cat "$OUT/setup.txt"; exit 1; }
+  DEEPATLAS_FAST_NO_EXTENSION=$([ "$PREBUILT" = 1 ] && echo 1 || echo "${DEEPATLAS_FAST_NO_EXTENSION:-0}") \
+  $PY -m pip install -q -e . --no-build-isolation --no-deps >> "$OUT/setup.txt" 2>&1 || { cat "$OUT/setup.txt"; exit 1; }
 $PY -c "import deepatlas_fast as da; print('backends on cuda:', da.available_backends('cuda'))" | tee -a "$OUT/setup.txt"
 
 # Peers, in the background while the tests run: MONAI (wheel) and fused-lncc (JIT-built for this GPU only).

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
@@ -193,6 +194,31 @@ def test_segv_locator_names_the_faulting_library(tmp_path):
                           text=True, timeout=60, env=dict(os.environ, LD_PRELOAD=library))
     assert proc.returncode == -11, proc.stderr
     assert "segv_locator: pc " in proc.stderr and "libc" in proc.stderr, proc.stderr
+
+
+def test_extension_stamp_matches_its_own_tree_only(tmp_path):
+    """gpu_check uses a prebuilt library only when its stamp (sources, Python, torch) still matches."""
+    script = str(ROOT / "benchmarks" / "extension_stamp.py")
+    here = subprocess.run([sys.executable, script], capture_output=True, text=True, check=True).stdout.strip()
+    assert here.startswith("python=") and f"torch={torch.__version__}" in here
+    recorded = tmp_path / "_C.prebuilt"
+    recorded.write_text(here + "\n")
+    assert subprocess.run([sys.executable, script, "--check", str(recorded)]).returncode == 0
+    recorded.write_text(here.replace("sources=", "sources=0"))
+    assert subprocess.run([sys.executable, script, "--check", str(recorded)], capture_output=True).returncode == 1
+    assert subprocess.run([sys.executable, script, "--check", str(tmp_path / "none")],
+                          capture_output=True).returncode == 1
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import extension_stamp
+
+    copy = tmp_path / "tree"
+    (copy / "csrc").mkdir(parents=True)
+    (copy / "csrc" / "a.cu").write_text("x")
+    (copy / "setup.py").write_text("y")
+    before = extension_stamp.source_digest(copy)
+    (copy / "csrc" / "a.cu").write_text("z")
+    assert extension_stamp.source_digest(copy) != before
 
 
 def test_memory_breakdown_replays_the_allocator_trace():
