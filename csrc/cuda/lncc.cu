@@ -332,10 +332,7 @@ struct Setup {
   Setup(const Problem& p, const at::Tensor& a, const at::Tensor& b, int64_t halo) : stream(current_stream()) {
     const Dims& s = p.dims;
     win = make_window<T>(p, &full, &volume);
-    shifts = at::empty({s.nc * 2}, a.options());
-    lncc_cuda::channel_mean_kernel<T><<<static_cast<unsigned int>(s.nc * 2), dim3(kBlockX, kBlockY), 0, stream>>>(
-        a.const_data_ptr<T>(), b.const_data_ptr<T>(), shifts.mutable_data_ptr<T>(), s.d * s.plane);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    shifts = lncc_cuda::channel_shifts<T>(a, b, s.nc, s.d * s.plane);
     cover = at::empty({s.d + s.h + s.w}, a.options());
     lncc_cuda::coverage_kernel<<<blocks_for(s.d + s.h + s.w), kThreads, 0, stream>>>(cover.mutable_data_ptr<T>(), s.d,
                                                                                      s.h, s.w, win, win.k);

@@ -119,12 +119,7 @@ struct BlockRunner {
   c10::cuda::CUDAGuard guard;
 
   at::Tensor shifts(const at::Tensor& a, const at::Tensor& b, int64_t nc) {
-    at::Tensor out = at::empty({nc * 2}, a.options());
-    lncc_cuda::channel_mean_kernel<T><<<static_cast<unsigned int>(nc * 2), dim3(kBlockX, kBlockY), 0,
-                                        current_stream()>>>(a.const_data_ptr<T>(), b.const_data_ptr<T>(),
-                                                            out.mutable_data_ptr<T>(), a.numel() / nc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
+    return lncc_cuda::channel_shifts<T>(a, b, nc, nc > 0 ? a.numel() / nc : 0);
   }
 
   at::Tensor cover(const Volume<T>& v, const Taps<T>& taps) {
