@@ -11,9 +11,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TORCH_SPEC=${TORCH_SPEC:-torch==2.11.0}
 VENV=${PREBUILD_VENV:-/tmp/prebuild-venv312}
-PYTHON312=${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)}
+if [ -z "${PYTHON312:-}" ]; then  # the first that runs (a pyenv shim may exist without a 3.12 selected)
+  for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then
+      PYTHON312=$candidate; break
+    fi
+  done
+fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-[ -n "$PYTHON312" ] || { echo "prebuild: no python3.12 (set PYTHON312)"; exit 1; }
+[ -n "${PYTHON312:-}" ] || { echo "prebuild: no python3.12 (set PYTHON312)"; exit 1; }
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "prebuild: no nvcc under CUDA_HOME=$CUDA_HOME"; exit 1; }
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON312" -m venv "$VENV"

@@ -221,6 +221,26 @@ def test_extension_stamp_matches_its_own_tree_only(tmp_path):
     assert extension_stamp.source_digest(copy) != before
 
 
+def test_gpu_check_gates_each_opt_in_kernel_by_an_existing_test_file():
+    """gpu_check.sh's map from test file to setting: every file exists and every setting VAR=value is one of
+    ops/_cpp.py's choices for VAR (a typo would leave a kernel out of the report without a word)."""
+    import re
+
+    from deepatlas_fast.ops import _cpp
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    block = script[script.index("declare -A TILED_VARIABLE=("):]
+    entries = re.findall(r"\[(tests/[\w.]+)\]=(\w+)=(\w+)", block[:block.index("\n)\n")])
+    assert len(entries) >= 7
+    choices = {_cpp.LNCC_CUDA_VARIABLE: _cpp.LNCC_CUDA_IMPLEMENTATIONS,
+               _cpp.SPLAT_CUDA_VARIABLE: _cpp.SPLAT_CUDA_IMPLEMENTATIONS,
+               _cpp.INVERT_SPLAT_CUDA_VARIABLE: _cpp.INVERT_SPLAT_CUDA_IMPLEMENTATIONS,
+               _cpp.JACOBIAN_CUDA_VARIABLE: _cpp.JACOBIAN_CUDA_IMPLEMENTATIONS}
+    for path, variable, value in entries:
+        assert (ROOT / path).is_file(), path
+        assert value in choices[variable][1:], (variable, value)  # an opt-in value, not the default
+
+
 def test_memory_breakdown_replays_the_allocator_trace():
     """train_step_gpu --memory-breakdown: the live bytes at the trace's peak, by allocating line."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
