@@ -36,5 +36,6 @@ LIBRARY=$(cd "$WORK" && ls deepatlas_fast/_C.cpython-312-*.so)
 "$VENV/bin/python" -c "import sys; sys.path.insert(0, '$WORK'); import torch, deepatlas_fast._C; \
 print(torch.ops.deepatlas_fast_C.build_info())"
 cp "$WORK/$LIBRARY" "$ROOT/$LIBRARY"
-"$VENV/bin/python" "$ROOT/benchmarks/extension_stamp.py" > "$ROOT/deepatlas_fast/_C.prebuilt"
+# the stamp of the copy that was built (the tree may have changed since)
+"$VENV/bin/python" "$WORK/benchmarks/extension_stamp.py" > "$ROOT/deepatlas_fast/_C.prebuilt"
 echo "prebuilt $ROOT/$LIBRARY ($(du -h "$ROOT/$LIBRARY" | cut -f1)): $(cat "$ROOT/deepatlas_fast/_C.prebuilt")"
