@@ -33,6 +33,30 @@ def rotation(angles):
     return rx @ ry @ rz
 
 
+def smooth_map(n, shape, seed, amplitude, dtype=torch.float64, *, stretch=1.0, displacement=False):
+    """``stretch`` x identity plus a smooth random displacement (normalised units; 27 random control values
+    per channel, interpolated), or the displacement alone (``displacement``)."""
+    coarse = torch.randn(n, 3, 3, 3, 3, generator=g(seed), dtype=torch.float64) * amplitude
+    disp = torch.nn.functional.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
+    if displacement:
+        return disp.to(dtype)
+    return (stretch * identity_coords(tuple(shape), batch=n, dtype=torch.float64) + disp).to(dtype)
+
+
+def cuda_and_reference_gradients(op, *inputs):
+    """The gradients of op(*inputs) (weighted by ones) with respect to every input, through the cuda backend
+    and through the reference backend: ``(cuda grads, reference grads)``."""
+    import deepatlas_fast as da
+
+    grads = {}
+    for backend in ("cuda", "reference"):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        with da.use_backend(backend):
+            out = op(*leaves)
+            grads[backend] = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return grads["cuda"], grads["reference"]
+
+
 def affine_coords(matrix, offset, shape, dtype=torch.float64):
     """coords(p) = matrix @ p + offset on the source grid ``shape`` (normalised units)."""
     ident = identity_coords(shape, dtype=torch.float64)

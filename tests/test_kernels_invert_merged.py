@@ -15,7 +15,7 @@ import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import inversion as reference
-from helpers import g
+from helpers import g, smooth_map
 
 OP = "invert"
 
@@ -31,13 +31,6 @@ def cuda(cpp_device, monkeypatch):
 
 def ops():
     return torch.ops.deepatlas_fast_C
-
-
-def smooth_map(n, shape, seed, amplitude, dtype, stretch=1.0):
-    """``stretch`` x identity plus a smooth random displacement (normalised units)."""
-    coarse = torch.randn(n, 3, 3, 3, 3, generator=g(seed), dtype=torch.float64) * amplitude
-    disp = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
-    return (stretch * identity_coords(shape, batch=n, dtype=torch.float64) + disp).to(dtype)
 
 
 def assert_near(ours, expected, dtype):

@@ -14,7 +14,7 @@ import torch
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import sampling as reference
-from helpers import g, rand_coords
+from helpers import cuda_and_reference_gradients, g, rand_coords, smooth_map
 
 OP = "sample"
 
@@ -26,15 +26,6 @@ def cuda(cpp_device, monkeypatch):
         pytest.skip("the merged splat is CUDA code (warp shuffles, no CPU emulation): needs a GPU")
     monkeypatch.setenv(_cpp.SPLAT_CUDA_VARIABLE, "merged")
     return cpp_device
-
-
-def smooth_field(n, out_shape, seed, amplitude, dtype, warp):
-    """Identity (unless warp: a displacement) plus a smooth random displacement, normalised units."""
-    coarse = torch.randn(n, 3, 3, 3, 3, generator=g(seed), dtype=torch.float64) * amplitude
-    disp = torch.nn.functional.interpolate(coarse, size=out_shape, mode="trilinear", align_corners=True)
-    if warp:
-        return disp.to(dtype)
-    return (reference.identity_coords(out_shape, dtype=torch.float64) + disp).to(dtype)
 
 
 def check(field, vol_size, c, padding, warp, seed, dtype, need_field=True):
@@ -67,7 +58,7 @@ def test_the_variable_takes_merged():
 @pytest.mark.parametrize("need_field", [True, False])
 def test_smooth_maps(cuda, dtype, padding, warp, need_field):
     """Near-identity maps, width 37 (rows end inside warps), some points beyond the borders."""
-    field = smooth_field(2, (7, 9, 37), 1, 0.15, dtype, warp)
+    field = smooth_map(2, (7, 9, 37), 1, 0.15, dtype, displacement=warp)
     check(field, (7, 9, 37), 3, padding, warp, 2, dtype, need_field)
 
 
@@ -87,14 +78,14 @@ def test_scattered_points(cuda, padding):
 
 def test_partial_last_warp_and_single_points(cuda):
     """105 points (a last warp of 9 lanes), a single point, volumes of one voxel."""
-    check(smooth_field(1, (3, 5, 7), 7, 0.1, torch.float64, False), (3, 5, 7), 2, "zeros", False, 8, torch.float64)
+    check(smooth_map(1, (3, 5, 7), 7, 0.1, torch.float64), (3, 5, 7), 2, "zeros", False, 8, torch.float64)
     check(rand_coords(1, (1, 1, 1), g(9), dtype=torch.float64), (2, 3, 4), 1, "border", False, 10, torch.float64)
-    check(smooth_field(1, (4, 3, 5), 11, 0.2, torch.float64, False), (1, 1, 1), 2, "zeros", False, 12, torch.float64)
+    check(smooth_map(1, (4, 3, 5), 11, 0.2, torch.float64), (1, 1, 1), 2, "zeros", False, 12, torch.float64)
 
 
 def test_nan_coordinates_match_the_plain_atomics(cuda, monkeypatch):
     """A NaN coordinate makes NaN weights: the same voxels get NaN as without merging."""
-    field = smooth_field(1, (5, 6, 20), 13, 0.1, torch.float64, False)
+    field = smooth_map(1, (5, 6, 20), 13, 0.1, torch.float64)
     field[0, 1, 2, 3, 4] = float("nan")
     grad = torch.randn(1, 2, 5, 6, 20, generator=g(14), dtype=torch.float64).cuda()
     vol = torch.zeros(1, 2, 5, 6, 20, dtype=torch.float64).cuda()
@@ -108,21 +99,15 @@ def test_nan_coordinates_match_the_plain_atomics(cuda, monkeypatch):
 def test_the_cuda_backend_switch(cuda):
     """Through the public API (autograd), both ops, against the reference backend."""
     vol = torch.randn(1, 3, 20, 24, 28, generator=g(15)).cuda()
-    for op, field in ((da.sample, smooth_field(1, (20, 24, 28), 16, 0.1, torch.float32, False)),
-                      (da.warp, smooth_field(1, (20, 24, 28), 17, 0.1, torch.float32, True))):
-        grads = {}
-        for backend in ("cuda", "reference"):
-            leaves = [vol.clone().requires_grad_(), field.cuda().requires_grad_()]
-            with da.use_backend(backend):
-                out = op(*leaves)
-                grads[backend] = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        for ours, theirs in zip(grads["cuda"], grads["reference"]):
+    for op, field in ((da.sample, smooth_map(1, (20, 24, 28), 16, 0.1, torch.float32)),
+                      (da.warp, smooth_map(1, (20, 24, 28), 17, 0.1, torch.float32, displacement=True))):
+        for ours, theirs in zip(*cuda_and_reference_gradients(op, vol, field.to("cuda"))):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_realistic_size(cuda, dtype):
     """96 x 80 x 112 points, 8 channels, into the same grid (smooth map) and into a 32^3 atlas."""
-    field = smooth_field(1, (96, 80, 112), 18, 0.05, dtype, False)
+    field = smooth_map(1, (96, 80, 112), 18, 0.05, dtype)
     check(field, (96, 80, 112), 8, "zeros", False, 19, dtype, need_field=False)
     check(field, (32, 32, 32), 8, "border", False, 20, dtype)

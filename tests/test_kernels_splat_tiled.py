@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import sampling as reference
-from helpers import g, rand_coords
+from helpers import cuda_and_reference_gradients, g, rand_coords, smooth_map
 
 OP = "sample"
 
@@ -28,15 +28,6 @@ def device(cpp_device):
 
 def splat(grad, field, vol_size, padding, warp):
     return torch.ops.deepatlas_fast_C.sample_splat_tiled(grad, field, list(vol_size), padding, warp)
-
-
-def smooth_field(n, out_shape, seed, amplitude, dtype, warp):
-    """Identity (unless warp: a displacement) plus a smooth random displacement, normalised units."""
-    coarse = torch.randn(n, 3, 3, 3, 3, generator=g(seed), dtype=torch.float64) * amplitude
-    disp = torch.nn.functional.interpolate(coarse, size=out_shape, mode="trilinear", align_corners=True)
-    if warp:
-        return disp.to(dtype)
-    return (reference.identity_coords(out_shape, dtype=torch.float64) + disp).to(dtype)
 
 
 def check(field, vol_size, c, padding, warp, seed, device, dtype):
@@ -57,14 +48,14 @@ def check(field, vol_size, c, padding, warp, seed, device, dtype):
 @pytest.mark.parametrize("warp", [False, True])
 def test_smooth_map_through_the_shared_buffer(device, dtype, padding, warp):
     """Near-identity maps on odd grids (partial tiles), some points beyond the borders."""
-    field = smooth_field(2, (7, 9, 37), 1, 0.15, dtype, warp)
+    field = smooth_map(2, (7, 9, 37), 1, 0.15, dtype, displacement=warp)
     check(field, (7, 9, 37), 3, padding, warp, 2, device, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_atlas_on_a_large_grid(device, dtype):
     """The explicit term's case: a 6 x 5 x 7 atlas sampled at 20 x 24 x 40 points (~60 per voxel)."""
-    field = smooth_field(1, (20, 24, 40), 3, 0.1, dtype, False)
+    field = smooth_map(1, (20, 24, 40), 3, 0.1, dtype)
     check(field, (6, 5, 7), 2, "border", False, 4, device, dtype)
 
 
@@ -84,7 +75,7 @@ def test_sizes_of_one_voxel(device):
 
 def test_nan_coordinates_match_the_atomic_kernels(device):
     """A NaN coordinate makes NaN weights: the same voxels get NaN as with the backend's own kernels."""
-    field = smooth_field(1, (5, 6, 20), 10, 0.1, torch.float64, False)
+    field = smooth_map(1, (5, 6, 20), 10, 0.1, torch.float64)
     field[0, 1, 2, 3, 4] = float("nan")
     grad = torch.randn(1, 2, 5, 6, 20, generator=g(11), dtype=torch.float64)
     vol = torch.zeros(1, 2, 5, 6, 20, dtype=torch.float64)
@@ -107,7 +98,7 @@ def test_nan_coordinates_match_the_atomic_kernels(device):
 def test_many_shapes(device, out, vol, smooth, warp, padding, seed):
     if warp:
         vol = out  # warp samples the grid it displaces
-    field = smooth_field(2, out, seed, 0.2, torch.float64, warp) if smooth else rand_coords(2, out, g(seed))
+    field = smooth_map(2, out, seed, 0.2, torch.float64, displacement=warp) if smooth else rand_coords(2, out, g(seed))
     check(field, vol, 2, padding, warp, seed, device, torch.float64)
 
 
@@ -140,15 +131,9 @@ def test_the_cuda_backend_switch(device, monkeypatch):
         return
     monkeypatch.setenv(_cpp.SPLAT_CUDA_VARIABLE, "tiled")
     vol = torch.randn(1, 3, 20, 24, 28, generator=g(14)).to(device)
-    for op, field in ((da.sample, smooth_field(1, (20, 24, 28), 15, 0.1, torch.float32, False)),
-                      (da.warp, smooth_field(1, (20, 24, 28), 16, 0.1, torch.float32, True))):
-        grads = {}
-        for backend in ("cuda", "reference"):
-            leaves = [vol.clone().requires_grad_(), field.to(device).requires_grad_()]
-            with da.use_backend(backend):
-                out = op(*leaves)
-                grads[backend] = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        for ours, theirs in zip(grads["cuda"], grads["reference"]):
+    for op, field in ((da.sample, smooth_map(1, (20, 24, 28), 15, 0.1, torch.float32)),
+                      (da.warp, smooth_map(1, (20, 24, 28), 16, 0.1, torch.float32, displacement=True))):
+        for ours, theirs in zip(*cuda_and_reference_gradients(op, vol, field.to(device))):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
@@ -157,6 +142,6 @@ def test_cuda_realistic_size(device, dtype):
     """96 x 80 x 112 points, 8 channels, into the same grid (smooth map) and into a 32^3 atlas."""
     if device != "cuda":
         pytest.skip("CUDA only: the CPU emulation runs these sizes too slowly for CI")
-    field = smooth_field(1, (96, 80, 112), 17, 0.05, dtype, False)
+    field = smooth_map(1, (96, 80, 112), 17, 0.05, dtype)
     check(field, (96, 80, 112), 8, "zeros", False, 18, device, dtype)
     check(field, (32, 32, 32), 8, "border", False, 19, device, dtype)
