@@ -126,25 +126,30 @@ def _triton_lncc_variant(inplane: str, available):
     return {f"triton ({inplane} in-plane)": fn}
 
 
-def _cuda_variant(op: str, op_fn, variable: str, value: str, label: str, available):
+def _cuda_variant(op: str, op_fn, variable: str, value: str, label: str, available, **more: str):
     """The cuda backend's ``op`` with the environment variable ``variable`` (ops/_cpp.py) set to ``value``
-    for a whole measurement: {"cuda (label)": fn}, empty without the cuda backend."""
+    (and the variables ``more``, name=value) for a whole measurement: {"cuda (label)": fn}, empty without the
+    cuda backend."""
     if op not in available.get("cuda", []):
         return {}
     fn = _with_backend("cuda", op_fn)
-    fn.context = lambda: _environment(variable, value)
-    fn.setting = f"{variable}={value}"
+    settings = {variable: value, **more}
+    fn.context = lambda: _environment(settings)
+    fn.setting = " ".join(f"{name}={value}" for name, value in settings.items())
     return {f"cuda ({label})": fn}
 
 
-def _cuda_lncc_variant(implementation: str, available):
-    """The cuda lncc with DEEPATLAS_FAST_CUDA_LNCC=``implementation``: {name: fn}."""
+def _cuda_lncc_variant(implementation: str, available, z_planes: str = ""):
+    """The cuda lncc with DEEPATLAS_FAST_CUDA_LNCC=``implementation`` (and, if given, the tiled kernels'
+    DEEPATLAS_FAST_LNCC_Z_PLANES=``z_planes``): {name: fn}."""
     import deepatlas_fast as da
 
     from .ops import _cpp
 
+    more = {"DEEPATLAS_FAST_LNCC_Z_PLANES": z_planes} if z_planes else {}
+    label = f"{implementation}, {z_planes} z-plane" if z_planes else implementation
     return _cuda_variant("lncc", lambda a, b: da.lncc(a, b, 9), _cpp.LNCC_CUDA_VARIABLE, implementation,
-                         implementation, available)
+                         label, available, **more)
 
 
 def _cuda_splat_variant(implementation: str, available):
@@ -191,16 +196,17 @@ def backend_of(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _environment(name: str, value: str):
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def _environment(settings: dict):
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def stock_lncc(a, b, kernel_size=9):
@@ -312,7 +318,7 @@ def build_cases(
                 return (a, (a + 0.5 * torch.randn(n, c, *shape, generator=gen).to(device)).contiguous()), ()
 
             impls = {**ours("lncc", lambda a, b: da.lncc(a, b, 9), point), **_triton_lncc_variant("dot", available),
-                     **_cuda_lncc_variant("tiled", available),
+                     **_cuda_lncc_variant("tiled", available), **_cuda_lncc_variant("tiled", available, "1"),
                      lncc_name: stock_lncc,
                      **compiled(point, lncc_name, stock_lncc), **peers}
             cases.append(Case("lncc", f"k=9 box {n}x1x{side}³", (n, 1, *shape), 24, make_lncc, impls,

@@ -115,6 +115,24 @@ def test_cuda_invert_splat_variant_selects_the_tiled_backward_for_the_measuremen
     assert _cpp.invert_splat_cuda_implementation() == "atomic"
 
 
+def test_cuda_lncc_variant_with_one_z_plane_sets_both_variables(monkeypatch):
+    """The report's "cuda (tiled, 1 z-plane)" lncc row: the tiled kernels with one plane per step while it is
+    measured, both variables restored afterwards; its setting names both (gpu_check's skips match either)."""
+    import os
+
+    from deepatlas_fast import bench
+    from deepatlas_fast.ops import _cpp
+
+    monkeypatch.delenv(_cpp.LNCC_CUDA_VARIABLE, raising=False)
+    monkeypatch.setenv("DEEPATLAS_FAST_LNCC_Z_PLANES", "2")
+    (name, fn), = bench._cuda_lncc_variant("tiled", {"cuda": ["lncc"]}, "1").items()
+    assert name == "cuda (tiled, 1 z-plane)"
+    assert fn.setting == "DEEPATLAS_FAST_CUDA_LNCC=tiled DEEPATLAS_FAST_LNCC_Z_PLANES=1"
+    with fn.context():
+        assert _cpp.lncc_cuda_implementation() == "tiled" and os.environ["DEEPATLAS_FAST_LNCC_Z_PLANES"] == "1"
+    assert _cpp.lncc_cuda_implementation() == "separable" and os.environ["DEEPATLAS_FAST_LNCC_Z_PLANES"] == "2"
+
+
 def test_pick_defaults_names_the_winner_and_its_setting(tmp_path):
     """benchmarks/pick_defaults.py on a report: our implementations ranked per case (failed rows, the
     reference and stock left out), and per op the winner at the largest side with the setting its rows

@@ -105,6 +105,27 @@ def test_backward_in_channel_groups(device, monkeypatch, reduction):
         check(a32, b32, 5, "gaussian", reduction, seed=8, rel=1e-4)
 
 
+@pytest.mark.parametrize("k,kernel", [(3, "box"), (9, "gaussian"), (13, "box")])
+def test_one_and_two_planes_per_step_agree_bitwise(device, monkeypatch, k, kernel):
+    """DEEPATLAS_FAST_LNCC_Z_PLANES=1 (one output plane per step of the tile) and the default two (the planes of
+    a step share their input loads) add the same taps in the same order: bitwise equal, forward and both
+    gradients, with runs of planes of odd length (D = 21: runs of 16 and 5). k = 13 takes the generic path,
+    one plane either way."""
+    for dtype in (torch.float32, torch.float64):
+        a, b = pair((1, 2, 21, 19, 40), k, dtype=dtype, device=device)
+        grad = torch.randn(a.shape, generator=g(k), dtype=dtype).to(device)
+        results = {}
+        for planes in ("1", "2"):
+            monkeypatch.setenv("DEEPATLAS_FAST_LNCC_Z_PLANES", planes)
+            results[planes] = [ops().lncc_tiled(a, b, k, kernel, 1e-5, "none"),
+                               *ops().lncc_tiled_backward(grad, a, b, k, kernel, 1e-5, "none", True, True)]
+        for one, two in zip(results["1"], results["2"]):
+            assert torch.equal(one, two)
+    monkeypatch.setenv("DEEPATLAS_FAST_LNCC_Z_PLANES", "3")
+    with pytest.raises(RuntimeError, match="DEEPATLAS_FAST_LNCC_Z_PLANES must be 1 or 2"):
+        ops().lncc_tiled(a, b, 9, kernel, 1e-5, "none")
+
+
 def test_scratch_budget_must_be_positive(device, monkeypatch):
     a, b = pair((1, 1, 5, 6, 7), 9, device=device)
     monkeypatch.setenv(SCRATCH, "lots")

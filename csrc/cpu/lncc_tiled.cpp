@@ -45,24 +45,26 @@ struct SerialRunner {
     return out;
   }
 
-  // unit(exec, tile, u) for every unit of plan over planes [first, first + planes), each with its scratch.
-  template <typename F>
+  // unit(exec, tile, u) for every unit of plan over planes [first, first + planes), each with its scratch
+  // (z sums for P planes).
+  template <int P, typename F>
   void each_unit(const Volume<T>& v, const Plan& plan, int64_t first, int64_t planes, F&& unit) {
     const int64_t tiles = int64_t(plan.tiles_x) * plan.tiles_y, units = tiles * v.nc * plan.runs;
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(scratch_elements(v.half));
+      std::vector<T> scratch(scratch_elements(v.half, P));
       for (int64_t i = begin; i < end; ++i) {
         const int64_t tile = i % tiles;
         const Unit u = unit_of(plan, int(tile % plan.tiles_x), int(tile / plan.tiles_x), i / tiles, first, planes);
-        unit(i, u, plane_tile(scratch.data(), u.tile_y, u.tile_x, v.h, v.w, v.half));
+        unit(i, u, plane_tile(scratch.data(), u.tile_y, u.tile_x, v.h, v.w, v.half, P));
       }
     });
   }
 
   void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      each_unit(v, plan, 0, v.d, [&](int64_t i, const Unit& u, const PlaneTile<T>& t) {
-        const T partial = forward_unit<decltype(window)::value>(SerialExec{}, t, v, taps.tap, u.c, u.p0, u.p1, map);
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto planes) {
+      constexpr int K = decltype(window)::value, P = decltype(planes)::value;
+      each_unit<P>(v, plan, 0, v.d, [&](int64_t i, const Unit& u, const PlaneTile<T>& t) {
+        const T partial = forward_unit<K, P>(SerialExec{}, t, v, taps.tap, u.c, u.p0, u.p1, map);
         if (partials) partials[i] = partial;
       });
     });
@@ -75,22 +77,23 @@ struct SerialRunner {
   }
 
   void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      each_unit(v, plan, ch.h0, ch.planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
-        adjoint_unit<decltype(window)::value>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1);
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto planes) {
+      constexpr int K = decltype(window)::value, P = decltype(planes)::value;
+      each_unit<P>(v, plan, ch.h0, ch.planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
+        adjoint_unit<K, P>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1);
       });
     });
   }
 
   void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      constexpr int K = decltype(window)::value;
-      each_unit(v, plan, z0, planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto z_planes) {
+      constexpr int K = decltype(window)::value, P = decltype(z_planes)::value;
+      each_unit<P>(v, plan, z0, planes, [&](int64_t, const Unit& u, const PlaneTile<T>& t) {
         if (ch.needs.maps() == kMaxMaps) {
-          combine_unit<kMaxMaps, K>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
+          combine_unit<kMaxMaps, K, P>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
         } else {
-          combine_unit<3, K>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
+          combine_unit<3, K, P>(SerialExec{}, t, v, ch, taps.tap, u.c, u.p0, u.p1, grad_a, grad_b);
         }
       });
     });

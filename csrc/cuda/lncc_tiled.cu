@@ -55,16 +55,16 @@ __device__ const T* shared_taps(const Taps<T>& taps) {
   return shared;
 }
 
-template <typename T>
+template <int P, typename T>
 __device__ PlaneTile<T> block_tile(const Volume<T>& v) {
-  return plane_tile(shared_scratch<T>(), int(blockIdx.y), int(blockIdx.x), v.h, v.w, v.half);
+  return plane_tile(shared_scratch<T>(), int(blockIdx.y), int(blockIdx.x), v.h, v.w, v.half, P);
 }
 
-template <int K, typename T>
+template <int K, int P, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
     forward_kernel(Volume<T> v, Taps<T> taps, Plan plan, T* __restrict__ map, T* __restrict__ partials) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, 0, v.d);
-  const T partial = forward_unit<K>(BlockExec{}, block_tile(v), v, shared_taps(taps), u.c, u.p0, u.p1, map);
+  const T partial = forward_unit<K, P>(BlockExec{}, block_tile<P>(v), v, shared_taps(taps), u.c, u.p0, u.p1, map);
   if (partials != nullptr) {
     const T total = lncc_cuda::block_sum(partial);
     if (threadIdx.x == 0 && threadIdx.y == 0) {
@@ -73,26 +73,27 @@ __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
   }
 }
 
-template <int K, typename T>
+template <int K, int P, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks) adjoint_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, ch.h0, ch.planes);
-  adjoint_unit<K>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1);
+  adjoint_unit<K, P>(BlockExec{}, block_tile<P>(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1);
 }
 
-template <int MAPS, int K, typename T>
+template <int MAPS, int K, int P, typename T>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
     combine_kernel(Volume<T> v, Chunk<T> ch, Taps<T> taps, Plan plan, int64_t z0, int64_t planes,
                    T* __restrict__ grad_a, T* __restrict__ grad_b) {
   const Unit u = unit_of(plan, int(blockIdx.x), int(blockIdx.y), blockIdx.z, z0, planes);
-  combine_unit<MAPS, K>(BlockExec{}, block_tile(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1, grad_a, grad_b);
+  combine_unit<MAPS, K, P>(BlockExec{}, block_tile<P>(v), v, ch, shared_taps(taps), u.c, u.p0, u.p1, grad_a, grad_b);
 }
 
-// Launches kernel on plan's grid with the unit scratch in dynamic shared memory. Static and dynamic shared
-// memory together may exceed 48 KB only when opted in; the static part (taps, block_sum) is under 3 KB.
-template <typename T, typename Kernel, typename... Args>
+// Launches kernel on plan's grid with the unit scratch (z sums of P planes) in dynamic shared memory. Static and
+// dynamic shared memory together may exceed 48 KB only when opted in; the static part (taps, block_sum) is
+// under 3 KB.
+template <int P, typename T, typename Kernel, typename... Args>
 void launch(Kernel kernel, const Volume<T>& v, const Plan& plan, int64_t z_units, Args... args) {
   if (z_units == 0) return;
-  const size_t bytes = size_t(scratch_elements(v.half)) * sizeof(T);
+  const size_t bytes = size_t(scratch_elements(v.half, P)) * sizeof(T);
   if (bytes > 45 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   }
@@ -132,8 +133,9 @@ struct BlockRunner {
   }
 
   void forward(const Volume<T>& v, const Taps<T>& taps, const Plan& plan, T* map, T* partials) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      launch(forward_kernel<decltype(window)::value, T>, v, plan, v.nc * plan.runs, v, taps, plan, map, partials);
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto planes) {
+      constexpr int K = decltype(window)::value, P = decltype(planes)::value;
+      launch<P>(forward_kernel<K, P, T>, v, plan, v.nc * plan.runs, v, taps, plan, map, partials);
     });
   }
 
@@ -143,20 +145,21 @@ struct BlockRunner {
   }
 
   void adjoints(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      launch(adjoint_kernel<decltype(window)::value, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan);
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto planes) {
+      constexpr int K = decltype(window)::value, P = decltype(planes)::value;
+      launch<P>(adjoint_kernel<K, P, T>, v, plan, v.nc * plan.runs, v, ch, taps, plan);
     });
   }
 
   void combine(const Volume<T>& v, const Chunk<T>& ch, const Taps<T>& taps, const Plan& plan, int64_t z0,
                int64_t planes, T* grad_a, T* grad_b) {
-    with_window_size(2 * v.half + 1, [&](auto window) {
-      constexpr int K = decltype(window)::value;
+    with_window_and_planes(2 * v.half + 1, [&](auto window, auto z_planes) {
+      constexpr int K = decltype(window)::value, P = decltype(z_planes)::value;
       const int64_t z_units = v.nc * plan.runs;
       if (ch.needs.maps() == kMaxMaps) {
-        launch(combine_kernel<kMaxMaps, K, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
+        launch<P>(combine_kernel<kMaxMaps, K, P, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
       } else {
-        launch(combine_kernel<3, K, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
+        launch<P>(combine_kernel<3, K, P, T>, v, plan, z_units, v, ch, taps, plan, z0, planes, grad_a, grad_b);
       }
     });
   }
