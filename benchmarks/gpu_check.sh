@@ -4,15 +4,16 @@
 # train_step.{md,log}).
 #   run: bash benchmarks/gpu_check.sh     (carry benchmarks/peers for MONAI + fused-lncc; with the library of
 #        benchmarks/prebuild_extension.sh and its stamp, the install skips the build)
-# The step limits add up to 9.75 minutes with the install (the device tool allows 10 per call, 15 per
-# session): run it with timeout_s=600 and nothing else that session. Measured on
+# The step limits add up to about 9.8 minutes with a prebuilt extension's install (benchmarks/prebuild_extension.sh;
+# building here takes ~50 s more, which the last step, train4, then loses): the device tool allows 10 per call,
+# 15 per session: run it with timeout_s=600 and nothing else that session. Measured on
 # an H200 on 2026-11-27: install 35 s, GPU tests 55 s, kernel tests 75 + 50 s (the triton ones, all passed
 # then, are now cut at 20 s); a fresh machine's report makes about one row per 5 s while Triton compiles, so
 # its limit cuts it short (rows are written as made). The opt-in kernels (DEEPATLAS_FAST_CUDA_LNCC / _SPLAT /
 # _INVERT_SPLAT / _JACOBIAN=tiled, DEEPATLAS_FAST_CUDA_SPLAT / _INVERT_SPLAT=merged) are tested first; each joins the report,
 # the profile, ncu and the tiledloss training step only if its own tests pass.
-# STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu lossmem train
-# tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
+# STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu ncustall lossmem
+# train tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
 # 2026-11-27, so they left the default to give the tiled tests 60 s); each step has its own time limit and a
 # failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts. After the report, benchmarks/pick_defaults.py
@@ -26,7 +27,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
-STEPS=${STEPS:-rawops gputests cudatests report profile ncu lossmem train tiledloss train4}
+STEPS=${STEPS:-rawops gputests cudatests report profile ncu ncustall lossmem train tiledloss train4}
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -86,7 +87,7 @@ run_tests() {  # name, limit, -k expression, files...
 
 if has rawops; then  # bad inputs to the raw C++ ops on CUDA must raise; controls first, a crash is located
   log "raw C++ ops with bad inputs on cuda"
-  timeout "${RAWOPS_TIMEOUT:-60}" $PY benchmarks/raw_op_errors.py --device cuda --controls --locate \
+  timeout "${RAWOPS_TIMEOUT:-45}" $PY benchmarks/raw_op_errors.py --device cuda --controls --locate \
     >> "$OUT/tests.txt" 2>&1
   echo "raw ops exit code: $?" | tee -a "$OUT/tests.txt"
 fi
@@ -165,13 +166,25 @@ if has ncu; then  # hardware counters of the cuda backend's kernels at 256³ (Ns
   fi
   if command -v ncu >/dev/null 2>&1 && [ "$TILED_FAILED" != "$TILED_ALL" ]; then
     echo "== ncu: the opt-in tiled kernels (lncc, sample volume gradient, Jacobian backward, invert backward)" >> "$OUT/report.log"
-    timeout "${NCU_TILED_TIMEOUT:-25}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+    timeout "${NCU_TILED_TIMEOUT:-20}" ncu --profile-from-start off --clock-control none --csv --print-units base \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
       $PY benchmarks/ncu_target.py --backend "cuda (tiled),cuda (tiled splat),cuda (merged splat)" --ops lncc,sample,jacobian_var,invert_displacement \
       --skip "$TILED_SKIP" 2>&1 | grep -v '^==PROF==' | tail -n 200 >> "$OUT/report.log"
     echo "ncu (tiled kernels) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
   fi
   command -v ncu >/dev/null 2>&1 || log "ncu: not found"
+fi
+
+if has ncustall; then  # why the kernels wait (latency, barriers, throttles): ncu's WarpStateStats section
+  if command -v ncu >/dev/null 2>&1; then
+    log "ncu: warp stall reasons at 256^3"
+    echo "== ncu: warp stall reasons (WarpStateStats), lncc / sample / jacobian_var / invert_displacement" >> "$OUT/report.log"
+    timeout "${NCU_STALL_TIMEOUT:-20}" ncu --profile-from-start off --clock-control none --csv --print-units base \
+      --section WarpStateStats $PY benchmarks/ncu_target.py --backend "cuda,cuda (tiled),cuda (merged splat)" \
+      --ops lncc,sample,jacobian_var,invert_displacement --skip "$TILED_SKIP" 2>&1 | grep -v '^==PROF==' \
+      | grep -iE '"ID"|stall|profiled' | cut -c1-400 | tail -n 400 >> "$OUT/report.log"
+    echo "ncu (stall reasons) exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/report.log"
+  fi
 fi
 
 if has upconv; then  # a decoder's upsampled convolution by slabs against resize + conv3d at 256^3 (time, memory)

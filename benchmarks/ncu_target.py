@@ -36,17 +36,19 @@ def main(argv=None) -> int:
     skip = args.skip.split(",")
     runs = [(case, case.impls[name], *case.inputs()) for name in names for case in cases
             if name in case.impls and not bench.skipped(name, case.impls[name], skip)]
-    contexts = contextlib.ExitStack()
-    for fn in {id(fn): fn for _, fn, *_ in runs}.values():  # a variant's setting (all runs of one variant share it)
-        contexts.enter_context(getattr(fn, "context", contextlib.nullcontext)())
-    with contexts, finite_checks(False):
+    def setting(fn):  # a variant's environment, set around each of its calls only (variants may share variables)
+        return getattr(fn, "context", contextlib.nullcontext)()
+
+    with finite_checks(False):
         for _, fn, leaves, constants in runs:  # warm-up: compile, allocator
-            bench.forward_backward(fn, leaves, constants)
+            with setting(fn):
+                bench.forward_backward(fn, leaves, constants)
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
         for case, fn, leaves, constants in runs:
             torch.cuda.nvtx.range_push(f"{case.op} {case.label}")
-            bench.forward_backward(fn, leaves, constants)
+            with setting(fn):
+                bench.forward_backward(fn, leaves, constants)
             torch.cuda.nvtx.range_pop()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
