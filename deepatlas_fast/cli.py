@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ._version import __version__
 from .commands import atlas, bench, demo, evaluate, finetune, info, locate, register, segment, tour, train
 
 # In the order of the ``--help`` listing (locate adds ``crop`` and ``locate``).
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepatlas-fast",
         description="DeepATLAS dense anatomical coordinates on fused kernels.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

@@ -35,3 +35,12 @@ def test_examples_parse(name):
                 argv += shlex.split(continuation[continuation.index(line) + 1])
             args = parser.parse_args(argv)
             assert args.command == name
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import deepatlas_fast
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deepatlas-fast {deepatlas_fast.__version__}"
