@@ -122,7 +122,7 @@ if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, t
     TILED_FAILED=$(for f in "${!TILED_VARIABLE[@]}"; do
       grep -qE "^(FAILED|ERROR) $f" "$LAST_TESTS" && echo "${TILED_VARIABLE[$f]}"; done | sort -u | tr '\n' ' ')
   fi
-  run_tests "opt-in tiled cuda kernels: bad inputs" 10 "not cpu and rejects_bad_inputs" $TILED_TESTS
+  run_tests "opt-in tiled cuda kernels: bad inputs" 20 "not cpu and rejects_bad_inputs" $TILED_TESTS
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
   run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-20}" "not cpu and triton" $KERNEL_TESTS
@@ -195,7 +195,7 @@ fi
 
 if has lossmem; then  # the objective's peak by allocation site at 256^3 (the CPU's table: 2026-11-27-loss-memory.md)
   log "loss side's memory by site"
-  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${LOSSMEM_TIMEOUT:-20}" $PY benchmarks/loss_memory.py --side 256 \
+  DEEPATLAS_FAST_BACKEND=${TRAIN_BACKEND:-} timeout "${LOSSMEM_TIMEOUT:-15}" $PY benchmarks/loss_memory.py --side 256 \
     --device cuda >> "$OUT/train_step.log" 2>&1
   echo "loss memory exit code: $?" | tee -a "$OUT/train_step.log"
 fi

@@ -15,7 +15,7 @@ import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.kernels import inversion as kernels
 from deepatlas_fast.reference import inversion as reference
-from conftest import DEVICES
+from conftest import DEVICES, skip_if_cpp_errors_kill_cuda_processes
 from helpers import affine_coords, covering_map, g, rand_coords, rotation, smooth_displacement
 
 pytestmark = pytest.mark.filterwarnings("error::deepatlas_fast.ops.registry.BackendFallbackWarning")
@@ -344,6 +344,7 @@ def test_cpu_results_do_not_depend_on_thread_count(restore_threads):
 @pytest.mark.parametrize("device", DEVICES)
 def test_raw_ops_reject_bad_inputs(device):
     """The C++ ops check their inputs themselves (they are callable without the Python layer)."""
+    skip_if_cpp_errors_kill_cuda_processes(device)
     ops = cpp_kernels(device)
     coords = covering_map((5, 6, 4), g(65), batch=2).to(device)
     inverse, valid = ops.invert(coords, [4, 5, 7], 2, TOL)

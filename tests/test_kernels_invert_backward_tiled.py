@@ -14,6 +14,7 @@ import torch
 import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.reference import inversion as reference
+from conftest import skip_if_cpp_errors_kill_cuda_processes
 from helpers import g, smooth_map
 
 OP = "invert"
@@ -112,6 +113,7 @@ def test_same_gradient_as_the_backend_backward(device):
 
 
 def test_rejects_bad_inputs(device):
+    skip_if_cpp_errors_kill_cuda_processes(device)
     coords = smooth_map(1, (4, 5, 6), 11, 0.05, torch.float64).to(device)
     inverse, valid = ops().invert(coords, [4, 4, 4], 4, 0.25)
     grad = torch.randn(inverse.shape, generator=g(12), dtype=torch.float64).to(device)

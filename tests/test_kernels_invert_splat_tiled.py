@@ -13,6 +13,7 @@ import torch
 import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.reference import inversion as reference
+from conftest import skip_if_cpp_errors_kill_cuda_processes
 from helpers import g, smooth_map
 
 OP = "invert"
@@ -76,6 +77,7 @@ def test_nan_positions_are_dropped(device):
 
 
 def test_rejects_bad_inputs(device):
+    skip_if_cpp_errors_kill_cuda_processes(device)
     coords = smooth_map(1, (4, 5, 6), 5, 0.05, torch.float32).to(device)
     with pytest.raises(RuntimeError, match="coords must have 3 channels"):
         splat(coords[:, :2].contiguous(), (3, 3, 3))

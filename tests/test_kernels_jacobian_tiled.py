@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import jacobian as reference
+from conftest import skip_if_cpp_errors_kill_cuda_processes
 from helpers import g, smooth_displacement
 
 OP = "jacobian_var"
@@ -138,6 +139,7 @@ def test_many_shapes(device, shape, batch, smooth, scale, normalized, seed):
 
 
 def test_rejects_bad_inputs(device):
+    skip_if_cpp_errors_kill_cuda_processes(device)
     field = field_of((4, 5, 6), 10, batch=2).to(device)
     grad = torch.randn(2, 1, 4, 5, 6, generator=g(11), dtype=torch.float64).to(device)
     one = torch.tensor(1.0, dtype=torch.float64, device=device)

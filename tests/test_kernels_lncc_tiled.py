@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import similarity as reference
+from conftest import skip_if_cpp_errors_kill_cuda_processes
 from helpers import g
 
 OP = "lncc"
@@ -166,6 +167,7 @@ def test_deterministic(device):
 
 
 def test_rejects_bad_inputs(device):
+    skip_if_cpp_errors_kill_cuda_processes(device)
     a, b = pair((1, 1, 4, 5, 6), 13, device=device)
     cases = [
         (lambda: ops().lncc_tiled(a, b, 33, "box", 1e-5, "mean"),

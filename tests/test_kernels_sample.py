@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepatlas_fast as da
-from conftest import DEVICES
+from conftest import DEVICES, skip_if_cpp_errors_kill_cuda_processes
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.kernels import sampling as kernels
 from deepatlas_fast.reference import sampling as reference
@@ -294,6 +294,7 @@ def test_cuda_backend_takes_the_deterministic_volume_gradient_from_triton(device
 def test_raw_ops_reject_bad_inputs(device):
     """The C++ ops check their inputs themselves (they are callable without the Python layer), so no call
     reads outside its tensors: wrong channels, batch, empty volume, dtype, padding, gradient shape."""
+    skip_if_cpp_errors_kill_cuda_processes(device)
     from deepatlas_fast.ops import registry
 
     reason = registry.unavailable_reason("cpu" if device == "cpu" else "cuda", OP, device)

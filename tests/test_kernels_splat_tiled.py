@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import sampling as reference
+from conftest import skip_if_cpp_errors_kill_cuda_processes
 from helpers import cuda_and_reference_gradients, g, rand_coords, smooth_map
 
 OP = "sample"
@@ -103,6 +104,7 @@ def test_many_shapes(device, out, vol, smooth, warp, padding, seed):
 
 
 def test_rejects_bad_inputs(device):
+    skip_if_cpp_errors_kill_cuda_processes(device)
     field = rand_coords(2, (3, 4, 5), g(12), device=device)
     grad = torch.randn(2, 2, 3, 4, 5, generator=g(13), dtype=torch.float64).to(device)
     cases = [
