@@ -104,3 +104,17 @@ def test_finite_check_counts_every_kind_of_bad_value_and_passes_large_finite_val
         a.view(-1)[: len(bad)] = torch.tensor(bad, dtype=dtype)
         with pytest.raises(ValueError, match=f"a must be finite, got {len(bad)} NaN/inf"):
             da.lncc(a, vol)
+
+
+def test_the_cpp_error_probe_tells_a_crash_from_a_raise(monkeypatch):
+    """conftest's probe (which decides whether bad-input tests of CUDA code can run on a machine) reports a
+    process killed by a signal, and only that."""
+    import conftest
+
+    for script, crashes in [("import ctypes; ctypes.string_at(0)", True), ("raise SystemExit(3)", False),
+                            ("raise SystemExit(0)", False)]:
+        monkeypatch.setattr(conftest, "_CPP_ERROR_PROBE", script)
+        conftest._cpp_errors_kill_cuda_processes.cache_clear()
+        assert conftest._cpp_errors_kill_cuda_processes() is crashes
+    conftest._cpp_errors_kill_cuda_processes.cache_clear()
+    conftest.skip_if_cpp_errors_kill_cuda_processes("cpu")  # never probes nor skips for the CPU
