@@ -76,8 +76,11 @@ LAST_TESTS=/tmp/last_tests.txt
 run_tests() {  # name, limit, -k expression, files...
   local name=$1 limit=$2 select=$3; shift 3
   log "tests: $name"
-  HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-5} timeout -s INT -k 15 "$limit" $PY -m pytest -v --tb=short -rfE \
-    -n "${WORKERS:-16}" -k "$select" -p no:cacheprovider --durations=5 "$@" 2>&1 \
+  # one CPU thread per worker: 16 workers with torch's default of 16 threads each oversubscribed the 16 cores 16
+  # times over in the float64 CPU references (2026-11-27: the tiled kernels' tests made 44 results in 70 s)
+  OMP_NUM_THREADS=${TEST_THREADS:-1} HYPOTHESIS_EXAMPLES=${HYPOTHESIS_EXAMPLES:-5} timeout -s INT -k 15 "$limit" \
+    $PY -m pytest -v --tb=short -rfE \
+    -n "${WORKERS:-16}" -k "$select" -p no:cacheprovider --durations=10 "$@" 2>&1 \
     | grep -v "PytestBenchmarkWarning\|warner(" | tee "$LAST_TESTS" >> "$OUT/tests.txt"
   local status=${PIPESTATUS[0]}
   echo "tests ($name) exit code: $status" | tee -a "$OUT/tests.txt"
