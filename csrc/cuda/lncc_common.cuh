@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kReduceThreads) shift_partials_kernel(const T*
     sum += double(x[lncc::shift_sample_index(j, volume)]);
   }
   sum = block_sum(sum);
-  if (threadIdx.x == 0 && threadIdx.y == 0) partials[blockIdx.x * kShiftSlices + blockIdx.y] = sum;
+  if (threadIdx.x == 0 && threadIdx.y == 0) partials[int64_t(blockIdx.x) * kShiftSlices + blockIdx.y] = sum;
 }
 
 // shifts[i] = the mean of the samples of (channel, input) i from its kShiftSlices partial sums.

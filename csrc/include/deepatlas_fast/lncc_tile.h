@@ -80,7 +80,7 @@ struct PlaneTile {
 };
 
 // Scratch elements of one unit for a window of `half` voxels each side and z_planes planes per step
-// (k = 31, float64, one plane: 197 KB; k = 9, float32, two planes: 62 KB).
+// (k = 31, float64, one plane: 197 KB; k = 9, float32, two planes: 65 KB).
 DA_HD int scratch_elements(int half, int z_planes) {
   const int halo_y = kTileY + 2 * half, halo_x = kTileX + 2 * half;
   return kMaxMaps * (z_planes * halo_y * (halo_x + 1) + halo_y * (kTileX + 1) + kTileY * kTileX);
