@@ -80,7 +80,7 @@ LNCC_TILED_MAX_KERNEL_SIZE = 31  # lncc_tile.h kMaxKernelSize
 
 #: The CUDA volume gradient of sample / warp: "atomic" (cuda/sampling.cu, 8 global atomic adds per point
 #: and channel: the default, measured on a GPU), "tiled" (cuda/splat_tiled.cu: per tile of points, in
-#: shared memory first) or "merged" (cuda/sampling.cu's WarpMerge: the adds that neighbouring lanes share
+#: shared memory first) or "merged" (cuda/warp_merge.cuh's WarpMerge: the adds that neighbouring lanes share
 #: merged by warp shuffles first, about 4 per point for near-identity maps; read by the CUDA launcher).
 #: Read from the environment at each call.
 SPLAT_CUDA_VARIABLE = "DEEPATLAS_FAST_CUDA_SPLAT"
