@@ -120,14 +120,14 @@ TILED_ALL=$(printf '%s\n' "${TILED_VARIABLE[@]}" | sort -u | tr '\n' ' ')
 TILED_FAILED=$TILED_ALL  # until their tests have passed
 if has cudatests; then  # the kernel tests on the GPU: the tiled cuda kernels, the cuda backend, then triton
   TILED_TESTS="${!TILED_VARIABLE[*]}"
-  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-60}" "not cpu and not rejects_bad_inputs" $TILED_TESTS
+  run_tests "opt-in tiled cuda kernels" "${TILED_TEST_TIMEOUT:-75}" "not cpu and not rejects_bad_inputs" $TILED_TESTS
   if [ "$?" -le 1 ]; then  # the run finished (0: all passed, 1: some failed)
     TILED_FAILED=$(for f in "${!TILED_VARIABLE[@]}"; do
       grep -qE "^(FAILED|ERROR) $f" "$LAST_TESTS" && echo "${TILED_VARIABLE[$f]}"; done | sort -u | tr '\n' ' ')
   fi
   run_tests "opt-in tiled cuda kernels: bad inputs" 20 "not cpu and rejects_bad_inputs" $TILED_TESTS
   KERNEL_TESTS="tests/test_kernels_sample.py tests/test_kernels_lncc.py tests/test_kernels_jacobian.py tests/test_kernels_invert.py"
-  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-80}" "not cpu and not triton" $KERNEL_TESTS
+  run_tests "kernel tests on cuda: cuda backend" "${CUDA_TEST_TIMEOUT:-65}" "not cpu and not triton" $KERNEL_TESTS
   run_tests "kernel tests on cuda: triton backend" "${TRITON_TEST_TIMEOUT:-20}" "not cpu and triton" $KERNEL_TESTS
 fi
 log "tiled kernels left out (tests failed or did not run): ${TILED_FAILED:-none}"
