@@ -14,7 +14,7 @@
 # the profile, ncu and the tiledloss training step only if its own tests pass.
 # STEPS picks what runs, in this order (default: "rawops gputests cudatests report profile ncu ncustall lossmem
 # train tiledloss train4"; "upconv" and "trainnhwc" exist too but made no row within their limits on a fresh H200 on
-# 2026-11-27, so they left the default to give the tiled tests 60 s); each step has its own time limit and a
+# 2026-11-27, so they left the default to give the tiled tests more time); each step has its own time limit and a
 # failing step does not stop the next.
 # REPORT_ARGS / TRAIN_ARGS pass options to the two benchmark scripts. After the report, benchmarks/pick_defaults.py
 # prints the winner per op and the setting (backend order, variant variable) that would make it the default.
