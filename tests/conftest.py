@@ -21,6 +21,15 @@ settings.load_profile("default")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+def cuda_with_setting(device, monkeypatch, variable, value, what):
+    """``device`` ("cuda") with the environment variable set to value for the test; on the CPU a skip: ``what``
+    is CUDA code (warp shuffles) with no CPU emulation."""
+    if device != "cuda":
+        pytest.skip(f"{what} is CUDA code (warp shuffles, no CPU emulation): needs a GPU")
+    monkeypatch.setenv(variable, value)
+    return device
+
+
 # torch's own C++ error (a bad view) raised after CUDA is initialised, in a process of its own: exit 0 when it
 # arrives as a RuntimeError, a signal when the process dies instead.
 _CPP_ERROR_PROBE = """

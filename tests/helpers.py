@@ -57,6 +57,41 @@ def cuda_and_reference_gradients(op, *inputs):
     return grads["cuda"], grads["reference"]
 
 
+def _assert_backward_near(ours, expected, dtype):
+    rel = 1e-12 if dtype == torch.float64 else 2e-5
+    scale = max(expected.abs().max().item(), 1.0)
+    assert ours.dtype == dtype and ours.shape == expected.shape
+    torch.testing.assert_close(ours.double().cpu(), expected, rtol=rel, atol=rel * scale)
+
+
+def check_invert_backward(backward, coords, out_shape, seed, device, min_valid=0.2):
+    """A raw invert backward (grad, coords, inverse, valid) against the reference's, at the reference's
+    solution of invert(coords, out_shape); returns ours."""
+    from deepatlas_fast.reference import inversion as reference
+
+    inverse, valid = reference.invert_forward(coords.double(), out_shape, 8, 0.05)
+    assert valid.float().mean() >= min_valid
+    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
+    expected = reference.invert_backward(grad, coords.double(), inverse, valid)
+    dtype = coords.dtype
+    ours = backward(grad.to(device, dtype), coords.to(device), inverse.to(device, dtype), valid.to(device))
+    _assert_backward_near(ours, expected, dtype)
+    return ours
+
+
+def check_invert_displacement_backward(backward, disp, seed, device):
+    """A raw invert_displacement backward (grad, disp, inverse_disp, valid) against the reference's."""
+    from deepatlas_fast.reference import inversion as reference
+
+    inverse, valid = reference.invert_displacement_forward(disp.double(), 8, 0.05)
+    assert valid.float().mean() > 0.5
+    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
+    expected = reference.invert_displacement_backward(grad, disp.double(), inverse, valid)
+    dtype = disp.dtype
+    ours = backward(grad.to(device, dtype), disp.to(device), inverse.to(device, dtype), valid.to(device))
+    _assert_backward_near(ours, expected, dtype)
+
+
 def affine_coords(matrix, offset, shape, dtype=torch.float64):
     """coords(p) = matrix @ p + offset on the source grid ``shape`` (normalised units)."""
     ident = identity_coords(shape, dtype=torch.float64)

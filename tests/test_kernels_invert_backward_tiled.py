@@ -13,9 +13,8 @@ import torch
 
 import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
-from deepatlas_fast.reference import inversion as reference
 from conftest import skip_if_cpp_errors_kill_cuda_processes
-from helpers import g, smooth_map
+from helpers import check_invert_backward, check_invert_displacement_backward, g, smooth_map
 
 OP = "invert"
 VARIABLE = "DEEPATLAS_FAST_CUDA_INVERT_SPLAT"
@@ -33,33 +32,11 @@ def ops():
 
 def check_map(coords, out_shape, seed, device, min_valid=0.2):
     """The tiled backward of invert(coords, out_shape) against the reference's, at the reference's solution."""
-    inverse, valid = reference.invert_forward(coords.double(), out_shape, 8, 0.05)
-    assert valid.float().mean() >= min_valid
-    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
-    expected = reference.invert_backward(grad, coords.double(), inverse, valid)
-    dtype = coords.dtype
-    ours = ops().invert_backward_tiled(grad.to(device, dtype), coords.to(device), inverse.to(device, dtype),
-                                       valid.to(device))
-    assert_near(ours, expected, dtype)
-    return ours
+    return check_invert_backward(ops().invert_backward_tiled, coords, out_shape, seed, device, min_valid)
 
 
 def check_displacement(disp, seed, device):
-    inverse, valid = reference.invert_displacement_forward(disp.double(), 8, 0.05)
-    assert valid.float().mean() > 0.5
-    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
-    expected = reference.invert_displacement_backward(grad, disp.double(), inverse, valid)
-    dtype = disp.dtype
-    ours = ops().invert_displacement_backward_tiled(grad.to(device, dtype), disp.to(device),
-                                                    inverse.to(device, dtype), valid.to(device))
-    assert_near(ours, expected, dtype)
-
-
-def assert_near(ours, expected, dtype):
-    rel = 1e-12 if dtype == torch.float64 else 2e-5
-    scale = max(expected.abs().max().item(), 1.0)
-    assert ours.dtype == dtype and ours.shape == expected.shape
-    torch.testing.assert_close(ours.double().cpu(), expected, rtol=rel, atol=rel * scale)
+    check_invert_displacement_backward(ops().invert_displacement_backward_tiled, disp, seed, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

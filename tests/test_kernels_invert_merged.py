@@ -14,8 +14,8 @@ import torch
 import deepatlas_fast as da
 from deepatlas_fast.coords import identity_coords
 from deepatlas_fast.ops import _cpp
-from deepatlas_fast.reference import inversion as reference
-from helpers import g, smooth_map
+from conftest import cuda_with_setting
+from helpers import check_invert_backward, check_invert_displacement_backward, g, smooth_map
 
 OP = "invert"
 
@@ -23,43 +23,20 @@ OP = "invert"
 @pytest.fixture
 def cuda(cpp_device, monkeypatch):
     """The CUDA kernels with DEEPATLAS_FAST_CUDA_INVERT_SPLAT=merged."""
-    if cpp_device != "cuda":
-        pytest.skip("the merged backward is CUDA code (warp shuffles, no CPU emulation): needs a GPU")
-    monkeypatch.setenv(_cpp.INVERT_SPLAT_CUDA_VARIABLE, "merged")
-    return cpp_device
+    return cuda_with_setting(cpp_device, monkeypatch, _cpp.INVERT_SPLAT_CUDA_VARIABLE, "merged", "the merged backward")
 
 
 def ops():
     return torch.ops.deepatlas_fast_C
 
 
-def assert_near(ours, expected, dtype):
-    rel = 1e-12 if dtype == torch.float64 else 2e-5
-    assert ours.dtype == dtype and ours.shape == expected.shape
-    torch.testing.assert_close(ours.double().cpu(), expected, rtol=rel, atol=rel * max(expected.abs().max().item(), 1.0))
-
-
 def check_map(coords, out_shape, seed, min_valid=0.2):
     """The merged backward of invert(coords, out_shape) against the reference's, at the reference's solution."""
-    inverse, valid = reference.invert_forward(coords.double(), out_shape, 8, 0.05)
-    assert valid.float().mean() >= min_valid
-    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
-    expected = reference.invert_backward(grad, coords.double(), inverse, valid)
-    dtype = coords.dtype
-    ours = ops().invert_backward(grad.to("cuda", dtype), coords.cuda(), inverse.to("cuda", dtype), valid.cuda())
-    assert_near(ours, expected, dtype)
-    return ours
+    return check_invert_backward(ops().invert_backward, coords, out_shape, seed, "cuda", min_valid)
 
 
 def check_displacement(disp, seed):
-    inverse, valid = reference.invert_displacement_forward(disp.double(), 8, 0.05)
-    assert valid.float().mean() > 0.5
-    grad = torch.randn(inverse.shape, generator=g(seed), dtype=torch.float64)
-    expected = reference.invert_displacement_backward(grad, disp.double(), inverse, valid)
-    dtype = disp.dtype
-    ours = ops().invert_displacement_backward(grad.to("cuda", dtype), disp.cuda(), inverse.to("cuda", dtype),
-                                              valid.cuda())
-    assert_near(ours, expected, dtype)
+    check_invert_displacement_backward(ops().invert_displacement_backward, disp, seed, "cuda")
 
 
 def test_the_variable_takes_merged():

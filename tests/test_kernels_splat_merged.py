@@ -14,6 +14,7 @@ import torch
 import deepatlas_fast as da
 from deepatlas_fast.ops import _cpp
 from deepatlas_fast.reference import sampling as reference
+from conftest import cuda_with_setting
 from helpers import cuda_and_reference_gradients, g, rand_coords, smooth_map
 
 OP = "sample"
@@ -22,10 +23,7 @@ OP = "sample"
 @pytest.fixture
 def cuda(cpp_device, monkeypatch):
     """The CUDA kernels with DEEPATLAS_FAST_CUDA_SPLAT=merged."""
-    if cpp_device != "cuda":
-        pytest.skip("the merged splat is CUDA code (warp shuffles, no CPU emulation): needs a GPU")
-    monkeypatch.setenv(_cpp.SPLAT_CUDA_VARIABLE, "merged")
-    return cpp_device
+    return cuda_with_setting(cpp_device, monkeypatch, _cpp.SPLAT_CUDA_VARIABLE, "merged", "the merged splat")
 
 
 def check(field, vol_size, c, padding, warp, seed, dtype, need_field=True):
