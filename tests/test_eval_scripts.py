@@ -77,6 +77,31 @@ def test_one_shot_dice_runs_on_phantoms(tmp_path, capsys, frame):
         assert "| frame only |" not in out
 
 
+def test_one_shot_dice_can_skip_the_registrations(tmp_path, capsys):
+    one_shot = _script("one_shot_dice")
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0, frame="moments")
+    rows = one_shot.main(["--model", str(model), "--phantoms", "3", "--spacing", "32", "--template", "12",
+                          "--no-registration"])
+    assert len(rows) == 2 and all("affine" not in row and "iterative" not in row for row in rows)
+    out = capsys.readouterr().out
+    assert "| deepatlas |" in out and "| frame only |" in out and "| affine |" not in out
+
+
+def test_objective_ceiling_optimises_free_fields_and_reports_dice(tmp_path, capsys):
+    ceiling = _script("objective_ceiling")
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0, frame="moments")
+    ceiling.main(["--model", str(model), "--subjects", "3", "--steps", "6", "--control", "4", "--every", "3",
+                  "--loss", '{"kernel_size": 3}'])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 3", "step 6"]
+    dices = [float(line.split("Dice ")[1].split()[0]) for line in lines]
+    implicit = [float(line.split("implicit ")[1].split()[0]) for line in lines]
+    assert all(0.0 < d <= 1.0 for d in dices)
+    assert implicit[-1] < implicit[0]  # the fields move to raise the exams' correlation
+    with pytest.raises(SystemExit):
+        ceiling.main(["--model", str(model), "--subjects", "1"])
+
+
 @pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")
 def test_brain_images_are_written_on_the_label_grid(tmp_path):
     brain_images = _script("brain_images")

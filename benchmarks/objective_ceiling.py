@@ -1,0 +1,105 @@
+"""How good is the objective's own optimum? Free per-exam displacement fields, no network.
+
+Optimises one displacement field per phantom (a coarse control grid, trilinearly upsampled, on top of the
+exam's frame from a trained model) and the atlas under :func:`deepatlas_fast.objective.deepatlas_loss`, all
+exams in one batch (the implicit term pairs exam i with i + 1), and prints the one-shot Dice of phantom 0's
+labels on the others through the coordinates as it goes. What a network trained on the same exams can at
+best reach under this objective (a network also has to generalise); comparing loss settings here costs a
+minute or two each instead of a training run.
+
+    python benchmarks/objective_ceiling.py --model RUN/model.pt --steps 400 --control 16 --loss '{"kernel_size": 5}'
+
+The phantoms are the training cohort's first subjects (``--seed`` = the run's seed) at the model's spacing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import deepatlas_fast as da
+from deepatlas_fast.checkpoint import load_model
+from deepatlas_fast.frame import apply_frame
+from deepatlas_fast.model import bound_coords
+from deepatlas_fast.objective import LossWeights, deepatlas_loss
+from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_shot_dice import exam_frame, phantom_subjects  # noqa: E402
+
+
+class _AtlasHolder:
+    """What ``deepatlas_loss`` reads from a model when given its outputs: the atlas."""
+
+    def __init__(self, atlas: torch.Tensor):
+        self.atlas = atlas
+
+
+def one_shot_dice(coords: torch.Tensor, labels: list, num_labels: int) -> float:
+    """Mean Dice of exam 0's labels propagated to every other exam through ``coords [N, 3, ...]``."""
+    bounded = bound_coords(coords.detach())
+    scores = []
+    for i in range(1, coords.shape[0]):
+        pred, _ = propagate_labels(bounded[:1], labels[0], bounded[i:i + 1], num_labels, template_shape=(48,) * 3)
+        scores.append(mean_dice(dice(pred, labels[i], range(1, num_labels))))
+    return sum(scores) / len(scores)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model.pt of a training run (its frames, spacing and template)")
+    parser.add_argument("--subjects", type=int, default=8, help="phantoms optimised together (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom cohort seed (default 0: the training run's)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--control", type=int, default=16, help="control grid side of each field (default 16)")
+    parser.add_argument("--template", type=int, help="atlas / inversion grid side (default: the model's)")
+    parser.add_argument("--loss", default="{}", help='LossWeights fields as JSON, over {"folding": 10, "jacobian": 3}')
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam rate of the fields (the atlas: half of it)")
+    parser.add_argument("--every", type=int, default=40, help="steps between Dice prints")
+    args = parser.parse_args(argv)
+    if args.subjects < 2:
+        parser.error("--subjects must be >= 2 (the implicit term pairs exams)")
+
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    spacing = float(model.preprocessing.get("spacing") or 12.0)
+    subjects, _ = phantom_subjects(args.subjects, args.seed, spacing)
+    images = torch.stack([image for image, _ in subjects])[:, None]
+    labels = [lab for _, lab in subjects]
+    num_labels = int(max(int(lab.max()) for lab in labels)) + 1
+    n, shape = images.shape[0], tuple(images.shape[2:])
+    with torch.no_grad():
+        frames = None
+        if model.coordnet.frame != "grid":
+            frames = torch.cat([exam_frame(model, image, spacing) for image, _ in subjects])
+        start = da.identity_coords(shape, batch=n)
+        if frames is not None:
+            start = apply_frame(frames, start)
+    template = (args.template,) * 3 if args.template else tuple(model.atlas.shape[2:])
+    atlas = torch.nn.Parameter(F.interpolate(images.mean(0, keepdim=True), size=template, mode="trilinear",
+                                             align_corners=True))
+    fields = torch.zeros(n, 3, *(args.control,) * 3, requires_grad=True)
+    optimiser = torch.optim.Adam([{"params": [fields], "lr": args.lr}, {"params": [atlas], "lr": args.lr / 2}])
+    weights = LossWeights.from_dict(dict({"folding": 10.0, "jacobian": 3.0}, **json.loads(args.loss)))
+    print(f"{n} phantoms {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
+    for step in range(args.steps + 1):
+        raw = start + F.interpolate(fields, size=shape, mode="trilinear", align_corners=True)
+        outputs = {"frame": frames, "coords_raw": raw, "coords": bound_coords(raw), "features": images, "atlas": atlas}
+        loss, terms = deepatlas_loss(_AtlasHolder(atlas), images, weights, outputs=outputs)
+        if step % args.every == 0 or step == args.steps:
+            print(f"step {step}: one-shot Dice {one_shot_dice(raw, labels, num_labels):.3f}  "
+                  f"explicit {float(terms['explicit']):.3f} implicit {float(terms['implicit']):.3f} "
+                  f"jacobian {float(terms['jacobian']):.4f} valid {float(terms['valid_fraction']):.2f}", flush=True)
+        if step < args.steps:
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+
+
+if __name__ == "__main__":
+    main()
