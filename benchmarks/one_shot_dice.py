@@ -149,6 +149,25 @@ def jacobian_stats(raw: torch.Tensor, relative: Optional[torch.Tensor] = None) -
     return float(det.mean()), float(det.std()), float((det <= 0).double().mean()), float(outside.double().mean())
 
 
+def registration_baselines(img, ref_img, ref_lab, lab, spacing: float, labels) -> dict:
+    """Dice of the reference's labels carried to the target by affine and by affine + deformable registration,
+    their seconds (``iterative`` includes its affine) and the deformable map's folding fraction. The subjects
+    share one grid and world frame: volumes with the same affine."""
+    grid = np.diag([spacing] * 3 + [1.0])
+    fixed, moving = volume_from_array(img, grid), volume_from_array(ref_img, grid)
+    moving_labels = volume_from_array(ref_lab, grid, labels=True)
+    t0 = time.perf_counter()
+    affine = affine_register(fixed, moving, quiet=True)
+    pulled = warp_labels(affine, moving_labels)
+    t_affine = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    deformable = deformable_register(fixed, moving, affine, quiet=True)
+    deformed = warp_labels(deformable, moving_labels)
+    t_iterative = t_affine + time.perf_counter() - t0
+    return {"affine": mean_dice(dice(pulled, lab, labels)), "iterative": mean_dice(dice(deformed, lab, labels)),
+            "t_affine_s": t_affine, "t_iterative_s": t_iterative, "iterative_folding": deformable.folding}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt of a training run")
@@ -192,19 +211,6 @@ def main(argv=None):
         t0 = time.perf_counter()
         pred, _ = propagate_labels(coords[0], ref_lab, coords[i], num_labels, template_shape=template)
         t_deep = time.perf_counter() - t0
-        # the subjects share one grid and world frame: volumes with the same affine
-        grid = np.diag([args.spacing] * 3 + [1.0])
-        fixed, moving = volume_from_array(img, grid), volume_from_array(ref_img, grid)
-        moving_labels = volume_from_array(ref_lab, grid, labels=True)
-        if not args.no_registration:
-            t0 = time.perf_counter()
-            affine = affine_register(fixed, moving, quiet=True)
-            pulled = warp_labels(affine, moving_labels)
-            t_affine = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            deformable = deformable_register(fixed, moving, affine, quiet=True)
-            deformed = warp_labels(deformable, moving_labels)
-            t_iterative = t_affine + time.perf_counter() - t0
         labels = range(1, num_labels)
         if frame_coords is not None:
             framed_pred, _ = propagate_labels(frame_coords[0], ref_lab, frame_coords[i], num_labels, template_shape=template)
@@ -216,12 +222,11 @@ def main(argv=None):
             "t_deepatlas_s": t_deep,
         }
         if not args.no_registration:
-            row.update({"affine": mean_dice(dice(pulled, lab, labels)), "iterative": mean_dice(dice(deformed, lab, labels)),
-                        "t_affine_s": t_affine, "t_iterative_s": t_iterative, "iterative_folding": deformable.folding})
+            row.update(registration_baselines(img, ref_img, ref_lab, lab, args.spacing, labels))
         rows.append(row)
         registered = ("" if args.no_registration else
                       f" affine {row['affine']:.3f} iterative {row['iterative']:.3f}"
-                      f" ({t_deep:.2f} s / {t_affine:.2f} s / {t_iterative:.2f} s)")
+                      f" ({t_deep:.2f} s / {row['t_affine_s']:.2f} s / {row['t_iterative_s']:.2f} s)")
         print(f"target {i}: Dice deepatlas {row['deepatlas']:.3f} identity {row['identity']:.3f}{registered}", flush=True)
     print("\n| method | mean Dice | min | max | s per target |\n|---|---|---|---|---|")
     methods = [("deepatlas", "t_deepatlas_s"), ("identity", None)]

@@ -38,7 +38,7 @@ DEMO_CONFIG = {
 }
 """The training run: phantoms at 12 mm (32^3, the whole body in one crop), intensity only, a 20^3 template,
 LNCC windows of 5 voxels (60 mm) and no augmentation: on held-out phantoms after 800 steps these gave one-shot
-Dice 0.653 / 0.674 (two seeds) against 0.631 / 0.618-0.638 with the 9-voxel window and augmentation, whose
+Dice 0.653 / 0.674 (two seeds) against 0.618-0.638 (three runs) with the 9-voxel window and augmentation, whose
 spatial part kept the network from fitting even its training exams
 (``benchmarks/results/2026-11-28-objective-window-augmentation.md``). On 2 CPU cores it makes about 3 steps a
 second; the one-shot Dice it reaches is in the README's Limits."""
