@@ -10,6 +10,10 @@ minute or two each instead of a training run.
     python benchmarks/objective_ceiling.py --model RUN/model.pt --steps 400 --control 16 --loss '{"kernel_size": 5}'
 
 The phantoms are the training cohort's first subjects (``--seed`` = the run's seed) at the model's spacing.
+``--brains FOLDER`` optimises the synthesised brains of ``../shared/data/brain_labelmaps`` instead (label maps
+loaded at the model's spacing, images synthesised there, Dice over the evaluation structures):
+
+    python benchmarks/objective_ceiling.py --model RUN/model.pt --brains ../shared/data/brain_labelmaps --splat 64
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from deepatlas_fast.objective import LossWeights, deepatlas_loss
 from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from one_shot_dice import exam_frame, phantom_subjects  # noqa: E402
+from one_shot_dice import brain_subjects, common_shape, exam_frame, phantom_subjects, relabel  # noqa: E402
 
 
 class _AtlasHolder:
@@ -40,12 +44,13 @@ class _AtlasHolder:
         self.atlas = atlas
 
 
-def one_shot_dice(coords: torch.Tensor, labels: list, num_labels: int) -> float:
-    """Mean Dice of exam 0's labels propagated to every other exam through ``coords [N, 3, ...]``."""
+def one_shot_dice(coords: torch.Tensor, labels: list, num_labels: int, splat: int = 48) -> float:
+    """Mean Dice of exam 0's labels propagated to every other exam through ``coords [N, 3, ...]`` (labels
+    splatted into a ``splat``^3 template grid)."""
     bounded = bound_coords(coords.detach())
     scores = []
     for i in range(1, coords.shape[0]):
-        pred, _ = propagate_labels(bounded[:1], labels[0], bounded[i:i + 1], num_labels, template_shape=(48,) * 3)
+        pred, _ = propagate_labels(bounded[:1], labels[0], bounded[i:i + 1], num_labels, template_shape=(splat,) * 3)
         scores.append(mean_dice(dice(pred, labels[i], range(1, num_labels))))
     return sum(scores) / len(scores)
 
@@ -53,7 +58,8 @@ def one_shot_dice(coords: torch.Tensor, labels: list, num_labels: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt of a training run (its frames, spacing and template)")
-    parser.add_argument("--subjects", type=int, default=8, help="phantoms optimised together (default 8)")
+    parser.add_argument("--subjects", type=int, default=8, help="exams optimised together (default 8)")
+    parser.add_argument("--brains", help="folder of brain label maps: optimise the synthesised brains instead of phantoms")
     parser.add_argument("--seed", type=int, default=0, help="phantom cohort seed (default 0: the training run's)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--control", type=int, default=16, help="control grid side of each field (default 16)")
@@ -61,6 +67,7 @@ def main(argv=None):
     parser.add_argument("--loss", default="{}", help='LossWeights fields as JSON, over {"folding": 10, "jacobian": 3}')
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam rate of the fields (the atlas: half of it)")
     parser.add_argument("--every", type=int, default=40, help="steps between Dice prints")
+    parser.add_argument("--splat", type=int, default=48, help="template grid side of the Dice's label splat (default 48)")
     args = parser.parse_args(argv)
     if args.subjects < 2:
         parser.error("--subjects must be >= 2 (the implicit term pairs exams)")
@@ -68,7 +75,11 @@ def main(argv=None):
     torch.manual_seed(0)
     model = load_model(args.model)
     spacing = float(model.preprocessing.get("spacing") or 12.0)
-    subjects, _ = phantom_subjects(args.subjects, args.seed, spacing)
+    if args.brains:
+        subjects, ids = brain_subjects(args.brains, args.subjects, spacing, args.seed)
+        subjects = [(image, relabel(lab, ids)) for image, lab in common_shape(subjects)]
+    else:
+        subjects, _ = phantom_subjects(args.subjects, args.seed, spacing)
     images = torch.stack([image for image, _ in subjects])[:, None]
     labels = [lab for _, lab in subjects]
     num_labels = int(max(int(lab.max()) for lab in labels)) + 1
@@ -86,13 +97,13 @@ def main(argv=None):
     fields = torch.zeros(n, 3, *(args.control,) * 3, requires_grad=True)
     optimiser = torch.optim.Adam([{"params": [fields], "lr": args.lr}, {"params": [atlas], "lr": args.lr / 2}])
     weights = LossWeights.from_dict(dict({"folding": 10.0, "jacobian": 3.0}, **json.loads(args.loss)))
-    print(f"{n} phantoms {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
+    print(f"{n} {'brains' if args.brains else 'phantoms'} {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
     for step in range(args.steps + 1):
         raw = start + F.interpolate(fields, size=shape, mode="trilinear", align_corners=True)
         outputs = {"frame": frames, "coords_raw": raw, "coords": bound_coords(raw), "features": images, "atlas": atlas}
         loss, terms = deepatlas_loss(_AtlasHolder(atlas), images, weights, outputs=outputs)
         if step % args.every == 0 or step == args.steps:
-            print(f"step {step}: one-shot Dice {one_shot_dice(raw, labels, num_labels):.3f}  "
+            print(f"step {step}: one-shot Dice {one_shot_dice(raw, labels, num_labels, args.splat):.3f}  "
                   f"explicit {float(terms['explicit']):.3f} implicit {float(terms['implicit']):.3f} "
                   f"jacobian {float(terms['jacobian']):.4f} valid {float(terms['valid_fraction']):.2f}", flush=True)
         if step < args.steps:

@@ -6,11 +6,12 @@ A *frame* is a batch of affine maps ``[N, 3, 4]`` taking normalised positions of
 The "moments" frame (:func:`moment_frame`) is computed from the image itself: its intensity-weighted
 centre goes to the cube's centre and its principal axes, each scaled by its spread, to the cube's axes,
 so the starting map already undoes the body's position, size and (modest) rotation in the field of view.
-The "affine" frame (:func:`affine_frame`) starts from the moments frame and fits an affine map of the exam
-onto an intensity **frame template** (``[1, 1, T, T, T]`` on the cube, :func:`build_template`: the mean of
-the training exams at their frames, rebuilt after each round of fits, so a groupwise affine atlas), by
-local NCC: more robust than raw moments to what the field of view cuts off (CT copies cut at different
-heights: one-shot Dice 0.36 -> 0.68, benchmarks/results/2026-11-27-affine-frame.md).
+The "affine" frame (:func:`affine_frame`) fits an affine map of the exam onto an intensity **frame template**
+(``[1, 1, T, T, T]`` on the cube, :func:`build_template`: the mean of the training exams at their frames,
+rebuilt after each round of fits, so a groupwise affine atlas) by local NCC, from two starts (the moments
+frame and that frame recentred, :func:`recentred_frame`), keeping the better fit: more robust than raw
+moments to what the field of view cuts off (CT copies cut at different heights: one-shot Dice 0.36 -> 0.68,
+benchmarks/results/2026-11-27-affine-frame.md).
 The network then learns the rest. The objective's regularisers measure the map relative to the frame
 (:func:`invert_frame`).
 """
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FRAMES", "apply_frame", "invert_frame", "moment_frame", "identity_frame", "affine_frame", "build_template",
-           "shape_groups", "TEMPLATE_SIDE"]
+__all__ = ["FRAMES", "apply_frame", "invert_frame", "moment_frame", "identity_frame", "recentred_frame", "affine_frame",
+           "build_template", "shape_groups", "TEMPLATE_SIDE"]
 
 FRAMES = ("grid", "moments", "affine")
 """Frames a :class:`~deepatlas_fast.model.CoordNet` can start from."""
@@ -61,6 +62,17 @@ def invert_frame(frame: Tensor) -> Tensor:
     linear = torch.linalg.inv(frame[:, :, :3].double())
     shift = -(linear @ frame[:, :, 3:].double())
     return torch.cat([linear, shift], dim=2).to(frame.dtype)
+
+
+def recentred_frame(frame: Tensor) -> Tensor:
+    """``frame [N, 3, 4]`` reduced to its centre: the exam position it sends to the cube's centre still goes
+    there, with the grid's axes at unit scale (the field of view fills the cube, as with the "grid" frame,
+    but centred on that position). A frame with a singular linear part is recentred on its least-squares
+    centre."""
+    linear, shift = frame[:, :, :3].double(), frame[:, :, 3:].double()
+    centre = -(torch.linalg.pinv(linear) @ shift)  # [N, 3, 1]
+    eye = torch.eye(3, dtype=torch.float64, device=frame.device).expand(frame.shape[0], 3, 3)
+    return torch.cat([eye, -centre], dim=2).to(frame.dtype)
 
 
 def _centred_axis(size: int, device) -> Tensor:
@@ -153,12 +165,19 @@ def _fit_loss(template: Tensor, images: Tensor, grid: Tensor, frames: Tensor) ->
 
 
 def affine_frame(images: Tensor, template: Tensor, init: Optional[Tensor] = None, steps: Optional[int] = None) -> Tensor:
-    """The "affine" frame ``[N, 3, 4]`` of ``images [N, C, D, H, W]`` (channel 0): starting at ``init``
-    (default: :func:`moment_frame`), ``steps`` (default :data:`FIT_STEPS`) Adam steps, learning rate decaying
-    linearly from :data:`FIT_LR` to 0, on the 12 affine parameters of each exam so that
-    ``template`` (``[1, 1, T, T, T]``) read at the frame's coordinates matches the exam (local NCC, on a
-    copy of at most :data:`FIT_SIDE` voxels per side). An exam the fit does not improve keeps ``init``.
-    Runs with gradients enabled whatever the caller's mode; no gradient flows to the inputs."""
+    """The "affine" frame ``[N, 3, 4]`` of ``images [N, C, D, H, W]`` (channel 0): ``steps`` (default
+    :data:`FIT_STEPS`) Adam steps, learning rate decaying linearly from :data:`FIT_LR` to 0, on the 12 affine
+    parameters of each exam so that ``template`` (``[1, 1, T, T, T]``) read at the frame's coordinates
+    matches the exam (local NCC, on a copy of at most :data:`FIT_SIDE` voxels per side).
+
+    The fit runs from two starts, ``init`` (default: :func:`moment_frame`) and ``init`` recentred
+    (:func:`recentred_frame`), and each exam keeps the one of the two fitted frames and ``init`` with the best
+    fit (``init`` on ties: an exam the fit does not improve keeps it). A single start gets caught in local
+    optima: the moments of a head whose field of view stops short stretch that axis by 1.4-1.5, and the fit
+    from there settled at NCC 0.47-0.50 where the recentred start reaches 0.61-0.62 (one-shot Dice of such
+    brains 0.04-0.06 against about 0.5; ``benchmarks/results/2026-11-28-brain-frames.md``); the recentred
+    start alone misses others. ``steps=0`` returns ``init``. Runs with gradients enabled whatever the caller's
+    mode; no gradient flows to the inputs."""
     if not isinstance(images, Tensor) or images.dim() != 5:
         raise ValueError(f"images must be a tensor [N, C, D, H, W], got {getattr(images, 'shape', type(images))}")
     if not isinstance(template, Tensor) or template.dim() != 5 or template.shape[:2] != (1, 1):
@@ -167,22 +186,29 @@ def affine_frame(images: Tensor, template: Tensor, init: Optional[Tensor] = None
 
     steps = FIT_STEPS if steps is None else int(steps)
     start = (moment_frame(images) if init is None else init).detach().float()
+    if steps <= 0:
+        return start
+    n = start.shape[0]
+    starts = torch.cat([start, recentred_frame(start)])  # [2N]: every exam fitted from both starts at once
     with torch.enable_grad():
         x = _fitting_copy(images.detach()).clone()
+        both = x.repeat(2, 1, 1, 1, 1)
         ref = template.detach().float().to(x.device)
         grid = identity_coords(x.shape[2:], device=x.device)
-        delta = torch.zeros_like(start, requires_grad=True)
+        delta = torch.zeros_like(starts, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=FIT_LR)
         for step in range(steps):
             optimizer.param_groups[0]["lr"] = FIT_LR * (1.0 - step / steps)  # decays to 0: settles in the optimum
-            loss = _fit_loss(ref, x, grid, start + delta).sum()
+            loss = _fit_loss(ref, both, grid, starts + delta).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            fitted = start + delta
-            better = _fit_loss(ref, x, grid, fitted) < _fit_loss(ref, x, grid, start)
-    return torch.where(better[:, None, None], fitted, start).detach()
+            candidates = torch.cat([start, starts + delta]).view(3, n, 3, 4)
+            losses = torch.cat([_fit_loss(ref, x, grid, start), _fit_loss(ref, both, grid, starts + delta)]).view(3, n)
+            # the first of equal losses: init when nothing improves on it (and never a fit whose loss is NaN)
+            best = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=0)
+    return candidates[best, torch.arange(n, device=start.device)].detach()
 
 
 def _template_of(images: Sequence[Tensor], frames: Sequence[Tensor], side: int) -> Tensor:

@@ -265,11 +265,12 @@ class CoordNet(nn.Module):
             "grid": the field of view fills the cube (the identity). "moments" (the image's
             intensity-weighted centre and principal axes, scaled by their spread, onto the cube's centre
             and axes, :func:`~deepatlas_fast.frame.moment_frame`): the starting map already follows the
-            body's position, size and modest rotations. "affine": the moments frame refined by an affine
-            fit of the exam onto an intensity template (the buffer ``frame_template``, built from training
-            exams by :meth:`build_frame_template`; :func:`~deepatlas_fast.frame.affine_frame`): less moved
-            than the moments by what the field of view cuts off. Every level's identity is replaced by the frame applied to it, so a
-            fresh network returns exactly the frame.
+            body's position, size and modest rotations. "affine": an affine fit of the exam (from the moments
+            frame and from that frame recentred, the better kept) onto an intensity template (the buffer
+            ``frame_template``, built from training exams by :meth:`build_frame_template`;
+            :func:`~deepatlas_fast.frame.affine_frame`): less moved than the moments by what the field of
+            view cuts off. Every level's identity is replaced by the frame applied to it, so a fresh network
+            returns exactly the frame.
 
     ``forward(x, levels=None, bound=True) -> coords [N, 3, D, H, W]`` (float32, normalised
     ``[-1, 1]``, channel k = spatial dim k of the template). ``levels`` = how many decoder levels

@@ -103,6 +103,18 @@ def test_objective_ceiling_optimises_free_fields_and_reports_dice(tmp_path, caps
 
 
 @pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")
+def test_objective_ceiling_runs_on_the_synthesised_brains(tmp_path, capsys):
+    ceiling = _script("objective_ceiling")
+    model = _tiny_model(tmp_path / "model.pt", spacing=16.0, frame="moments")
+    ceiling.main(["--model", str(model), "--brains", str(BRAINS), "--subjects", "3", "--steps", "4", "--control", "4",
+                  "--every", "4", "--splat", "16"])
+    out = capsys.readouterr().out
+    assert out.startswith("3 brains ")
+    dices = [float(line.split("Dice ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(dices) == 2 and all(0.0 < d <= 1.0 for d in dices)
+
+
+@pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")
 def test_brain_images_are_written_on_the_label_grid(tmp_path):
     brain_images = _script("brain_images")
     from deepatlas_fast.data.io import load_volume
