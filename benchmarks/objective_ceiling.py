@@ -97,7 +97,8 @@ def main(argv=None):
     fields = torch.zeros(n, 3, *(args.control,) * 3, requires_grad=True)
     optimiser = torch.optim.Adam([{"params": [fields], "lr": args.lr}, {"params": [atlas], "lr": args.lr / 2}])
     weights = LossWeights.from_dict(dict({"folding": 10.0, "jacobian": 3.0}, **json.loads(args.loss)))
-    print(f"{n} {'brains' if args.brains else 'phantoms'} {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
+    kind = "brains" if args.brains else "phantoms"
+    print(f"{n} {kind} {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
     for step in range(args.steps + 1):
         raw = start + F.interpolate(fields, size=shape, mode="trilinear", align_corners=True)
         outputs = {"frame": frames, "coords_raw": raw, "coords": bound_coords(raw), "features": images, "atlas": atlas}
