@@ -10,8 +10,11 @@ minute or two each instead of a training run.
     python benchmarks/objective_ceiling.py --model RUN/model.pt --steps 400 --control 16 --loss '{"kernel_size": 5}'
 
 The phantoms are the training cohort's first subjects (``--seed`` = the run's seed) at the model's spacing.
-``--brains FOLDER`` optimises the synthesised brains of ``../shared/data/brain_labelmaps`` instead (label maps
-loaded at the model's spacing, images synthesised there, Dice over the evaluation structures):
+``--brains FOLDER`` optimises the synthesised brains of ``../shared/data/brain_labelmaps`` instead (images
+synthesised at ``--data-spacing`` mm, 2 by default, then area-resampled to the model's spacing as training and
+``one_shot_dice.py`` resample them; the label of largest share per voxel; Dice over the evaluation structures).
+``--start network`` starts the fields from the trained network's coordinates instead of the frames: how far the
+network is from what the objective reaches on the same exams.
 
     python benchmarks/objective_ceiling.py --model RUN/model.pt --brains ../shared/data/brain_labelmaps --splat 64
 """
@@ -32,9 +35,11 @@ from deepatlas_fast.frame import apply_frame
 from deepatlas_fast.model import bound_coords
 from deepatlas_fast.objective import LossWeights, deepatlas_loss
 from deepatlas_fast.propagate import dice, mean_dice, propagate_labels
+from deepatlas_fast.train import rescale_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from one_shot_dice import brain_subjects, common_shape, exam_frame, phantom_subjects, relabel  # noqa: E402
+from one_shot_dice import (brain_subjects, common_shape, exam_frame, model_coordinates, phantom_subjects,  # noqa: E402
+                           relabel)
 
 
 class _AtlasHolder:
@@ -55,11 +60,24 @@ def one_shot_dice(coords: torch.Tensor, labels: list, num_labels: int, splat: in
     return sum(scores) / len(scores)
 
 
+def at_spacing(image: torch.Tensor, labels: torch.Tensor, factor: float):
+    """``image`` area-resampled by ``factor`` (as training resamples its exams) and ``labels`` on the same grid
+    (the label of largest share in each new voxel)."""
+    if abs(factor - 1.0) < 1e-9:
+        return image, labels
+    one_hot = F.one_hot(labels).movedim(-1, 0).float()
+    shares = torch.stack([rescale_volume(channel, factor) for channel in one_hot])
+    return rescale_volume(image, factor), shares.argmax(0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt of a training run (its frames, spacing and template)")
     parser.add_argument("--subjects", type=int, default=8, help="exams optimised together (default 8)")
     parser.add_argument("--brains", help="folder of brain label maps: optimise the synthesised brains instead of phantoms")
+    parser.add_argument("--data-spacing", type=float, default=2.0,
+                        help="--brains: spacing (mm) the images are synthesised at before resampling to the model's, "
+                             "as brain_images.py and one_shot_dice.py do (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="phantom cohort seed (default 0: the training run's)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--control", type=int, default=16, help="control grid side of each field (default 16)")
@@ -68,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam rate of the fields (the atlas: half of it)")
     parser.add_argument("--every", type=int, default=40, help="steps between Dice prints")
     parser.add_argument("--splat", type=int, default=48, help="template grid side of the Dice's label splat (default 48)")
+    parser.add_argument("--start", choices=("frame", "network"), default="frame",
+                        help="fields start from the exams' frames (default) or from the trained network's coordinates")
     args = parser.parse_args(argv)
     if args.subjects < 2:
         parser.error("--subjects must be >= 2 (the implicit term pairs exams)")
@@ -76,8 +96,9 @@ def main(argv=None):
     model = load_model(args.model)
     spacing = float(model.preprocessing.get("spacing") or 12.0)
     if args.brains:
-        subjects, ids = brain_subjects(args.brains, args.subjects, spacing, args.seed)
-        subjects = [(image, relabel(lab, ids)) for image, lab in common_shape(subjects)]
+        subjects, ids = brain_subjects(args.brains, args.subjects, args.data_spacing, args.seed)
+        subjects = [at_spacing(image, relabel(lab, ids), args.data_spacing / spacing)
+                    for image, lab in common_shape(subjects)]
     else:
         subjects, _ = phantom_subjects(args.subjects, args.seed, spacing)
     images = torch.stack([image for image, _ in subjects])[:, None]
@@ -88,9 +109,12 @@ def main(argv=None):
         frames = None
         if model.coordnet.frame != "grid":
             frames = torch.cat([exam_frame(model, image, spacing) for image, _ in subjects])
-        start = da.identity_coords(shape, batch=n)
-        if frames is not None:
-            start = apply_frame(frames, start)
+        if args.start == "network":
+            start = torch.cat([model_coordinates(model, image, spacing) for image, _ in subjects])
+        else:
+            start = da.identity_coords(shape, batch=n)
+            if frames is not None:
+                start = apply_frame(frames, start)
     template = (args.template,) * 3 if args.template else tuple(model.atlas.shape[2:])
     atlas = torch.nn.Parameter(F.interpolate(images.mean(0, keepdim=True), size=template, mode="trilinear",
                                              align_corners=True))
@@ -98,7 +122,8 @@ def main(argv=None):
     optimiser = torch.optim.Adam([{"params": [fields], "lr": args.lr}, {"params": [atlas], "lr": args.lr / 2}])
     weights = LossWeights.from_dict(dict({"folding": 10.0, "jacobian": 3.0}, **json.loads(args.loss)))
     kind = "brains" if args.brains else "phantoms"
-    print(f"{n} {kind} {shape} at {spacing} mm, template {template}, control {args.control}^3, loss {weights.to_dict()}")
+    print(f"{n} {kind} {shape} at {spacing} mm, start {args.start}, template {template}, control {args.control}^3, "
+          f"loss {weights.to_dict()}")
     for step in range(args.steps + 1):
         raw = start + F.interpolate(fields, size=shape, mode="trilinear", align_corners=True)
         outputs = {"frame": frames, "coords_raw": raw, "coords": bound_coords(raw), "features": images, "atlas": atlas}

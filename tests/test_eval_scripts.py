@@ -102,12 +102,41 @@ def test_objective_ceiling_optimises_free_fields_and_reports_dice(tmp_path, caps
         ceiling.main(["--model", str(model), "--subjects", "1"])
 
 
+def test_objective_ceiling_can_start_from_the_trained_network(tmp_path, capsys):
+    ceiling = _script("objective_ceiling")
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0, frame="moments")
+    ceiling.main(["--model", str(model), "--subjects", "3", "--steps", "0", "--control", "4", "--start", "network",
+                  "--loss", '{"kernel_size": 3}'])
+    network = capsys.readouterr().out
+    ceiling.main(["--model", str(model), "--subjects", "3", "--steps", "0", "--control", "4", "--start", "frame",
+                  "--loss", '{"kernel_size": 3}'])
+    frame = capsys.readouterr().out
+    assert "start network" in network and "start frame" in frame
+    # an untrained network is its frame, so both starts are the same map: same step-0 line
+    assert network.splitlines()[-1] == frame.splitlines()[-1]
+
+
+def test_ceiling_resamples_brain_labels_to_the_label_of_largest_share():
+    ceiling = _script("objective_ceiling")
+    labels = torch.zeros(16, 16, 16, dtype=torch.long)
+    labels[:8] = 1
+    labels[8:, :8] = 2
+    labels[0, 0, 0] = 3  # one voxel of eight: outvoted in its coarse voxel
+    image = labels.float()
+    coarse_image, coarse_labels = ceiling.at_spacing(image, labels, 0.5)
+    assert coarse_image.shape == coarse_labels.shape == (8, 8, 8)
+    assert (coarse_labels[:4] == 1).all() and (coarse_labels[4:, :4] == 2).all() and (coarse_labels[4:, 4:] == 0).all()
+    assert coarse_image[0, 0, 0] == pytest.approx((7 * 1 + 3) / 8)
+    same_image, same_labels = ceiling.at_spacing(image, labels, 1.0)
+    assert same_image is image and same_labels is labels
+
+
 @pytest.mark.skipif(not BRAINS.is_dir(), reason=f"needs the brain label maps in {BRAINS} (not shipped)")
 def test_objective_ceiling_runs_on_the_synthesised_brains(tmp_path, capsys):
     ceiling = _script("objective_ceiling")
     model = _tiny_model(tmp_path / "model.pt", spacing=16.0, frame="moments")
     ceiling.main(["--model", str(model), "--brains", str(BRAINS), "--subjects", "3", "--steps", "4", "--control", "4",
-                  "--every", "4", "--splat", "16"])
+                  "--every", "4", "--splat", "16", "--data-spacing", "8"])
     out = capsys.readouterr().out
     assert out.startswith("3 brains ")
     dices = [float(line.split("Dice ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]
