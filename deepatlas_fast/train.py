@@ -841,6 +841,7 @@ def train(
     max_minutes: Optional[float] = None,
     quiet: bool = False,
     echo: Optional[Callable[[str], None]] = None,
+    extend_steps: Optional[int] = None,
 ) -> TrainResult:
     """Train DeepATLAS on unlabelled exams (``images``) or the embedded phantom cohort (``phantoms``).
 
@@ -871,6 +872,10 @@ def train(
             loading included), saving a checkpoint.
         quiet: no progress bar (messages about stopping and resuming still go to ``echo``).
         echo: where messages go (default: stderr; only rank 0 speaks).
+        extend_steps: with ``resume``, lengthen the run's last stage by this many steps (the run may have
+            completed): the schedule in ``config.yaml`` and the checkpoint grows, and the continuation is the
+            run that had the longer last stage from the start (the learning rate is constant within a stage
+            after its warm-up, and every step's crops depend only on the seed, the stage and the step).
 
     Returns:
         a :class:`TrainResult`. SIGINT/SIGTERM during training save a checkpoint and ``model.pt`` at
@@ -885,6 +890,12 @@ def train(
         raise ValueError(f"ops must be one of {list(OPS_MODES)}, got {ops!r}")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}")
+    if extend_steps is not None:
+        if isinstance(extend_steps, bool) or not isinstance(extend_steps, int) or extend_steps < 1:
+            raise ValueError(f"extend_steps must be a positive integer, got {extend_steps!r}")
+        if not resume:
+            raise ValueError("extend_steps lengthens a run being resumed (resume=True); a new run takes its "
+                             "schedule from config.stages")
     if max_minutes is not None:
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
             raise ValueError(f"max_minutes must be a positive number, got {max_minutes!r}")
@@ -921,6 +932,8 @@ def train(
                     f"config does not match the run being resumed in {str(out_dir)!r}; differing keys: {diffs} "
                     "(only log_every and checkpoint_every may change on resume)"
                 )
+        if extend_steps is not None:
+            config = _with_longer_last_stage(config, extend_steps)
         source = state["data"]
         if images is None and phantoms is None:
             images = source.get("images")
@@ -958,6 +971,12 @@ def train(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _with_longer_last_stage(config: TrainConfig, extra: int) -> TrainConfig:
+    data = config.to_dict()
+    data["stages"][-1]["steps"] += extra
+    return TrainConfig.from_dict(data, source="extend_steps")
 
 
 def _describe_source(source: dict) -> str:

@@ -85,6 +85,9 @@ def test_train_on_files_and_globs_with_spacing_and_resume(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # data and config from the run
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert main(["train", "--out", str(out), "--resume", "--extend-steps", "2", "--quiet"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert yaml.safe_load((out / "config.yaml").read_text())["stages"][-1]["steps"] == 4
 
 
 def test_train_on_phantoms(tmp_path):
@@ -97,7 +100,7 @@ def test_train_on_phantoms(tmp_path):
 
 @pytest.mark.parametrize("case", ["no files", "empty folder", "unreadable", "2-D", "4-D", "unknown key",
                                   "bad value", "missing config", "mismatch", "no checkpoint", "existing run",
-                                  "no data"])
+                                  "extend without resume", "no data"])
 def test_clear_errors(tmp_path, capsys, case):
     out = tmp_path / "run"
     config = _config(tmp_path)
@@ -139,6 +142,9 @@ def test_clear_errors(tmp_path, capsys, case):
     elif case == "no checkpoint":
         args += ["--resume"]
         expected = "holds no checkpoint.pt"
+    elif case == "extend without resume":
+        args += ["--phantoms", "2", "--spacing", "24", "--extend-steps", "3"]
+        expected = "extend_steps lengthens a run being resumed"
     elif case == "existing run":
         assert main(args + ["--phantoms", "2", "--max-steps", "1", "--spacing", "24"]) == 0
         args += ["--phantoms", "2", "--spacing", "24"]

@@ -244,6 +244,34 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
 
 
+def test_a_completed_run_extended_is_the_run_with_the_longer_last_stage(straight_run, tmp_path):
+    from deepatlas_fast.train import train
+
+    straight, result = straight_run
+    out = tmp_path / "short"
+    short = tiny_config(stages=[tiny_config()["stages"][0], {"steps": 1, "size": 16}])
+    first = train(TrainConfig.from_dict(short), phantoms=3, out_dir=out, quiet=True)
+    assert first.status == "completed" and first.step == 6
+    again = train(None, out_dir=out, quiet=True, resume=True)  # nothing left to do without the extension
+    assert again.step == 6
+    extended = train(None, out_dir=out, quiet=True, resume=True, extend_steps=2)
+    assert extended.status == "completed" and extended.step == extended.total_steps == result.step == 8
+    assert _same_state(out / "model.pt", straight / "model.pt"), "the extension is not the longer run"
+    assert _same_rows(out / "metrics.csv", straight / "metrics.csv")
+    assert TrainConfig.from_yaml(out / "config.yaml").stages[-1].steps == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["stages"][-1]["steps"] == 3
+    # a given config must match the run's own schedule as it stands, before this extension
+    with pytest.raises(ConfigError, match=r"differing keys: \['stages\[1\].steps'\]"):
+        train(TrainConfig.from_dict(short), out_dir=out, quiet=True, resume=True, extend_steps=1)
+    once_more = train(TrainConfig.from_yaml(out / "config.yaml"), out_dir=out, quiet=True, resume=True, extend_steps=1)
+    assert once_more.step == 9
+    with pytest.raises(ValueError, match="extend_steps lengthens a run being resumed"):
+        train(TrainConfig.from_dict(short), phantoms=3, out_dir=tmp_path / "new", quiet=True, extend_steps=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="extend_steps must be a positive integer"):
+            train(None, out_dir=out, quiet=True, resume=True, extend_steps=bad)
+
+
 def test_moments_training_hands_each_crop_its_whole_exam_frame(tmp_path, monkeypatch):
     from deepatlas_fast.model import DeepAtlas
     from deepatlas_fast.train import train

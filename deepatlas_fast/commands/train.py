@@ -39,6 +39,7 @@ def run(args) -> int:
             max_steps=args.max_steps,
             max_minutes=args.max_minutes,
             quiet=args.quiet,
+            extend_steps=args.extend_steps,
         )
     except (ConfigError, ValueError, TypeError) as exc:
         return _fail("train", exc)
@@ -71,5 +72,7 @@ def add_parser(sub) -> None:
     train.add_argument("--ops", default="fused", choices=["fused", "stock"],
                        help="this package's fused ops or stock PyTorch ops (default fused)")
     train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly")
+    train.add_argument("--extend-steps", type=_positive_int, metavar="N",
+                       help="with --resume: lengthen the run's last stage by N steps (also after it completed)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run)
