@@ -876,6 +876,7 @@ def train(
             completed): the schedule in ``config.yaml`` and the checkpoint grows, and the continuation is the
             run that had the longer last stage from the start (the learning rate is constant within a stage
             after its warm-up, and every step's crops depend only on the seed, the stage and the step).
+            Each call adds its steps again: an extension that was interrupted continues with ``resume`` alone.
 
     Returns:
         a :class:`TrainResult`. SIGINT/SIGTERM during training save a checkpoint and ``model.pt`` at
