@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deepatlas_fast as da
-from deepatlas_fast.checkpoint import save_model
+from deepatlas_fast.checkpoint import load_model, save_model
 from deepatlas_fast.model import DeepAtlas, bound_coords
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +157,26 @@ def test_brain_images_are_written_on_the_label_grid(tmp_path):
     assert torch.allclose(torch.as_tensor(image.affine), torch.as_tensor(labels.affine), atol=1e-4)
     assert 0.0 <= float(image.data.min()) and float(image.data.max()) <= 1.0 + 1e-6
     assert float(image.data[labels.data > 0].mean()) > float(image.data[labels.data == 0].mean())
+
+
+def test_network_fit_fits_the_network_on_every_exam_at_once_and_saves_it(tmp_path, capsys):
+    fit = _script("network_fit")
+    model = _tiny_model(tmp_path / "model.pt", spacing=32.0, frame="moments")
+    saved = tmp_path / "fit.pt"
+    fit.main(["--model", str(model), "--subjects", "3", "--seeds", "0,7", "--steps", "4", "--every", "2",
+              "--lr", "1e-2", "--loss", '{"kernel_size": 3}', "--save", str(saved)])
+    out = capsys.readouterr().out
+    assert "6 exams (2 seeds x 3)" in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" (")[0] for line in lines] == ["step 0", "step 2", "step 4"]
+    dices = [float(line.split("Dice ")[1].split()[0]) for line in lines]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert all(0.0 < d <= 1.0 for d in dices)
+    assert losses[-1] < losses[0]
+    before, after = load_model(model).state_dict(), load_model(saved).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit):
+        fit.main(["--model", str(model), "--seeds", "0,0"])
+    with pytest.raises(SystemExit):
+        fit.main(["--model", str(model), "--subjects", "1"])
