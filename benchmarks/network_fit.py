@@ -30,8 +30,7 @@ from deepatlas_fast.checkpoint import load_model, save_model
 from deepatlas_fast.objective import LossWeights, deepatlas_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from objective_ceiling import at_spacing, one_shot_dice  # noqa: E402
-from one_shot_dice import brain_subjects, common_shape, phantom_subjects, relabel  # noqa: E402
+from objective_ceiling import load_exams, one_shot_dice  # noqa: E402
 
 
 def _seeds(text: str) -> list[int]:
@@ -42,21 +41,6 @@ def _seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"--seeds must not repeat a seed, got {text!r}")
     return seeds
-
-
-def load_exams(args, spacing: float):
-    """Images ``[N, 1, D, H, W]`` at the model's spacing and their label maps, seed after seed."""
-    subjects = []
-    for seed in args.seeds:
-        if args.brains:
-            brains, ids = brain_subjects(args.brains, args.subjects, args.data_spacing, seed)
-            subjects += [(image, relabel(labels, ids)) for image, labels in brains]
-        else:
-            subjects += phantom_subjects(args.subjects, seed, spacing)[0]
-    if args.brains:
-        subjects = [at_spacing(image, labels, args.data_spacing / spacing) for image, labels in common_shape(subjects)]
-    images = torch.stack([image for image, _ in subjects])[:, None]
-    return images, [labels for _, labels in subjects]
 
 
 def main(argv=None):
@@ -84,7 +68,9 @@ def main(argv=None):
     torch.manual_seed(0)
     model = load_model(args.model)
     spacing = float(model.preprocessing.get("spacing") or 12.0)
-    images, labels = load_exams(args, spacing)
+    subjects = load_exams(spacing, args.subjects, args.seeds, args.brains, args.data_spacing)
+    images = torch.stack([image for image, _ in subjects])[:, None]
+    labels = [lab for _, lab in subjects]
     num_labels = int(max(int(lab.max()) for lab in labels)) + 1
     weights = LossWeights.from_dict(dict({"folding": 10.0, "jacobian": 3.0}, **json.loads(args.loss)))
     with torch.no_grad():

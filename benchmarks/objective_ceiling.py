@@ -70,6 +70,22 @@ def at_spacing(image: torch.Tensor, labels: torch.Tensor, factor: float):
     return rescale_volume(image, factor), shares.argmax(0)
 
 
+def load_exams(spacing: float, count: int, seeds, brains=None, data_spacing: float = 2.0) -> list:
+    """``(image, labels)`` pairs on the model's ``spacing`` mm grid, seed after seed: ``count`` phantoms of each
+    cohort seed, or with ``brains`` (a label-map folder) the brains synthesised with each seed at
+    ``data_spacing`` mm, brought to one grid and area-resampled (labels: largest share; evaluation ids 1..K)."""
+    subjects = []
+    for seed in seeds:
+        if brains:
+            synthesised, ids = brain_subjects(brains, count, data_spacing, seed)
+            subjects += [(image, relabel(labels, ids)) for image, labels in synthesised]
+        else:
+            subjects += phantom_subjects(count, seed, spacing)[0]
+    if brains:
+        subjects = [at_spacing(image, labels, data_spacing / spacing) for image, labels in common_shape(subjects)]
+    return subjects
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt of a training run (its frames, spacing and template)")
@@ -95,12 +111,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = load_model(args.model)
     spacing = float(model.preprocessing.get("spacing") or 12.0)
-    if args.brains:
-        subjects, ids = brain_subjects(args.brains, args.subjects, args.data_spacing, args.seed)
-        subjects = [at_spacing(image, relabel(lab, ids), args.data_spacing / spacing)
-                    for image, lab in common_shape(subjects)]
-    else:
-        subjects, _ = phantom_subjects(args.subjects, args.seed, spacing)
+    subjects = load_exams(spacing, args.subjects, [args.seed], args.brains, args.data_spacing)
     images = torch.stack([image for image, _ in subjects])[:, None]
     labels = [lab for _, lab in subjects]
     num_labels = int(max(int(lab.max()) for lab in labels)) + 1
