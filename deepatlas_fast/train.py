@@ -71,13 +71,22 @@ class Stage:
         levels: how many CoordNet decoder levels are active (passed as ``levels=`` to the model;
             coarse stages use fewer); ``None`` (default) = all.
         lr: learning rate of this stage; ``None`` (default) = ``TrainConfig.lr``.
+        whole: ``True``: every step takes every exam, whole, without augmentation (a full-batch fit, e.g. a
+            last stage): each exam centred in ``size`` (``None`` = the smallest grid holding every exam at
+            this spacing; a larger exam is cropped around its foreground box), the exams in a new order every
+            step (the implicit term pairs each with the next), split over the ``grad_accumulation``
+            micro-batches (and the processes under torchrun), at least 2 exams each; ``batch_size`` and
+            ``augment`` do not apply. On the synthesised brains, 60 such steps after the cropped stages raised
+            held-out one-shot Dice where the cohort holds several syntheses of each anatomy, and lowered it
+            (memorising each image) where it holds one (``benchmarks/results/2026-11-28-brain-syntheses.md``).
     """
 
     steps: int
-    size: Sequence[int] = (32, 32, 32)
+    size: Optional[Sequence[int]] = (32, 32, 32)
     spacing: Optional[float] = None
     levels: Optional[int] = None
     lr: Optional[float] = None
+    whole: bool = False
 
 
 def _default_stages() -> list:
@@ -181,12 +190,16 @@ class TrainConfig:
                 stage = _from_mapping(Stage, stage, name)
             elif not isinstance(stage, Stage):
                 raise ConfigError(f"{name} must be a mapping with keys {_field_names(Stage)}, got {stage!r}")
+            whole = _bool(stage.whole, f"{name}.whole")
+            if stage.size is None and not whole:
+                raise ConfigError(f"{name}.size must be set (null is for whole-exam stages, whole: true)")
             stage = Stage(
                 steps=_int(stage.steps, f"{name}.steps", minimum=1),
-                size=_shape3(stage.size, f"{name}.size", minimum=8),
+                size=None if stage.size is None else _shape3(stage.size, f"{name}.size", minimum=8),
                 spacing=None if stage.spacing is None else _float(stage.spacing, f"{name}.spacing", positive=True),
                 levels=None if stage.levels is None else _int(stage.levels, f"{name}.levels", minimum=1),
                 lr=None if stage.lr is None else _float(stage.lr, f"{name}.lr", positive=True),
+                whole=whole,
             )
             stages.append(stage)
         self.stages = stages
@@ -480,38 +493,54 @@ class _StageData:
 
     ``batch(size, step, rank, micro)`` is a pure function of its arguments and the seed: the same
     step gives the same crops in every run (what makes resuming exact) and different crops per rank.
-    Subjects are distinct within a batch when there are enough exams.
+    Subjects are distinct within a batch when there are enough exams. A whole-exam stage (``parts``
+    given: micro-batches x processes) returns every exam, centred, in a new order each step, split into
+    ``parts`` shares (``rank * accumulation + micro`` picks one).
     """
 
-    def __init__(self, volumes, size, factor, augment, seed, stage_index, frames=None):
+    def __init__(self, volumes, size, factor, augment, seed, stage_index, frames=None, parts=None):
         from .data.dataset import ImageDataset
 
-        self.size = tuple(size)
         self.volumes = [rescale_volume(v, factor) for v in volumes]
+        self.parts = parts
+        if size is None:  # whole exams: the smallest grid that holds every one
+            size = [max(v.shape[a] for v in self.volumes) for a in range(3)]
+        self.size = tuple(size)
         self.seed = seed
         self.stage_index = stage_index
         self.frames = frames in ("moments", "affine")  # "affine": computed once the template exists (set_frames)
-        self.dataset = ImageDataset(self.volumes, crop_shape=self.size, augment=augment, seed=seed, normalize=None,
-                                    whole_frames=frames == "moments")
+        whole = parts is not None
+        self.dataset = ImageDataset(self.volumes, crop_shape=self.size, augment=augment and not whole, seed=seed,
+                                    normalize=None, random_crop=not whole, whole_frames=frames == "moments")
+
+    @property
+    def cropped(self) -> int:
+        """How many exams are larger than the stage size along some axis (a whole-exam stage crops them)."""
+        return sum(any(n > s for n, s in zip(v.shape, self.size)) for v in self.volumes)
 
     def set_frames(self, frame_of) -> None:
         """Each exam's whole-volume frame from ``frame_of`` (``[N, 1, D, H, W] -> [N, 3, 4]``)."""
         self.dataset.set_whole_frames(frame_of)
 
-    def batch(self, batch_size: int, step: int, rank: int, micro: int) -> tuple:
+    def batch(self, batch_size: int, step: int, rank: int, micro: int, accumulation: int = 1) -> tuple:
         """``([batch_size, 1, *size] float32 crops, [batch_size, 3, 4] frames or None)`` of training step
         ``step`` on ``rank``; the frames (with a "moments" or "affine" frame) are each exam's whole-volume frame
-        composed with its crop's geometry (:class:`~deepatlas_fast.data.dataset.ImageDataset` ``whole_frames``)."""
+        composed with its crop's geometry (:class:`~deepatlas_fast.data.dataset.ImageDataset` ``whole_frames``).
+        A whole-exam stage ignores ``batch_size`` and returns share ``rank * accumulation + micro``."""
         if self.frames and self.dataset.frames is None:
             raise RuntimeError("the exams' frames are not computed yet (set_frames)")
-        key = _seed_for(self.seed, self.stage_index, step, rank, micro)
-        gen = torch.Generator().manual_seed(key)
         n = len(self.volumes)
-        if n >= batch_size:
-            subjects = torch.randperm(n, generator=gen)[:batch_size].tolist()
+        if self.parts is not None:  # one order per step, the same on every rank: the shares partition the exams
+            gen = torch.Generator().manual_seed(_seed_for(self.seed, self.stage_index, step))
+            subjects = torch.randperm(n, generator=gen)[(rank * accumulation + micro) % self.parts::self.parts].tolist()
+            draws = [0] * len(subjects)
         else:
-            subjects = torch.randint(0, n, (batch_size,), generator=gen).tolist()
-        draws = torch.randint(0, 2**47, (batch_size,), generator=gen).tolist()
+            gen = torch.Generator().manual_seed(_seed_for(self.seed, self.stage_index, step, rank, micro))
+            if n >= batch_size:
+                subjects = torch.randperm(n, generator=gen)[:batch_size].tolist()
+            else:
+                subjects = torch.randint(0, n, (batch_size,), generator=gen).tolist()
+            draws = torch.randint(0, 2**47, (batch_size,), generator=gen).tolist()
         items = [self.dataset.sample(s, d) for s, d in zip(subjects, draws)]
         images = torch.stack([item["image"] for item in items], 0).to(torch.float32)
         frames = torch.stack([item["frame"] for item in items], 0) if self.frames else None
@@ -537,7 +566,7 @@ class _Prefetcher:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepatlas-crops")
 
     def make(self, step: int, micro: int) -> tuple:
-        images, frames = self.data_of(step).batch(self.batch_size, step, self.rank, micro)
+        images, frames = self.data_of(step).batch(self.batch_size, step, self.rank, micro, self.accumulation)
         return images.pin_memory() if self.pin else images, frames
 
     def get(self, step: int, micro: int) -> tuple:
@@ -1009,10 +1038,21 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
         volumes = phantom_volumes(phantoms, config)
         modality = "ct"
     stage_data = []
+    parts = config.grad_accumulation * world
     for stage in config.stages:  # built up front: errors surface before training, and threads may read them
         spacing = stage.spacing if stage.spacing is not None else config.spacing
-        stage_data.append(_StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed,
-                                     len(stage_data), frames=config.model.get("frame")))
+        name = f"config.stages[{len(stage_data)}]"
+        if stage.whole and len(volumes) < 2 * parts:
+            raise ConfigError(
+                f"{name}.whole: {len(volumes)} exams split over {parts} micro-batch(es) (grad_accumulation x "
+                "processes) leave fewer than 2 in one (the implicit term pairs them)")
+        data = _StageData(volumes, stage.size, config.spacing / spacing, config.augment, config.seed,
+                          len(stage_data), frames=config.model.get("frame"), parts=parts if stage.whole else None)
+        if stage.whole and (data.cropped or not quiet):
+            note = f", {data.cropped} of them cropped to it (larger)" if data.cropped else ""
+            echo(f"deepatlas-fast train: stage {len(stage_data) + 1} takes all {len(volumes)} exams whole every "
+                 f"step, centred in {list(data.size)} at {spacing:g} mm{note}")
+        stage_data.append(data)
 
     def data_for(stage_index: int) -> _StageData:
         """Crops of ``config.stages[stage_index]``."""
@@ -1183,7 +1223,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 "spacing": final_stage.spacing if final_stage.spacing is not None else config.spacing,
                 "data_spacing": config.spacing,
                 "modality": modality,
-                "size": list(final_stage.size),
+                "size": list(stage_data[-1].size),
                 "levels": final_stage.levels,
                 "orientation": "RAS",
             },

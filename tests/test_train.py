@@ -1,6 +1,7 @@
 """Training configuration, the staged loop, exact resume, stopping, metrics, the GPU benchmark script."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -58,11 +59,20 @@ def test_config_partial_yaml_keeps_defaults(tmp_path):
         ({"model": [1, 2]}, r"config.model must be a mapping"),
         ({"atlas_momentum": 1.0}, r"config.atlas_momentum must be in \[0, 1\)"),
         ({"atlas_momentum": -0.5}, r"config.atlas_momentum must be >= 0"),
+        ({"stages": [{"steps": 2, "size": None}]}, r"config.stages\[0\].size must be set \(null is for whole-exam"),
+        ({"stages": [{"steps": 2, "whole": "yes"}]}, r"config.stages\[0\].whole must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(data)
+
+
+def test_whole_exam_stage_round_trips_with_a_null_size(tmp_path):
+    config = TrainConfig(stages=[{"steps": 2, "size": 16}, {"steps": 3, "size": None, "whole": True}])
+    assert config.stages[1] == Stage(steps=3, size=None, whole=True) and not config.stages[0].whole
+    config.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == config
 
 
 def test_memory_format_choice():
@@ -451,6 +461,69 @@ def test_crops_are_a_function_of_step_and_rank():
     images, frames = data.batch(4, 0, 0, 0)
     assert images.shape == (4, 1, 16, 16, 16) and frames.shape == (4, 3, 4)  # more exams than volumes: repeats
     assert _StageData(volumes, (16, 16, 16), 1.0, True, 0, 0).batch(2, 5, 0, 0)[1] is None
+
+
+def test_a_whole_exam_stage_gives_every_exam_whole_centred_and_reordered_each_step():
+    from deepatlas_fast.data.dataset import _crop_pad
+    from deepatlas_fast.train import _StageData
+
+    g = torch.Generator().manual_seed(3)
+    volumes = [torch.rand(shape, generator=g) + 0.5 for shape in ((9, 12, 10), (11, 8, 10), (10, 10, 13), (8, 9, 9))]
+    data = _StageData(volumes, None, 1.0, True, 0, 0, frames="moments", parts=1)
+    assert data.size == (11, 12, 13) and data.cropped == 0  # the smallest grid holding every exam
+    orders = []
+    for step in range(6):
+        images, frames = data.batch(2, step, 0, 0)  # the batch size does not apply
+        assert images.shape == (4, 1, 11, 12, 13) and frames.shape == (4, 3, 4)
+        order = [next(i for i, v in enumerate(volumes) if torch.isclose(image.sum(), v.sum())) for image in images]
+        orders.append(order)
+        for image, frame, i in zip(images, frames, order):  # the exam itself, centred, not augmented
+            start = [math.floor((n - 1) / 2 - (o - 1) / 2 + 0.5) for n, o in zip(volumes[i].shape, data.size)]
+            assert torch.equal(image[0], _crop_pad(volumes[i], start, data.size))
+            # its frame places each voxel where the whole exam's frame places it
+            voxel = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+            in_exam = voxel / (torch.tensor(volumes[i].shape) - 1) * 2 - 1
+            in_crop = (voxel - torch.tensor(start)) / (torch.tensor(data.size) - 1) * 2 - 1
+            whole = data.dataset.frames[i].double()
+            torch.testing.assert_close(frame.double() @ torch.cat([in_crop, torch.ones(1)]),
+                                       whole @ torch.cat([in_exam, torch.ones(1, dtype=torch.float64)]), atol=1e-5, rtol=0)
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
+    assert len({tuple(order) for order in orders}) > 1  # pairs of the implicit term change between steps
+    assert torch.equal(data.batch(2, 4, 0, 0)[0], data.batch(9, 4, 0, 0)[0])  # a pure function of the step
+    # shares of micro-batches and processes partition the exams, from the same order
+    split = _StageData(volumes, None, 1.0, True, 0, 0, parts=4)
+    shares = [split.batch(2, 4, rank, micro, accumulation=2)[0] for rank in (0, 1) for micro in (0, 1)]
+    assert [s.shape[0] for s in shares] == [1, 1, 1, 1]
+    assert torch.equal(torch.cat(shares), data.batch(2, 4, 0, 0)[0])
+    # a whole-exam stage smaller than an exam crops it around its foreground
+    small = _StageData(volumes, (10, 10, 10), 1.0, True, 0, 0, parts=1)
+    assert small.cropped == 3 and small.batch(2, 0, 0, 0)[0].shape == (4, 1, 10, 10, 10)
+
+
+def test_training_with_a_whole_exam_last_stage(tmp_path, monkeypatch):
+    from deepatlas_fast.checkpoint import read_model
+    from deepatlas_fast.model import DeepAtlas
+    from deepatlas_fast.train import train
+
+    seen = []
+    original = DeepAtlas.forward
+
+    def spy(self, images, levels=None, frame=None):
+        seen.append((tuple(images.shape), None if frame is None else tuple(frame.shape)))
+        return original(self, images, levels=levels, frame=frame)
+
+    monkeypatch.setattr(DeepAtlas, "forward", spy)
+    config = tiny_config(stages=[{"steps": 2, "size": 12}, {"steps": 2, "size": None, "whole": True}],
+                         feature_steps=0, model=dict(tiny_config()["model"], features=0, frame="moments"))
+    messages = []
+    result = train(TrainConfig.from_dict(config), phantoms=3, out_dir=tmp_path / "run", echo=messages.append)
+    assert result.status == "completed" and result.step == 4
+    assert seen[:2] == [((2, 1, 12, 12, 12), (2, 3, 4))] * 2  # cropped pairs, then every exam whole
+    assert seen[2:] == [((3, 1, 16, 16, 16), (3, 3, 4))] * 2
+    assert any("stage 2 takes all 3 exams whole every step, centred in [16, 16, 16] at 24 mm" in m for m in messages)
+    assert read_model(tmp_path / "run" / "model.pt")["preprocessing"]["size"] == [16, 16, 16]
+    with pytest.raises(ConfigError, match=r"config.stages\[1\].whole: 3 exams split over 2 micro-batch\(es\)"):
+        train(TrainConfig.from_dict(dict(config, grad_accumulation=2)), phantoms=3, out_dir=tmp_path / "acc", quiet=True)
 
 
 def test_activation_checkpointing_same_gradients():
