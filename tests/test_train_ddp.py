@@ -1,4 +1,5 @@
-"""Data-parallel training on CPU: torchrun with 2 gloo processes ends with identical parameters."""
+"""Data-parallel training on CPU: torchrun with 2 gloo processes ends with identical parameters (cropped
+stages, then a whole-exam stage whose exams the two processes share)."""
 
 import os
 import socket
@@ -19,7 +20,8 @@ def _free_port() -> int:
 
 def _config():
     return dict(
-        stages=[{"steps": 2, "size": 16, "spacing": 48.0, "levels": 2}, {"steps": 2, "size": 16}],
+        stages=[{"steps": 2, "size": 16, "spacing": 48.0, "levels": 2}, {"steps": 2, "size": 16},
+                {"steps": 1, "size": None, "whole": True}],
         spacing=24.0, phantom_shape=[16, 16, 16],
         model={"base": 4, "levels": 3, "features": 2, "feature_width": 4, "template_shape": [8, 8, 8]},
         loss={"kernel_size": 5}, feature_steps=1, log_every=1, checkpoint_every=100, seed=3, amp="off",
@@ -41,7 +43,7 @@ def build(config):
     captured["model"] = model
     return model
 T._build_model = build
-result = train(TrainConfig.from_dict({config!r}), phantoms=3, out_dir={out!r}, device="cpu", quiet=True)
+result = train(TrainConfig.from_dict({config!r}), phantoms=4, out_dir={out!r}, device="cpu", quiet=True)
 assert not dist.is_initialized(), "train() must tear down the process group it created"
 torch.save({{k: v.detach().clone() for k, v in captured["model"].state_dict().items()}},
            os.path.join({dump!r}, f"rank{{rank}}.pt"))
@@ -64,7 +66,7 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-    assert lines == [f"RANK 0 completed 5 {out / 'model.pt'}", "RANK 1 completed 5 None"]
+    assert lines == [f"RANK 0 completed 6 {out / 'model.pt'}", "RANK 1 completed 6 None"]
     a = torch.load(dump / "rank0.pt", weights_only=True)
     b = torch.load(dump / "rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "ranks diverged: gradients were not averaged"
@@ -74,6 +76,6 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path):
     assert all(torch.equal(saved["state_dict"][k], a[k]) for k in a)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv", "model.pt"]
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 5  # header + one row per step, written once
+    assert len(rows) == 1 + 6  # header + one row per step, written once
     # it trained: the coordinate heads left their zero initialisation
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("coordnet.heads"))
