@@ -871,6 +871,7 @@ def train(
     quiet: bool = False,
     echo: Optional[Callable[[str], None]] = None,
     extend_steps: Optional[int] = None,
+    whole_steps: Optional[int] = None,
 ) -> TrainResult:
     """Train DeepATLAS on unlabelled exams (``images``) or the embedded phantom cohort (``phantoms``).
 
@@ -906,6 +907,10 @@ def train(
             run that had the longer last stage from the start (the learning rate is constant within a stage
             after its warm-up, and every step's crops depend only on the seed, the stage and the step).
             Each call adds its steps again: an extension that was interrupted continues with ``resume`` alone.
+        whole_steps: with ``resume``, append a whole-exam stage (:class:`Stage` ``whole``) of this many steps
+            at the last stage's spacing, levels and learning rate, with ``size`` null, to the run's schedule
+            (the run may have completed); as with ``extend_steps`` the result is the run that had the stage from
+            the start. A run that already ends with a whole-exam stage is lengthened with ``extend_steps``.
 
     Returns:
         a :class:`TrainResult`. SIGINT/SIGTERM during training save a checkpoint and ``model.pt`` at
@@ -926,6 +931,15 @@ def train(
         if not resume:
             raise ValueError("extend_steps lengthens a run being resumed (resume=True); a new run takes its "
                              "schedule from config.stages")
+    if whole_steps is not None:
+        if isinstance(whole_steps, bool) or not isinstance(whole_steps, int) or whole_steps < 1:
+            raise ValueError(f"whole_steps must be a positive integer, got {whole_steps!r}")
+        if not resume:
+            raise ValueError("whole_steps appends a stage to a run being resumed (resume=True); a new run takes "
+                             "its schedule from config.stages")
+        if extend_steps is not None:
+            raise ValueError("extend_steps and whole_steps: give one of them (lengthen the last stage, or append "
+                             "a whole-exam stage)")
     if max_minutes is not None:
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
             raise ValueError(f"max_minutes must be a positive number, got {max_minutes!r}")
@@ -964,6 +978,8 @@ def train(
                 )
         if extend_steps is not None:
             config = _with_longer_last_stage(config, extend_steps)
+        if whole_steps is not None:
+            config = _with_whole_last_stage(config, whole_steps)
         source = state["data"]
         if images is None and phantoms is None:
             images = source.get("images")
@@ -1007,6 +1023,16 @@ def _with_longer_last_stage(config: TrainConfig, extra: int) -> TrainConfig:
     data = config.to_dict()
     data["stages"][-1]["steps"] += extra
     return TrainConfig.from_dict(data, source="extend_steps")
+
+
+def _with_whole_last_stage(config: TrainConfig, steps: int) -> TrainConfig:
+    last = config.stages[-1]
+    if last.whole:
+        raise ConfigError(f"whole_steps: the run already ends with a whole-exam stage ({last.steps} steps); "
+                          "lengthen it with extend_steps (--extend-steps)")
+    data = config.to_dict()
+    data["stages"].append(dict(data["stages"][-1], steps=steps, size=None, whole=True))
+    return TrainConfig.from_dict(data, source="whole_steps")
 
 
 def _describe_source(source: dict) -> str:

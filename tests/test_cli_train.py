@@ -100,7 +100,7 @@ def test_train_on_phantoms(tmp_path):
 
 @pytest.mark.parametrize("case", ["no files", "empty folder", "unreadable", "2-D", "4-D", "unknown key",
                                   "bad value", "missing config", "mismatch", "no checkpoint", "existing run",
-                                  "extend without resume", "no data"])
+                                  "extend without resume", "whole without resume", "no data"])
 def test_clear_errors(tmp_path, capsys, case):
     out = tmp_path / "run"
     config = _config(tmp_path)
@@ -145,6 +145,9 @@ def test_clear_errors(tmp_path, capsys, case):
     elif case == "extend without resume":
         args += ["--phantoms", "2", "--spacing", "24", "--extend-steps", "3"]
         expected = "extend_steps lengthens a run being resumed"
+    elif case == "whole without resume":
+        args += ["--phantoms", "2", "--spacing", "24", "--whole-steps", "3"]
+        expected = "whole_steps appends a stage to a run being resumed"
     elif case == "existing run":
         assert main(args + ["--phantoms", "2", "--max-steps", "1", "--spacing", "24"]) == 0
         args += ["--phantoms", "2", "--spacing", "24"]

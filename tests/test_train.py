@@ -282,6 +282,29 @@ def test_a_completed_run_extended_is_the_run_with_the_longer_last_stage(straight
             train(None, out_dir=out, quiet=True, resume=True, extend_steps=bad)
 
 
+def test_a_run_given_a_whole_exam_stage_on_resume_is_the_run_that_had_it_from_the_start(tmp_path):
+    from deepatlas_fast.train import train
+
+    straight = tmp_path / "straight"
+    whole = {"steps": 2, "size": None, "whole": True}
+    config = tiny_config(stages=tiny_config()["stages"] + [dict(whole, spacing=None, levels=None)])
+    train(TrainConfig.from_dict(config), phantoms=3, out_dir=straight, quiet=True)
+    out = tmp_path / "appended"
+    train(TrainConfig.from_dict(tiny_config()), phantoms=3, out_dir=out, quiet=True)
+    result = train(None, out_dir=out, quiet=True, resume=True, whole_steps=2)
+    assert result.status == "completed" and result.step == 10
+    assert TrainConfig.from_yaml(out / "config.yaml") == TrainConfig.from_dict(config)
+    assert _same_state(out / "model.pt", straight / "model.pt"), "the appended stage is not the longer run"
+    assert _same_rows(out / "metrics.csv", straight / "metrics.csv")
+    with pytest.raises(ConfigError, match="already ends with a whole-exam stage .2 steps.; lengthen it with extend"):
+        train(None, out_dir=out, quiet=True, resume=True, whole_steps=1)
+    with pytest.raises(ValueError, match="extend_steps and whole_steps: give one of them"):
+        train(None, out_dir=out, quiet=True, resume=True, whole_steps=1, extend_steps=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="whole_steps must be a positive integer"):
+            train(None, out_dir=out, quiet=True, resume=True, whole_steps=bad)
+
+
 def test_moments_training_hands_each_crop_its_whole_exam_frame(tmp_path, monkeypatch):
     from deepatlas_fast.model import DeepAtlas
     from deepatlas_fast.train import train

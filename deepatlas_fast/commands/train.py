@@ -40,6 +40,7 @@ def run(args) -> int:
             max_minutes=args.max_minutes,
             quiet=args.quiet,
             extend_steps=args.extend_steps,
+            whole_steps=args.whole_steps,
         )
     except (ConfigError, ValueError, TypeError) as exc:
         return _fail("train", exc)
@@ -74,5 +75,8 @@ def add_parser(sub) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly")
     train.add_argument("--extend-steps", type=_positive_int, metavar="N",
                        help="with --resume: lengthen the run's last stage by N steps (also after it completed)")
+    train.add_argument("--whole-steps", type=_positive_int, metavar="N",
+                       help="with --resume: append a stage of N steps that takes every exam whole each step, "
+                            "without augmentation (a full-batch fit; config stage 'whole: true')")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run)
