@@ -76,9 +76,10 @@ class Stage:
             this spacing; a larger exam is cropped around its foreground box), the exams in a new order every
             step (the implicit term pairs each with the next), split over the ``grad_accumulation``
             micro-batches (and the processes under torchrun), at least 2 exams each; ``batch_size`` and
-            ``augment`` do not apply. On the synthesised brains, 60 such steps after the cropped stages raised
-            held-out one-shot Dice where the cohort holds several syntheses of each anatomy, and lowered it
-            (memorising each image) where it holds one (``benchmarks/results/2026-11-28-brain-syntheses.md``).
+            ``augment`` do not apply. After the cropped stages, 120 such steps raised held-out one-shot Dice on
+            synthesised brains from 0.474 to 0.492 where the cohort holds three syntheses of each anatomy (not
+            where it holds one: 0.473 -> 0.471 after 60), 200 on phantoms from 0.631 to 0.641
+            (``benchmarks/results/2026-11-28-whole-exam-stage.md``).
     """
 
     steps: int
@@ -925,21 +926,17 @@ def train(
         raise ValueError(f"ops must be one of {list(OPS_MODES)}, got {ops!r}")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}")
-    if extend_steps is not None:
-        if isinstance(extend_steps, bool) or not isinstance(extend_steps, int) or extend_steps < 1:
-            raise ValueError(f"extend_steps must be a positive integer, got {extend_steps!r}")
+    for name, value, does in (("extend_steps", extend_steps, "lengthens a run being resumed"),
+                              ("whole_steps", whole_steps, "appends a stage to a run being resumed")):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not resume:
-            raise ValueError("extend_steps lengthens a run being resumed (resume=True); a new run takes its "
-                             "schedule from config.stages")
-    if whole_steps is not None:
-        if isinstance(whole_steps, bool) or not isinstance(whole_steps, int) or whole_steps < 1:
-            raise ValueError(f"whole_steps must be a positive integer, got {whole_steps!r}")
-        if not resume:
-            raise ValueError("whole_steps appends a stage to a run being resumed (resume=True); a new run takes "
-                             "its schedule from config.stages")
-        if extend_steps is not None:
-            raise ValueError("extend_steps and whole_steps: give one of them (lengthen the last stage, or append "
-                             "a whole-exam stage)")
+            raise ValueError(f"{name} {does} (resume=True); a new run takes its schedule from config.stages")
+    if extend_steps is not None and whole_steps is not None:
+        raise ValueError("extend_steps and whole_steps: give one of them (lengthen the last stage, or append a "
+                         "whole-exam stage)")
     if max_minutes is not None:
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
             raise ValueError(f"max_minutes must be a positive number, got {max_minutes!r}")
