@@ -878,7 +878,8 @@ def train(
 
     Schedule: ``config.feature_steps`` steps of autoencoder pretraining (reconstruction loss; the
     autoencoder is then frozen), then every stage of ``config.stages`` in order (exams resampled to
-    the stage spacing, random crops of the stage size, the stage's active decoder levels), each step
+    the stage spacing, random crops of the stage size or, in a ``whole`` stage, every exam whole; the
+    stage's active decoder levels), each step
     minimising ``deepatlas_loss`` with AdamW (learning-rate warm-up per stage, gradient-norm clipping
     ``config.grad_clip``, ``config.grad_accumulation`` micro-batches, bf16 autocast per ``config.amp``).
     A step whose loss or gradient is not finite is skipped (counted in the ``skipped`` column).
