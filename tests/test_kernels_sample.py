@@ -360,28 +360,35 @@ def test_non_finite_coordinates_do_not_crash(backend, device, padding):
 
 
 @pytest.mark.parametrize("warp", [False, True])
-def test_cpu_volume_gradient_same_bits_for_any_thread_count(deterministic, warp):
-    """The cpu kernels' volume gradient by (item, channel group) tasks: the grouping follows the thread count
-    (one group per item fuses the coordinate gradient into the same pass), the bits do not."""
+@pytest.mark.parametrize("items, channels", [(2, 5), (1, 1), (1, 2)])
+def test_cpu_volume_gradient_same_bits_for_any_thread_count(warp, items, channels):
+    """The cpu kernels' volume gradient by (item, channel group, slab of D planes) tasks, without atomics and
+    without torch.use_deterministic_algorithms: the tasks follow the thread count (2 x 5 channels: groups of
+    5, 5, 3, 2 and 1 channels; 1 x 1 and 1 x 2: slabs of the 6 planes; one task per item fuses the
+    coordinate gradient into the same pass), the bits do not."""
     from deepatlas_fast.ops import registry
 
     reason = registry.unavailable_reason("cpu", OP, "cpu")
     if reason is not None:
         pytest.skip(reason)
     backward = torch.ops.deepatlas_fast_C.warp_backward if warp else torch.ops.deepatlas_fast_C.sample_backward
-    vol = torch.randn(2, 5, 6, 7, 8, generator=g(30), dtype=torch.float64)
-    field = 0.3 * rand_coords(2, (5, 9, 7), g(31)) if warp else rand_coords(2, (5, 9, 7), g(31))
-    grad = torch.randn(2, 5, 5, 9, 7, generator=g(32), dtype=torch.float64)
+    vol = torch.randn(items, channels, 6, 7, 8, generator=g(30), dtype=torch.float64)
+    field = 0.3 * rand_coords(items, (5, 9, 7), g(31)) if warp else rand_coords(items, (5, 9, 7), g(31))
+    grad = torch.randn(items, channels, 5, 9, 7, generator=g(32), dtype=torch.float64)
     previous = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2, 3, 5, 11):  # groups of 5, 5, 3, 2 and 1 channels
+        for threads in (1, 2, 3, 5, 11):
             torch.set_num_threads(threads)
             results.append(backward(grad, vol, field, "zeros", True, True))
+            results.append(backward(grad, vol, field, "border", True, False) + [None])
     finally:
         torch.set_num_threads(previous)
-    for other in results[1:]:
-        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
-    ref = (reference.warp_backward if warp else reference.sample_backward)(grad, vol, field, "zeros", True, True)
-    for ours, theirs in zip(results[0], ref):
+    for other in results[2:]:
+        first = results[0] if other[1] is not None else results[1]
+        assert all(y is None or torch.equal(x, y) for x, y in zip(first, other))
+    ref_backward = reference.warp_backward if warp else reference.sample_backward
+    for ours, theirs in zip(results[0], ref_backward(grad, vol, field, "zeros", True, True)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][0], ref_backward(grad, vol, field, "border", True, False)[0],
+                               rtol=1e-12, atol=1e-12)

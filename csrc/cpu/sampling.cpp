@@ -2,12 +2,12 @@
 // Semantics: deepatlas_fast/reference/sampling.py (= F.grid_sample); per-point math: include/trilinear.h.
 //
 // Forward: one pass over output points (parallel), corners computed once per point and reused for every
-// channel. Backward: the coordinate gradient is a gather in the same pass; the volume gradient is a splat,
-// by (batch item, channel group) tasks in point order when there are enough planes for the threads (or
-// when torch.use_deterministic_algorithms(True): bitwise reproducible, whatever the grouping), the groups
-// as large as the thread count allows (corners once per group; one group per item also gathers the
-// coordinate gradient), else over points with atomic adds.
-#include <ATen/Context.h>
+// channel. Backward: the coordinate gradient is a gather in the same pass; the volume gradient is a splat
+// without atomics, by tasks of (batch item, channel group, slab of D planes) that each walk every point in
+// order and add only into their own channels' planes: every voxel sums its contributions in point order
+// whatever the tasks, so the result is bitwise the same for any thread count. Channel groups are as large
+// as the thread count allows (corners once per group; one group per item also gathers the coordinate
+// gradient); slabs split the planes when items x channels are fewer than the threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "deepatlas_fast/host.h"
@@ -44,73 +44,101 @@ void for_each_point(const Geometry& g, const Body& body) {
   });
 }
 
-template <typename T, bool WARP>
-void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g, bool zeros) {
+// f(zeros, index): the padding as a compile-time constant (no padding branch per point) and the index type,
+// int32_t where every flat index of the call fits (fits_int32: cheaper index math, as on CUDA), else int64_t.
+template <typename F>
+void with_padding_and_index(bool zeros, const Geometry& g, F&& f) {
+  const auto with_index = [&](auto padding) {
+    if (fits_int32(g)) {
+      f(padding, int32_t{});
+    } else {
+      f(padding, int64_t{});
+    }
+  };
+  if (zeros) {
+    with_index(std::true_type{});
+  } else {
+    with_index(std::false_type{});
+  }
+}
+
+template <typename T, bool WARP, bool ZEROS, typename I>
+void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g) {
   for_each_point(g, [&](int64_t b, int64_t p) {
-    SamplePoint<T> point;
-    sample_field_point<T, WARP>(field, g, b, p, zeros, point);
-    const Corners<T>& k = point.corners;
+    SamplePoint<T, I> point;
+    sample_field_point<T, WARP>(field, g, I(b), I(p), ZEROS, point);
+    const Corners<T, I>& k = point.corners;
     for (int64_t ch = 0; ch < g.c; ++ch)
       out[(b * g.c + ch) * g.points + p] = corner_value(vol + (b * g.c + ch) * g.volume, k);
   });
 }
 
-template <typename T>
-inline void atomic_add(T* target, T value) {
-  // relaxed CAS loop: the CPU has no native float atomic add
-  std::atomic_ref<T> ref(*target);
-  T expected = ref.load(std::memory_order_relaxed);
-  while (!ref.compare_exchange_weak(expected, expected + value, std::memory_order_relaxed)) {
-  }
-}
-
-// Coordinate gradient (gather) over all points; with SPLAT_ATOMIC the volume gradient too (atomics).
-template <typename T, bool WARP, bool NEED_COORDS, bool SPLAT_ATOMIC>
-void point_pass(const T* grad, const T* vol, const T* field, T* grad_field, T* grad_vol, const Geometry& g,
-                bool zeros) {
+// Coordinate gradient (gather) over all points.
+template <typename T, bool WARP, bool ZEROS, typename I>
+void coordinate_pass(const T* grad, const T* vol, const T* field, T* grad_field, const Geometry& g) {
   for_each_point(g, [&](int64_t b, int64_t p) {
-    SamplePoint<T> point;
-    sample_field_point<T, WARP>(field, g, b, p, zeros, point);
-    const Corners<T>& k = point.corners;
+    SamplePoint<T, I> point;
+    sample_field_point<T, WARP>(field, g, I(b), I(p), ZEROS, point);
+    const Corners<T, I>& k = point.corners;
     T d_pos[3] = {0, 0, 0};
     for (int64_t ch = 0; ch < g.c; ++ch) {
-      const T up = grad[(b * g.c + ch) * g.points + p];
-      if (NEED_COORDS) add_position_gradient(vol + (b * g.c + ch) * g.volume, k, up, d_pos);
-      if (SPLAT_ATOMIC) {
-        T* plane = grad_vol + (b * g.c + ch) * g.volume;
-        for (int j = 0; j < 8; ++j)
-          if (k.inside[j]) atomic_add(plane + k.index[j], up * k.weight[j]);
-      }
+      add_position_gradient(vol + (b * g.c + ch) * g.volume, k, grad[(b * g.c + ch) * g.points + p], d_pos);
     }
-    if (NEED_COORDS) {
-      T* out = grad_field + b * 3 * g.points + p;
-      for (int a = 0; a < 3; ++a) out[a * g.points] = d_pos[a] * point.slope[a];
-    }
+    T* out = grad_field + b * 3 * g.points + p;
+    for (int a = 0; a < 3; ++a) out[a * g.points] = d_pos[a] * point.slope[a];
   });
 }
 
-// Volume gradient by tasks of (batch item, group of `group` consecutive channels), points in order: corners
-// once per point and task, no atomics; every plane gets its points' contributions in point order whatever
-// the grouping (bitwise reproducible). With one group per item (group == c) the task can gather the
-// coordinate gradient in the same pass (NEED_COORDS).
-template <typename T, bool WARP, bool NEED_COORDS>
-void splat_groups(const T* grad, const T* vol, const T* field, T* grad_field, T* grad_vol, const Geometry& g,
-                  bool zeros, int64_t group) {
-  const int64_t groups = (g.c + group - 1) / group;
-  at::parallel_for(0, g.n * groups, 1, [&](int64_t begin, int64_t end) {
-    SamplePoint<T> point;
+// How the volume gradient's splat is split: channel groups of `group` channels, each over `slabs` slabs of D
+// planes. As few groups per item as keep every thread busy (corners once per group), then slabs when items x
+// groups are still fewer than the threads.
+struct SplatTasks {
+  int64_t group, groups, slabs;
+};
+
+SplatTasks splat_tasks(const Geometry& g, int64_t threads) {
+  SplatTasks t;
+  t.groups = std::min(g.c, std::max<int64_t>(1, (threads + g.n - 1) / std::max<int64_t>(g.n, 1)));
+  t.group = (g.c + t.groups - 1) / t.groups;
+  t.groups = (g.c + t.group - 1) / t.group;
+  const int64_t tasks = g.n * t.groups;
+  t.slabs = std::min(g.size[0], std::max<int64_t>(1, (threads + tasks - 1) / std::max<int64_t>(tasks, 1)));
+  return t;
+}
+
+// Volume gradient by tasks of (batch item, channel group, slab of D planes), points in order, no atomics
+// (see the top). With one group and one slab per item the task also gathers the coordinate gradient
+// (NEED_COORDS).
+template <typename T, bool WARP, bool ZEROS, typename I, bool NEED_COORDS>
+void splat(const T* grad, const T* vol, const T* field, T* grad_field, T* grad_vol, const Geometry& g,
+           const SplatTasks& tasks) {
+  const int64_t per_item = tasks.groups * tasks.slabs, depth = g.size[0];
+  at::parallel_for(0, g.n * per_item, 1, [&](int64_t begin, int64_t end) {
+    SamplePoint<T, I> point;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / groups, c0 = (task % groups) * group, c1 = std::min(g.c, c0 + group);
+      const int64_t b = task / per_item, group = (task % per_item) / tasks.slabs, slab = task % tasks.slabs;
+      const int64_t c0 = group * tasks.group, c1 = std::min(g.c, c0 + tasks.group);
+      const int64_t d0 = slab * depth / tasks.slabs, d1 = (slab + 1) * depth / tasks.slabs;
+      const bool whole = tasks.slabs == 1;
       for (int64_t p = 0; p < g.points; ++p) {
-        sample_field_point<T, WARP>(field, g, b, p, zeros, point);
-        const Corners<T>& k = point.corners;
+        if (!whole) {
+          const int64_t low = point_low_d<T, WARP>(field, g, I(b), I(p), ZEROS);
+          if (low + 1 < d0 || low >= d1) continue;  // touches none of this slab's planes
+        }
+        sample_field_point<T, WARP>(field, g, I(b), I(p), ZEROS, point);
+        const Corners<T, I>& k = point.corners;
+        bool mine[8];
+        for (int j = 0; j < 8; ++j) {
+          const int64_t d = point.low[0] + ((j >> 2) & 1);
+          mine[j] = k.inside[j] && (whole || (d >= d0 && d < d1));
+        }
         T d_pos[3] = {0, 0, 0};
         for (int64_t ch = c0; ch < c1; ++ch) {
           const T up = grad[(b * g.c + ch) * g.points + p];
           if (NEED_COORDS) add_position_gradient(vol + (b * g.c + ch) * g.volume, k, up, d_pos);
           T* plane = grad_vol + (b * g.c + ch) * g.volume;
           for (int j = 0; j < 8; ++j)
-            if (k.inside[j]) plane[k.index[j]] += up * k.weight[j];
+            if (mine[j]) plane[k.index[j]] += up * k.weight[j];
         }
         if (NEED_COORDS) {
           T* out = grad_field + b * 3 * g.points + p;
@@ -127,8 +155,10 @@ at::Tensor forward(const at::Tensor& vol, const at::Tensor& field, c10::string_v
   const bool zeros = zeros_padding(padding);
   at::Tensor out = new_output({g.n, g.c, g.out_size[0], g.out_size[1], g.out_size[2]}, vol.options());
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "deepatlas_fast_sample", [&] {
-    forward_kernel<scalar_t, WARP>(vol.const_data_ptr<scalar_t>(), field.const_data_ptr<scalar_t>(),
-                                   out.mutable_data_ptr<scalar_t>(), g, zeros);
+    with_padding_and_index(zeros, g, [&](auto padding, auto index) {
+      forward_kernel<scalar_t, WARP, decltype(padding)::value, decltype(index)>(
+          vol.const_data_ptr<scalar_t>(), field.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g);
+    });
   });
   return out;
 }
@@ -141,12 +171,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, 
   if (!need_vol && !need_field) return {};
   at::Tensor grad_vol = need_vol ? at::zeros(vol.sizes(), vol.options()) : at::Tensor();
   at::Tensor grad_field = need_field ? new_output(field.sizes(), field.options()) : at::Tensor();
-  // The volume gradient in channel groups (no atomics) when there are enough tasks for the threads or
-  // determinism is asked for: as few groups per item as keep every thread busy (corners once per group).
-  const int64_t threads = at::get_num_threads();
-  const bool grouped = at::globalContext().deterministicAlgorithms() || g.n * g.c >= threads;
-  const int64_t groups = std::min(g.c, std::max<int64_t>(1, (threads + g.n - 1) / std::max<int64_t>(g.n, 1)));
-  const int64_t group = (g.c + groups - 1) / groups;
+  const SplatTasks tasks = splat_tasks(g, at::get_num_threads());
   AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "deepatlas_fast_sample_backward", [&] {
     using T = scalar_t;
     const T* up = grad.const_data_ptr<T>();
@@ -154,20 +179,18 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& vol, 
     const T* f = field.const_data_ptr<T>();
     T* gf = need_field ? grad_field.mutable_data_ptr<T>() : nullptr;
     T* gv = need_vol ? grad_vol.mutable_data_ptr<T>() : nullptr;
-    if (!need_vol) {
-      point_pass<T, WARP, true, false>(up, v, f, gf, gv, g, zeros);
-    } else if (!grouped) {
-      if (need_field) {
-        point_pass<T, WARP, true, true>(up, v, f, gf, gv, g, zeros);
+    with_padding_and_index(zeros, g, [&](auto padding, auto index) {
+      constexpr bool Z = decltype(padding)::value;
+      using I = decltype(index);
+      if (!need_vol) {
+        coordinate_pass<T, WARP, Z, I>(up, v, f, gf, g);
+      } else if (need_field && tasks.groups == 1 && tasks.slabs == 1) {  // both gradients in one pass
+        splat<T, WARP, Z, I, true>(up, v, f, gf, gv, g, tasks);
       } else {
-        point_pass<T, WARP, false, true>(up, v, f, gf, gv, g, zeros);
+        if (need_field) coordinate_pass<T, WARP, Z, I>(up, v, f, gf, g);
+        splat<T, WARP, Z, I, false>(up, v, f, gf, gv, g, tasks);
       }
-    } else if (need_field && group == g.c) {  // one group per item: both gradients in one pass
-      splat_groups<T, WARP, true>(up, v, f, gf, gv, g, zeros, group);
-    } else {
-      if (need_field) point_pass<T, WARP, true, false>(up, v, f, gf, gv, g, zeros);
-      splat_groups<T, WARP, false>(up, v, f, gf, gv, g, zeros, group);
-    }
+    });
   });
   return requested_gradients(need_vol, grad_vol, need_field, grad_field);
 }

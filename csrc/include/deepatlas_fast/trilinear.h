@@ -165,6 +165,20 @@ DA_HD void sample_field_point(const T* __restrict__ field, const Geometry& g, I 
   sample_point(coord, size, zeros, point);
 }
 
+// point.low[0] of sample_field_point at point p of batch b (the D index of its cell's lowest corner), from
+// the point's D coordinate alone: a splat owning a slab of D planes skips other slabs' points cheaply.
+template <typename T, bool WARP, typename I>
+DA_HD I point_low_d(const T* __restrict__ field, const Geometry& g, I b, I p, bool zeros) {
+  T coord = field[b * 3 * static_cast<I>(g.points) + p];
+  if (WARP) coord += identity_coordinate<T>(p / static_cast<I>(g.out_size[1] * g.out_size[2]), g.out_size[0]);
+  const I size = static_cast<I>(g.size[0]);
+  T position, slope, frac;
+  I low;
+  axis_position(coord, size, zeros, position, slope);
+  cell_of(position, size, false, low, frac);
+  return low;
+}
+
 // Whether every flat index of a sample / warp call (inputs, outputs, gradients) fits in int32_t.
 DA_HD bool fits_int32(const Geometry& g) {
   const int64_t limit = int64_t(1) << 31;
