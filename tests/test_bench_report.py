@@ -278,3 +278,22 @@ def test_memory_breakdown_replays_the_allocator_trace():
     ]
     peak, by_site = train_step_gpu.peak_allocations(events, train_step_gpu.deepatlas_frame)
     assert peak == 150 and by_site == {"model.py:7 model": 100, "objective.py:7 objective": 50}
+
+
+def test_cpu_raw_ops_times_every_kernel_call(tmp_path):
+    """benchmarks/cpu_raw_ops.py (the build-vs-build comparison of the C++ cpu kernels) runs every row and writes
+    them as JSON; it names the tree whose package it imported."""
+    from deepatlas_fast.ops import registry
+
+    reason = registry.unavailable_reason("cpu", "sample", "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_raw_ops.py"), "--side", "9", "--repeats", "1",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 12 and all(ms > 0 for ms in rows.values())
+    assert "sample backward C=9 both" in rows and f"tree {ROOT}" in proc.stdout
