@@ -52,7 +52,7 @@ def _extension_and_builder():
     # torch 2.12 (torch's headers use C++20 features: nvcc warns on them under C++17). cuda_sm90.py compiles
     # with it too.
     cuda_standard = "-std=c++20"
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: std::atomic_ref; OpenMP: at::parallel_for
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]  # C++20: as torch's headers; OpenMP: at::parallel_for
     if platform.machine().lower() in ("x86_64", "amd64"):
         # SSE4.1 (every x86-64 CPU since 2008): floor() is one instruction instead of a mask sequence; the
         # CPU sample and invert kernels, which floor every coordinate, run 15-20 % faster with it.
