@@ -17,10 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh", ".hpp")
+"""What the build compiles from csrc/ (its README and other notes do not change the library)."""
+
+
 def source_digest(root: Path = ROOT) -> str:
-    """sha256 over the paths and contents of csrc/ and setup.py, in sorted order."""
+    """sha256 over the paths and contents of csrc/'s sources and setup.py, in sorted order."""
     digest = hashlib.sha256()
-    files = sorted(p for p in (root / "csrc").rglob("*") if p.is_file()) + [root / "setup.py"]
+    files = sorted(p for p in (root / "csrc").rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    files.append(root / "setup.py")
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

@@ -235,6 +235,8 @@ def test_extension_stamp_matches_its_own_tree_only(tmp_path):
     (copy / "csrc" / "a.cu").write_text("x")
     (copy / "setup.py").write_text("y")
     before = extension_stamp.source_digest(copy)
+    (copy / "csrc" / "README.md").write_text("notes")  # not compiled: the library it stamps is the same
+    assert extension_stamp.source_digest(copy) == before
     (copy / "csrc" / "a.cu").write_text("z")
     assert extension_stamp.source_digest(copy) != before
 
