@@ -519,6 +519,12 @@ class _StageData:
         """How many exams are larger than the stage size along some axis (a whole-exam stage crops them)."""
         return sum(any(n > s for n, s in zip(v.shape, self.size)) for v in self.volumes)
 
+    def share_weight(self, count: int) -> float:
+        """The weight of a micro-batch of ``count`` exams in its step's mean over micro-batches and processes:
+        1 for equal shares (cropped stages); in a whole-exam stage, whose ``parts`` shares of the exams differ
+        by one where they do not divide evenly, ``count`` over the mean share, so every exam weighs the same."""
+        return 1.0 if self.parts is None else count * self.parts / len(self.volumes)
+
     def set_frames(self, frame_of) -> None:
         """Each exam's whole-volume frame from ``frame_of`` (``[N, 1, D, H, W] -> [N, 3, 4]``)."""
         self.dataset.set_whole_frames(frame_of)
@@ -1349,11 +1355,12 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                                 loss, terms = module(batch, generator=gen)
                             else:
                                 loss, terms = module(batch, levels=stage.levels, frame=frames)
-                        (loss.float() / config.grad_accumulation).backward()
-                    step_loss += loss.detach().double().cpu() / config.grad_accumulation
+                        share = data_of(step).share_weight(batch.shape[0]) / config.grad_accumulation
+                        (loss.float() * share).backward()
+                    step_loss += loss.detach().double().cpu() * share
                     for k, v in terms.items():
                         v = torch.as_tensor(v).detach().double().cpu()
-                        step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accumulation
+                        step_terms[k] = step_terms.get(k, 0.0) + v * share
                 grads = [p for p in params if p.grad is not None]
                 if config.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(grads, config.grad_clip)

@@ -549,6 +549,34 @@ def test_training_with_a_whole_exam_last_stage(tmp_path, monkeypatch):
         train(TrainConfig.from_dict(dict(config, grad_accumulation=2)), phantoms=3, out_dir=tmp_path / "acc", quiet=True)
 
 
+def test_uneven_whole_exam_shares_weigh_every_exam_the_same(tmp_path, monkeypatch):
+    """5 exams over 2 micro-batches: shares of 3 and 2 exams weigh 0.6 and 0.4 of the step (not 0.5 each)."""
+    import deepatlas_fast.objective as objective
+    from deepatlas_fast.train import _StageData, train
+
+    volumes = [torch.rand(6, 6, 6) for _ in range(5)]
+    split = _StageData(volumes, None, 1.0, False, 0, 0, parts=2)
+    counts = [split.batch(2, 0, 0, micro, accumulation=2)[0].shape[0] for micro in (0, 1)]
+    assert sorted(counts) == [2, 3]
+    assert [split.share_weight(c) for c in (3, 2)] == [1.2, 0.8]
+    assert _StageData(volumes, (4, 4, 4), 1.0, False, 0, 0).share_weight(2) == 1.0  # cropped stages: equal shares
+
+    real = objective.deepatlas_loss
+
+    def exams_as_loss(model, images, *args, **kwargs):  # the objective's graph, valued at the share's exam count
+        loss, terms = real(model, images, *args, **kwargs)
+        return loss * 0 + images.shape[0], terms
+
+    monkeypatch.setattr(objective, "deepatlas_loss", exams_as_loss)
+    config = tiny_config(stages=[{"steps": 1, "size": 12}, {"steps": 1, "size": None, "whole": True}],
+                         feature_steps=0, grad_accumulation=2, log_every=1,
+                         model=dict(tiny_config()["model"], features=0))
+    result = train(TrainConfig.from_dict(config), phantoms=5, out_dir=tmp_path / "run", quiet=True)
+    assert result.status == "completed"
+    losses = [float(row["loss"]) for row in _rows(tmp_path / "run" / "metrics.csv")]
+    assert losses == pytest.approx([2.0, 0.6 * 3 + 0.4 * 2])  # cropped pairs, then the weighted shares
+
+
 def test_activation_checkpointing_same_gradients():
     from deepatlas_fast.model import DeepAtlas
     from deepatlas_fast.objective import deepatlas_loss
