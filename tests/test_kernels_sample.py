@@ -116,6 +116,18 @@ def test_channels(backend, device, channels, dtype):
         check(backend, da.warp, vol, 0.3 * coords, padding)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_points_and_channels(backend, device):
+    """Output runs longer than the cpu kernels' blocks of 128 points (the last one partial), two items."""
+    gen = g(7)
+    vol = torch.randn(2, 3, 6, 5, 7, generator=gen).to(device)
+    coords = rand_coords(2, (7, 9, 11), gen, device=device)
+    for padding in ("border", "zeros"):
+        for needs in NEEDS:
+            check(backend, da.sample, vol, coords, padding, needs, 7)
+        check(backend, da.warp, vol, 0.3 * coords, padding)
+
+
 def border_values(size):
     """Coordinates on, just inside, just outside and far beyond the borders, and on voxel centres."""
     step = 2.0 / max(size - 1, 1)
