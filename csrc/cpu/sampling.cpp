@@ -1,16 +1,14 @@
 // CPU kernels of sample / warp (trilinear, align_corners=True, border/zeros padding), forward and backward.
 // Semantics: deepatlas_fast/reference/sampling.py (= F.grid_sample); per-point math: include/trilinear.h.
 //
-// Forward: one pass over output points (parallel), corners computed once per point and reused for every
-// channel; with several channels, by blocks of kBlock points: the block's corners first, then one channel at
-// a time over the block. Backward: the coordinate gradient is a gather in the same pass; the volume gradient
-// is a splat without atomics, by tasks of (batch item, channel group, slab of D planes) that each walk every
-// point in order (point by point: by blocks, as the forward, it was slower) and add only into their own
-// channels' planes: every voxel sums
-// its contributions in point order whatever the tasks, so the result is bitwise the same for any thread
-// count. Channel groups are as large as the thread count allows (corners once per group; one group per item
-// also gathers the coordinate gradient); slabs split the planes when items x channels are fewer than the
-// threads.
+// Forward: one pass over output points (parallel), corners computed once per point and reused for every channel;
+// with several channels, by blocks of kBlock points: the block's corners first, then one channel at a time over the
+// block. Backward: the coordinate gradient is a gather in the same pass; the volume gradient is a splat without
+// atomics, by tasks of (batch item, channel group, slab of D planes) that each walk every point in order (point by
+// point: by blocks, as the forward, it was slower) and add only into their own channels' planes: every voxel sums
+// its contributions in point order whatever the tasks, so the result is bitwise the same for any thread count.
+// Channel groups are as large as the thread count allows (corners once per group; one group per item also gathers
+// the coordinate gradient); slabs split the planes when items x channels are fewer than the threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
