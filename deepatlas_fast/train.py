@@ -76,8 +76,8 @@ class Stage:
             this spacing; a larger exam is cropped around its foreground box), the exams in a new order every
             step (the implicit term pairs each with the next), split over the ``grad_accumulation``
             micro-batches (and the processes under torchrun), at least 2 exams each; ``batch_size`` and
-            ``augment`` do not apply. After the cropped stages, 300 such steps raised held-out one-shot Dice on
-            synthesised brains from 0.474 to 0.521 where the cohort holds three syntheses of each anatomy (not
+            ``augment`` do not apply. After the cropped stages, 420 such steps raised held-out one-shot Dice on
+            synthesised brains from 0.474 to 0.530 where the cohort holds three syntheses of each anatomy (not
             where it holds one: 0.473 -> 0.471 after 60), 200 on phantoms from 0.631 to 0.641
             (``benchmarks/results/2026-11-28-whole-exam-stage.md``).
     """
