@@ -1343,6 +1343,7 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                 seen["features"].clear()
                 step_loss = torch.zeros((), dtype=torch.float64)
                 step_terms: dict = {}
+                step_exams = 0
                 for micro in range(config.grad_accumulation):
                     batch, frames = batches.get(step, micro)
                     sync = contextlib.nullcontext()
@@ -1357,10 +1358,15 @@ def _train(config, source, image_paths, phantoms, out_dir, checkpoint_path, mode
                                 loss, terms = module(batch, levels=stage.levels, frame=frames)
                         share = data_of(step).share_weight(batch.shape[0]) / config.grad_accumulation
                         (loss.float() * share).backward()
-                    step_loss += loss.detach().double().cpu() * share
+                    # logged: this process's mean over its exams (the shares' weights are over all processes)
+                    exams = batch.shape[0]
+                    step_exams += exams
+                    step_loss += loss.detach().double().cpu() * exams
                     for k, v in terms.items():
                         v = torch.as_tensor(v).detach().double().cpu()
-                        step_terms[k] = step_terms.get(k, 0.0) + v * share
+                        step_terms[k] = step_terms.get(k, 0.0) + v * exams
+                step_loss /= step_exams
+                step_terms = {k: v / step_exams for k, v in step_terms.items()}
                 grads = [p for p in params if p.grad is not None]
                 if config.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(grads, config.grad_clip)

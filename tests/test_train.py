@@ -562,10 +562,15 @@ def test_uneven_whole_exam_shares_weigh_every_exam_the_same(tmp_path, monkeypatc
     assert _StageData(volumes, (4, 4, 4), 1.0, False, 0, 0).share_weight(2) == 1.0  # cropped stages: equal shares
 
     real = objective.deepatlas_loss
+    atlas_grads = []
 
-    def exams_as_loss(model, images, *args, **kwargs):  # the objective's graph, valued at the share's exam count
+    def exams_as_loss(model, images, *args, **kwargs):
+        """The objective's graph, valued at the share's exam count, with that count as the atlas's gradient."""
         loss, terms = real(model, images, *args, **kwargs)
-        return loss * 0 + images.shape[0], terms
+        if not atlas_grads:
+            model.atlas.register_post_accumulate_grad_hook(lambda p: atlas_grads.append(p.grad.sum().item()))
+        mean = model.atlas.mean()
+        return loss * 0 + images.shape[0] * (1 + mean - mean.detach()), terms
 
     monkeypatch.setattr(objective, "deepatlas_loss", exams_as_loss)
     config = tiny_config(stages=[{"steps": 1, "size": 12}, {"steps": 1, "size": None, "whole": True}],
@@ -573,8 +578,10 @@ def test_uneven_whole_exam_shares_weigh_every_exam_the_same(tmp_path, monkeypatc
                          model=dict(tiny_config()["model"], features=0))
     result = train(TrainConfig.from_dict(config), phantoms=5, out_dir=tmp_path / "run", quiet=True)
     assert result.status == "completed"
-    losses = [float(row["loss"]) for row in _rows(tmp_path / "run" / "metrics.csv")]
-    assert losses == pytest.approx([2.0, 0.6 * 3 + 0.4 * 2])  # cropped pairs, then the weighted shares
+    # the atlas gradient after each micro-batch: cropped pairs (0.5 each), then the whole-exam shares of 3 and 2
+    assert atlas_grads == pytest.approx([0.5 * 2, 2 * 0.5 * 2, 0.6 * 3, 0.6 * 3 + 0.4 * 2])
+    # the logged loss is the mean over the step's exams
+    assert [float(row["loss"]) for row in _rows(tmp_path / "run" / "metrics.csv")] == pytest.approx([2.0, 13 / 5])
 
 
 def test_activation_checkpointing_same_gradients():
