@@ -284,9 +284,11 @@ def cpu_kernels():
 
 
 @pytest.mark.parametrize("k,kernel", [(3, "box"), (9, "box"), (9, "gaussian"), (21, "box")])
-def test_cpu_many_slabs_match_reference(cpu_kernels, k, kernel):
-    """D = 37: several work units along z, whose sliding sums restart and whose backward halos overlap."""
-    a, b = pair((1, 2, 37, 6, 7), 9)
+@pytest.mark.parametrize("channels", [2, 17])
+def test_cpu_many_slabs_match_reference(cpu_kernels, k, kernel, channels):
+    """D = 37: several work units along z (3 slabs per channel, 2 with 17 channels), whose sliding sums restart
+    and whose backward halos overlap."""
+    a, b = pair((1, channels, 37, 6, 7), 9)
     check("cpu", a, b, k, kernel, "none", seed=9)
     check("cpu", a, b, k, kernel, "mean", needs=[(True, True)], seed=10)
 
