@@ -35,8 +35,8 @@ using Stats = lncc::WindowStats<Acc>;
 
 // Units depend only on the shape (results independent of the thread count): slabs of at least kMinSlab output
 // planes, only as many per channel as give kUnits units in all. A unit's start (its shift, the first window's
-// sums from scratch, the backward's halo of k - 1 planes) costs a fixed number of planes: with 16 (8 + 1 feature
-// channels of a pair at 64^3) 2 slabs of 32 planes ran fwd+bwd ~15 % faster than 4 of 16.
+// sums from scratch, the backward's halo of k - 1 planes) costs a fixed number of planes: on 16 channels (a pair's
+// 8 feature channels at 64^3) 2 slabs of 32 planes ran fwd+bwd 10-16 % faster than 4 of 16.
 constexpr int64_t kMinSlab = 16;
 constexpr int64_t kUnits = 32;
 constexpr int kMoments = 5;    // a', b', a'^2, b'^2, a'b'

@@ -81,7 +81,7 @@ void for_each_block(const Geometry& g, const Body& body) {
 // plane is read at once: C = 9 at 64^3 barely scaled past one thread).
 template <typename T, bool WARP, bool ZEROS, typename I>
 void forward_kernel(const T* vol, const T* field, T* out, const Geometry& g) {
-  if (g.c == 1) {
+  if (g.c == 1) {  // nothing to share between channels: point by point
     for_each_point(g, [&](int64_t b, int64_t p) {
       SamplePoint<T, I> point;
       sample_field_point<T, WARP>(field, g, I(b), I(p), ZEROS, point);
